@@ -1,0 +1,24 @@
+"""mla-analysis: measure what MLA's low-rank KV compression and DeepSeekMoE routing cost a language model."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["load_model", "ModelConfig", "Transformer", "__version__"]
+
+
+def __getattr__(name: str):
+    # lazy imports keep `import mla_analysis` cheap (the lm-eval registration is imported on demand too)
+    if name == "load_model":
+        from .checkpoint import load_model
+
+        return load_model
+    if name == "ModelConfig":
+        from .config import ModelConfig
+
+        return ModelConfig
+    if name == "Transformer":
+        from .models.transformer import Transformer
+
+        return Transformer
+    raise AttributeError(f"module 'mla_analysis' has no attribute {name!r}")

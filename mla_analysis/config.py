@@ -1,0 +1,264 @@
+"""Model configuration: one dataclass describes every attention/FFN variant the toolkit builds.
+
+The attention variant is named by a string (``attention``) and mapped to a class in
+``mla_analysis.models.transformer``, so old configs keep loading when classes move.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+ATTENTION_VARIANTS = ("mha", "gqa", "mqa", "mla", "mla_coupled_rope")
+MLA_VARIANTS = ("mla", "mla_coupled_rope")
+FFN_KINDS = ("dense", "moe")
+SCORE_FUNCS = ("softmax", "sigmoid")
+MLA_DECODE_PATHS = ("naive", "absorb")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and the allowed values."""
+
+
+@dataclass
+class RopeScaling:
+    """YaRN rope scaling as DeepSeek-V2/V3 configure it (``rope_scaling`` in their config.json)."""
+
+    type: str = "yarn"
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only transformer with a selectable attention variant and dense or DeepSeekMoE FFN."""
+
+    name: str = "mha"  # label used in tables
+    attention: str = "mha"  # one of ATTENTION_VARIANTS
+    vocab_size: int = 512
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    # MHA / GQA / MQA (one class; n_kv_heads selects the grouping; None = the variant's default)
+    n_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None  # None = d_model // n_heads
+    # MLA (DeepSeek-V2 notation: d_c = kv_lora_rank, d_h^R = qk_rope_head_dim)
+    kv_lora_rank: int = 32
+    q_lora_rank: Optional[int] = None  # None = full-rank query projection
+    qk_nope_head_dim: int = 16
+    qk_rope_head_dim: int = 8
+    v_head_dim: int = 16
+    mla_decode: str = "absorb"  # cached-decode path: naive (up-project cache) or absorb
+    # positions
+    rope_theta: float = 10000.0
+    rope_interleave: bool = False  # True: pairs (x0,x1),(x2,x3)... as DeepSeek; False: halves, as Llama
+    rope_scaling: Optional[RopeScaling] = None
+    max_seq_len: int = 256
+    # FFN
+    ffn: str = "dense"  # dense | moe
+    d_ff: int = 256  # dense SwiGLU hidden size (also the first_k_dense_replace layers)
+    first_k_dense_replace: int = 0
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    n_activated_experts: int = 2  # top-k routed experts per token
+    moe_d_ff: int = 64  # hidden size of one fine-grained expert
+    score_func: str = "softmax"  # softmax (V2) | sigmoid (V3)
+    norm_topk_prob: bool = False  # V3: renormalise the selected scores
+    route_scale: float = 1.0  # routed_scaling_factor
+    n_group: int = 1  # expert groups for group-limited routing (1 = unrestricted)
+    topk_group: int = 1  # groups kept per token
+    aux_alpha: float = 0.0  # expert-level balance loss weight (alpha_1)
+    seq_aux: bool = True  # balance statistics per sequence (V2/V3) instead of per batch
+    n_devices: int = 1  # expert groups (devices) for the device/communication balance losses
+    device_alpha: float = 0.0  # alpha_2
+    comm_alpha: float = 0.0  # alpha_3
+    bias_update_speed: float = 0.0  # gamma of auxiliary-loss-free balancing (0 = off)
+    capacity_factor: Optional[float] = None  # V2 token dropping in training (None = no drop, V3)
+    # misc
+    rms_norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    # ---- derived quantities -------------------------------------------------------------
+    @property
+    def is_mla(self) -> bool:
+        return self.attention in MLA_VARIANTS
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of K/V heads for the MHA family (MHA: n_heads, MQA: 1, GQA: n_kv_heads)."""
+        if self.attention == "mqa":
+            return 1
+        if self.n_kv_heads is not None:
+            return self.n_kv_heads
+        return self.n_heads
+
+    @property
+    def attn_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        """Rotary dimensions per head (MLA: the decoupled part; MHA family: the whole head)."""
+        return self.qk_rope_head_dim if self.is_mla else self.attn_head_dim
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return self.ffn == "moe" and layer_idx >= self.first_k_dense_replace
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "ModelConfig":
+        """Build from a plain dict (e.g. a results.json 'config.model'), rejecting unknown keys."""
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"model.{unknown[0]}: unknown key (allowed: {', '.join(sorted(known))})")
+        d = dict(d)
+        if d.get("rope_scaling") is not None and not isinstance(d["rope_scaling"], RopeScaling):
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        cfg = ModelConfig(**d)
+        validate_model_config(cfg)
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _err(key: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"model.{key}={value!r} is invalid (allowed: {allowed})")
+
+
+def validate_model_config(cfg: ModelConfig, context_len: Optional[int] = None) -> ModelConfig:
+    """Raise ConfigError naming the first impossible value or combination; return cfg when valid."""
+    if cfg.attention not in ATTENTION_VARIANTS:
+        raise _err("attention", cfg.attention, " | ".join(ATTENTION_VARIANTS))
+    if cfg.ffn not in FFN_KINDS:
+        raise _err("ffn", cfg.ffn, " | ".join(FFN_KINDS))
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "d_ff"):
+        if getattr(cfg, key) <= 0:
+            raise _err(key, getattr(cfg, key), "an integer > 0")
+    if cfg.head_dim is not None and cfg.head_dim <= 0:
+        raise _err("head_dim", cfg.head_dim, "null or an integer > 0")
+    if cfg.head_dim is None and not cfg.is_mla and cfg.d_model % cfg.n_heads:
+        raise _err("n_heads", cfg.n_heads, f"a divisor of d_model={cfg.d_model}, or set head_dim")
+    if cfg.attention == "mha" and cfg.n_kv_heads not in (None, cfg.n_heads):
+        raise _err("n_kv_heads", cfg.n_kv_heads, f"null or {cfg.n_heads} for attention=mha (use gqa)")
+    if cfg.attention == "mqa" and cfg.n_kv_heads not in (None, 1):
+        raise _err("n_kv_heads", cfg.n_kv_heads, "null or 1 for attention=mqa")
+    if cfg.attention == "gqa":
+        if cfg.n_kv_heads is None or cfg.n_kv_heads <= 0 or cfg.n_heads % cfg.n_kv_heads:
+            divisors = [d for d in range(1, cfg.n_heads + 1) if cfg.n_heads % d == 0]
+            raise _err("n_kv_heads", cfg.n_kv_heads, f"a divisor of n_heads={cfg.n_heads}: {divisors}")
+    if not cfg.is_mla and cfg.attn_head_dim % 2:
+        raise _err("head_dim", cfg.attn_head_dim, "an even number (RoPE rotates pairs)")
+    if cfg.is_mla:
+        if cfg.kv_lora_rank <= 0:
+            raise _err("kv_lora_rank", cfg.kv_lora_rank, "an integer > 0")
+        if cfg.q_lora_rank is not None and cfg.q_lora_rank <= 0:
+            raise _err("q_lora_rank", cfg.q_lora_rank, "null or an integer > 0")
+        if cfg.qk_rope_head_dim <= 0 or cfg.qk_rope_head_dim % 2:
+            raise _err("qk_rope_head_dim", cfg.qk_rope_head_dim, "an even integer > 0")
+        if cfg.qk_nope_head_dim < 0:
+            raise _err("qk_nope_head_dim", cfg.qk_nope_head_dim, "an integer >= 0")
+        if cfg.v_head_dim <= 0:
+            raise _err("v_head_dim", cfg.v_head_dim, "an integer > 0")
+        if cfg.mla_decode not in MLA_DECODE_PATHS:
+            raise _err("mla_decode", cfg.mla_decode, " | ".join(MLA_DECODE_PATHS))
+    if cfg.rope_theta <= 0:
+        raise _err("rope_theta", cfg.rope_theta, "a number > 0")
+    rs = cfg.rope_scaling
+    if rs is not None:
+        if rs.type != "yarn":
+            raise ConfigError(f"model.rope_scaling.type={rs.type!r} is invalid (allowed: yarn)")
+        if rs.factor < 1.0:
+            raise ConfigError(f"model.rope_scaling.factor={rs.factor!r} is invalid (allowed: >= 1)")
+        if rs.original_max_position_embeddings <= 0:
+            raise ConfigError(
+                "model.rope_scaling.original_max_position_embeddings="
+                f"{rs.original_max_position_embeddings!r} is invalid (allowed: an integer > 0)"
+            )
+    if context_len is not None and context_len > cfg.max_seq_len:
+        raise ConfigError(
+            f"model.max_seq_len={cfg.max_seq_len} is shorter than the context length {context_len} "
+            "(allowed: max_seq_len >= context; for longer contexts raise max_seq_len with rope_scaling)"
+        )
+    if cfg.ffn == "moe":
+        E = cfg.n_routed_experts
+        if E <= 0:
+            raise _err("n_routed_experts", E, "an integer > 0")
+        if cfg.n_shared_experts < 0:
+            raise _err("n_shared_experts", cfg.n_shared_experts, "an integer >= 0")
+        if cfg.moe_d_ff <= 0:
+            raise _err("moe_d_ff", cfg.moe_d_ff, "an integer > 0")
+        if not 1 <= cfg.n_activated_experts <= E:
+            raise _err("n_activated_experts", cfg.n_activated_experts, f"1..n_routed_experts={E}")
+        if cfg.score_func not in SCORE_FUNCS:
+            raise _err("score_func", cfg.score_func, " | ".join(SCORE_FUNCS))
+        if cfg.n_group <= 0 or E % cfg.n_group:
+            divisors = [d for d in range(1, E + 1) if E % d == 0]
+            raise _err("n_group", cfg.n_group, f"a divisor of n_routed_experts={E}: {divisors}")
+        if not 1 <= cfg.topk_group <= cfg.n_group:
+            raise _err("topk_group", cfg.topk_group, f"1..n_group={cfg.n_group}")
+        if cfg.n_group > 1 and cfg.topk_group * (E // cfg.n_group) < cfg.n_activated_experts:
+            raise _err(
+                "topk_group",
+                cfg.topk_group,
+                f"enough groups to hold n_activated_experts={cfg.n_activated_experts} experts",
+            )
+        if cfg.n_group > 1 and cfg.score_func == "sigmoid" and E // cfg.n_group < 2:
+            raise _err("n_group", cfg.n_group, "groups of >= 2 experts with score_func=sigmoid (top-2 group score)")
+        if cfg.n_devices <= 0 or E % cfg.n_devices:
+            divisors = [d for d in range(1, E + 1) if E % d == 0]
+            raise _err("n_devices", cfg.n_devices, f"a divisor of n_routed_experts={E}: {divisors}")
+        if cfg.first_k_dense_replace < 0:
+            raise _err("first_k_dense_replace", cfg.first_k_dense_replace, "an integer >= 0")
+        for key in ("aux_alpha", "device_alpha", "comm_alpha", "bias_update_speed"):
+            if getattr(cfg, key) < 0:
+                raise _err(key, getattr(cfg, key), "a number >= 0")
+        if cfg.capacity_factor is not None and cfg.capacity_factor <= 0:
+            raise _err("capacity_factor", cfg.capacity_factor, "null (no dropping) or a number > 0")
+        if cfg.route_scale <= 0:
+            raise _err("route_scale", cfg.route_scale, "a number > 0")
+    return cfg
+
+
+def tiny(**overrides: Any) -> ModelConfig:
+    """The tiny preset every test uses; keyword overrides are applied and validated."""
+    base = dict(
+        vocab_size=128,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        max_seq_len=128,
+        d_ff=64,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        n_activated_experts=2,
+        moe_d_ff=16,
+    )
+    base.update(overrides)
+    if isinstance(base.get("rope_scaling"), dict):
+        base["rope_scaling"] = RopeScaling(**base["rope_scaling"])
+    return validate_model_config(ModelConfig(**base))
+
+
+__all__ = [
+    "ATTENTION_VARIANTS",
+    "ConfigError",
+    "ModelConfig",
+    "RopeScaling",
+    "tiny",
+    "validate_model_config",
+]

@@ -1,0 +1,73 @@
+"""Multi-head attention with grouped K/V heads: MHA (n_kv_heads = n_heads), GQA, MQA (n_kv_heads = 1).
+
+One class, one knob (``cfg.kv_heads``), as in litgpt. RoPE rotates the whole head (Llama style).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .cache import KVCache
+from .rope import RotaryEmbedding, softmax_scale
+
+
+def causal_mask(t_q: int, t_k: int, start: int, device: torch.device) -> Optional[torch.Tensor]:
+    """Boolean mask [t_q, t_k] letting query start+i see keys 0..start+i; None when no mask is needed."""
+    if t_q == 1:
+        return None  # one new token sees the whole cache
+    q_pos = torch.arange(start, start + t_q, device=device)
+    k_pos = torch.arange(t_k, device=device)
+    return k_pos[None, :] <= q_pos[:, None]  # (t_q, t_k)
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start: int
+) -> torch.Tensor:
+    """SDPA over q (B, H, T, d), k (B, H_kv, S, d), v (B, H_kv, S, d_v), causal from position ``start``."""
+    t_q, t_k = q.shape[2], k.shape[2]
+    gqa = k.shape[1] != q.shape[1]
+    if start == 0 and t_q == t_k:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    mask = causal_mask(t_q, t_k, start, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+class Attention(nn.Module):
+    """MHA / GQA / MQA with RoPE; caches K and V per K/V head."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.kv_heads
+        self.head_dim = cfg.attn_head_dim
+        self.scale = softmax_scale(cfg)
+        self.wq = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: RotaryEmbedding,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: Optional[KVCache] = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, d_h)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, d_h)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, d_h)
+        q, k = rope.rotate(q, cos, sin), rope.rotate(k, cos, sin)
+        if cache is not None:
+            kv = cache.write(self.layer_idx, start, k=k, v=v)
+            k, v = kv["k"].to(q.dtype), kv["v"].to(q.dtype)  # (B, S, H_kv, d_h)
+        o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale, start)  # (B, H, T, d_h)
+        return self.wo(o.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)

@@ -1,0 +1,157 @@
+"""Multi-head Latent Attention (DeepSeek-V2 section 2.1, as in DeepSeek-V3's inference/model.py).
+
+Per token t with hidden h_t (names as in the paper / reference code):
+    c_kv  = RMSNorm(W^DKV h_t)                        latent, d_c = kv_lora_rank      (wkv_a, kv_norm)
+    k_rope = RoPE(W^KR h_t)                           one key shared by all heads, d_h^R  (wkv_a)
+    [k_nope; v] per head = W^UK c_kv, W^UV c_kv       (wkv_b)
+    q = W^Q h_t  or  W^UQ RMSNorm(W^DQ h_t)           (wq | wq_a, q_norm, wq_b), split q_nope / q_rope
+Only c_kv and k_rope are cached: (d_c + d_h^R) elements per layer and token.
+
+Decoding paths with a cache:
+- ``naive``: up-project the whole cached latent to per-head keys/values every step.
+- ``absorb``: fold W^UK into the query (q_nope W^UK -> latent query) and W^UV into the output, so
+  attention runs in the latent space: an MQA with one K/V "head" of width d_c + d_h^R (values d_c).
+
+``MLACoupledRoPE`` is the ablation without decoupled RoPE: RoPE is applied to the last
+qk_rope_head_dim dims of each head's up-projected key, so W^UK cannot be absorbed (the rotation sits
+between the latent and the key); only c_kv is cached and every step re-projects and re-rotates it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import attend
+from .cache import KVCache
+from .norm import RMSNorm
+from .rope import RotaryEmbedding, softmax_scale
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention with decoupled RoPE and naive/absorbed cached decoding."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.n_heads
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.q_lora_rank = cfg.q_lora_rank
+        self.qk_nope_head_dim = cfg.qk_nope_head_dim
+        self.qk_rope_head_dim = cfg.qk_rope_head_dim
+        self.qk_head_dim = cfg.qk_head_dim
+        self.v_head_dim = cfg.v_head_dim
+        self.decode = cfg.mla_decode
+        self.scale = softmax_scale(cfg)
+        H, D = cfg.n_heads, cfg.d_model
+        if self.q_lora_rank is None:
+            self.wq = nn.Linear(D, H * self.qk_head_dim, bias=False)
+        else:
+            self.wq_a = nn.Linear(D, self.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(self.q_lora_rank)
+            self.wq_b = nn.Linear(self.q_lora_rank, H * self.qk_head_dim, bias=False)
+        self.wkv_a = nn.Linear(D, self.kv_lora_rank + self._kv_a_rope_dim(), bias=False)
+        self.kv_norm = RMSNorm(self.kv_lora_rank)
+        self.wkv_b = nn.Linear(self.kv_lora_rank, H * (self._k_up_dim() + self.v_head_dim), bias=False)
+        self.wo = nn.Linear(H * self.v_head_dim, D, bias=False)
+
+    # the coupled-RoPE ablation changes only these two widths
+    def _kv_a_rope_dim(self) -> int:
+        return self.qk_rope_head_dim
+
+    def _k_up_dim(self) -> int:
+        return self.qk_nope_head_dim
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-head queries (B, T, H, qk_head_dim), before RoPE."""
+        B, T, _ = x.shape
+        q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+        return q.view(B, T, self.n_heads, self.qk_head_dim)  # (B, T, H, d_nope + d_rope)
+
+    def w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Up-projection weights split per head: W^UK (H, d_k_up, d_c) and W^UV (H, d_v, d_c)."""
+        w = self.wkv_b.weight.view(self.n_heads, self._k_up_dim() + self.v_head_dim, self.kv_lora_rank)
+        return w[:, : self._k_up_dim()], w[:, self._k_up_dim() :]  # (H, d_k_up, d_c), (H, d_v, d_c)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: RotaryEmbedding,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: Optional[KVCache] = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.query(x)
+        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_rope = rope.rotate(q_rope, cos, sin)  # (B, T, H, d_rope)
+        c_kv, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        c_kv = self.kv_norm(c_kv)  # (B, T, d_c)
+        k_rope = rope.rotate(k_rope.unsqueeze(2), cos, sin).squeeze(2)  # (B, T, d_rope)
+        if cache is not None:
+            kv = cache.write(self.layer_idx, start, c_kv=c_kv, k_rope=k_rope)
+            c_kv, k_rope = kv["c_kv"].to(x.dtype), kv["k_rope"].to(x.dtype)  # (B, S, d_c), (B, S, d_rope)
+            if self.decode == "absorb":
+                return self._absorbed(q_nope, q_rope, c_kv, k_rope, start)
+        return self._naive(q_nope, q_rope, c_kv, k_rope, start)
+
+    def _naive(self, q_nope, q_rope, c_kv, k_rope, start: int) -> torch.Tensor:
+        B, T, H, _ = q_nope.shape
+        S = c_kv.shape[1]
+        kv = self.wkv_b(c_kv).view(B, S, H, self.qk_nope_head_dim + self.v_head_dim)  # (B, S, H, d_nope + d_v)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat((k_nope, k_rope[:, :, None, :].expand(B, S, H, self.qk_rope_head_dim)), dim=-1)  # (B, S, H, d_qk)
+        q = torch.cat((q_nope, q_rope), dim=-1)  # (B, T, H, d_qk)
+        o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale, start)  # (B, H, T, d_v)
+        return self.wo(o.transpose(1, 2).reshape(B, T, H * self.v_head_dim))  # (B, T, D)
+
+    def _absorbed(self, q_nope, q_rope, c_kv, k_rope, start: int) -> torch.Tensor:
+        B, T, H, _ = q_nope.shape
+        w_uk, w_uv = self.w_uk_uv()
+        q_lat = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)  # (B, H, T, d_c): W^UK absorbed into q
+        q = torch.cat((q_lat, q_rope.transpose(1, 2)), dim=-1)  # (B, H, T, d_c + d_rope)
+        k = torch.cat((c_kv, k_rope), dim=-1)[:, None]  # (B, 1, S, d_c + d_rope): one shared K "head"
+        o_lat = attend(q, k, c_kv[:, None], self.scale, start)  # (B, H, T, d_c)
+        o = torch.einsum("bhtc,hdc->bthd", o_lat, w_uv)  # (B, T, H, d_v): W^UV applied after attention
+        return self.wo(o.reshape(B, T, H * self.v_head_dim))  # (B, T, D)
+
+
+class MLACoupledRoPE(MLA):
+    """MLA ablation without decoupled RoPE: RoPE on up-projected keys, so no absorption is possible."""
+
+    def _kv_a_rope_dim(self) -> int:
+        return 0
+
+    def _k_up_dim(self) -> int:
+        return self.qk_head_dim
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: RotaryEmbedding,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: Optional[KVCache] = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        H = self.n_heads
+        q = self.query(x)
+        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q = torch.cat((q_nope, rope.rotate(q_rope, cos, sin)), dim=-1)  # (B, T, H, d_qk)
+        c_kv = self.kv_norm(self.wkv_a(x))  # (B, T, d_c)
+        if cache is not None:
+            c_kv = cache.write(self.layer_idx, start, c_kv=c_kv)["c_kv"].to(x.dtype)  # (B, S, d_c)
+            # every cached position must be re-rotated: the rotation follows the up-projection
+            cos, sin = rope(torch.arange(c_kv.shape[1], device=x.device))
+        S = c_kv.shape[1]
+        kv = self.wkv_b(c_kv).view(B, S, H, self.qk_head_dim + self.v_head_dim)  # (B, S, H, d_qk + d_v)
+        k, v = kv.split([self.qk_head_dim, self.v_head_dim], dim=-1)
+        k_nope, k_rope = k.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        k = torch.cat((k_nope, rope.rotate(k_rope, cos, sin)), dim=-1)  # (B, S, H, d_qk)
+        o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale, start)  # (B, H, T, d_v)
+        return self.wo(o.transpose(1, 2).reshape(B, T, H * self.v_head_dim))  # (B, T, D)
