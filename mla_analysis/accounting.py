@@ -64,6 +64,8 @@ def _attention_params(cfg: ModelConfig) -> int:
 
 def _ffn_params(cfg: ModelConfig, layer: int, active: bool) -> int:
     D = cfg.d_model
+    if cfg.ffn == "none":
+        return 0
     if not cfg.is_moe_layer(layer):
         return 3 * D * cfg.d_ff
     n_routed = cfg.n_activated_experts if active else cfg.n_routed_experts
@@ -74,8 +76,9 @@ def count_params(cfg: ModelConfig, active: bool = False, embeddings: bool = True
     """Parameters of the model (``active``: only the top-k routed experts of each MoE layer count)."""
     D, V = cfg.d_model, cfg.vocab_size
     n = D  # final norm
+    norms_per_layer = D if cfg.ffn == "none" else 2 * D
     for layer in range(cfg.n_layers):
-        n += 2 * D + _attention_params(cfg) + _ffn_params(cfg, layer, active)
+        n += norms_per_layer + _attention_params(cfg) + _ffn_params(cfg, layer, active)
     if embeddings:
         n += V * D + (0 if cfg.tie_embeddings else V * D)
     else:
@@ -85,7 +88,7 @@ def count_params(cfg: ModelConfig, active: bool = False, embeddings: bool = True
 
 def _matmul_params_per_token(cfg: ModelConfig) -> int:
     """Weights each token multiplies with in a forward pass (active experts only, head included)."""
-    norms = cfg.d_model * (2 * cfg.n_layers + 1)
+    norms = cfg.d_model * ((1 if cfg.ffn == "none" else 2) * cfg.n_layers + 1)
     return count_params(cfg, active=True, embeddings=False) - norms - _norm_vectors(cfg)
 
 

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 ATTENTION_VARIANTS = ("mha", "gqa", "mqa", "mla", "mla_coupled_rope")
 MLA_VARIANTS = ("mla", "mla_coupled_rope")
-FFN_KINDS = ("dense", "moe")
+FFN_KINDS = ("dense", "moe", "none")
 SCORE_FUNCS = ("softmax", "sigmoid")
 MLA_DECODE_PATHS = ("naive", "absorb")
 
@@ -60,7 +60,7 @@ class ModelConfig:
     rope_scaling: Optional[RopeScaling] = None
     max_seq_len: int = 256
     # FFN
-    ffn: str = "dense"  # dense | moe
+    ffn: str = "dense"  # dense | moe | none (attention-only, as Zoology's MQAR models)
     d_ff: int = 256  # dense SwiGLU hidden size (also the first_k_dense_replace layers)
     first_k_dense_replace: int = 0
     n_routed_experts: int = 8

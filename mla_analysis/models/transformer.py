@@ -30,17 +30,22 @@ ATTENTION_CLASSES: dict[str, type[nn.Module]] = {
 
 
 class Block(nn.Module):
-    """attn_norm -> attention -> residual; ffn_norm -> SwiGLU or MoE -> residual."""
+    """attn_norm -> attention -> residual; ffn_norm -> SwiGLU or MoE (or nothing) -> residual."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.attn = ATTENTION_CLASSES[cfg.attention](cfg, layer_idx)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
-        self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_idx) else SwiGLU(cfg.d_model, cfg.d_ff)
+        self.ffn_norm: Optional[RMSNorm] = None
+        self.ffn: Optional[nn.Module] = None
+        if cfg.ffn != "none":
+            self.ffn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+            self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_idx) else SwiGLU(cfg.d_model, cfg.d_ff)
 
     def forward(self, x, rope, cos, sin, cache=None, start=0):
         x = x + self.attn(self.attn_norm(x), rope, cos, sin, cache, start)
+        if self.ffn is None:  # attention-only block
+            return x
         return x + self.ffn(self.ffn_norm(x))
 
 

@@ -1,0 +1,25 @@
+"""Hydra callbacks: at the end of a sweep, write and print the comparison tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+
+class ComparisonTables(Callback):
+    """Writes comparison.md / .csv / .tex in the sweep directory when a multirun ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from .report import write_tables
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.exists():
+            return
+        written = write_tables([sweep_dir], sweep_dir)
+        print("\n" + written["md"].read_text())
+        for path in written.values():
+            print(f"wrote {path.resolve()}")
+        print(f"sweep directory: {sweep_dir.resolve()}")

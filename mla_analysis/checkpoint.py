@@ -1,0 +1,164 @@
+"""Checkpoints in safetensors (model and optimizer state), written atomically, and ``load_model``.
+
+Layout of a run directory:
+    model_config.json                  the ModelConfig (written before training starts)
+    checkpoints/step-000123/           model.safetensors, optimizer.safetensors, state.json
+    checkpoints/LATEST                 name of the newest complete checkpoint folder
+A checkpoint folder is written under a temporary name and renamed when complete, and LATEST is
+replaced atomically afterwards, so a crash never leaves LATEST pointing at a partial checkpoint.
+Nothing here unpickles: tensors go through safetensors, everything else through JSON.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+from .results import ResultsError, atomic_write_json, atomic_write_text, read_json
+
+MODEL_CONFIG_FILE = "model_config.json"
+CKPT_DIR = "checkpoints"
+
+
+class CheckpointError(ResultsError):
+    """A checkpoint is missing, truncated or inconsistent; the message names the file."""
+
+
+def _optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    for key, value in meta.get("scalars", {}).items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Model tensors with tied weights stored once (safetensors refuses shared storage)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    for name, t in model.state_dict().items():
+        ptr = t.data_ptr()
+        if ptr in seen and t.numel() > 0:
+            continue  # a tied alias (e.g. head.weight = embed.weight)
+        seen[ptr] = name
+        out[name] = t.detach().contiguous().cpu()
+    return out
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: Optional[torch.optim.Optimizer],
+    step: int,
+    state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write checkpoints/step-N atomically, point LATEST at it, and keep the newest ``keep``."""
+    root = Path(run_dir) / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:07d}"
+    tmp = root / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(_state_dict_for_save(model), str(tmp / "model.safetensors"))
+    meta: dict[str, Any] = {}
+    if optimizer is not None:
+        tensors, meta = _optimizer_to_flat(optimizer)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+    atomic_write_json(tmp / "state.json", {"step": step, "optimizer": meta, **state})
+    final = root / name
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    atomic_write_text(root / "LATEST", name + "\n")
+    old = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != name)
+    for p in old[: max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
+    """The folder LATEST names, or None when the run has no checkpoint."""
+    pointer = Path(run_dir) / CKPT_DIR / "LATEST"
+    if not pointer.exists():
+        return None
+    folder = pointer.parent / pointer.read_text().strip()
+    if not folder.is_dir():
+        raise CheckpointError(f"{pointer}: names {folder.name}, which does not exist")
+    return folder
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+
+
+def load_checkpoint(
+    folder: str | os.PathLike, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None
+) -> dict[str, Any]:
+    """Load model (and optimizer) state from a checkpoint folder; returns its state.json."""
+    folder = Path(folder)
+    state = read_json(folder / "state.json")
+    tensors = _load_tensors(folder / "model.safetensors")
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"{folder / 'model.safetensors'}: does not fit the model ({e})") from None
+    tied = {"head.weight"} if getattr(getattr(model, "cfg", None), "tie_embeddings", False) else set()
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise CheckpointError(f"{folder / 'model.safetensors'}: missing {missing[:3]} unexpected {unexpected[:3]}")
+    if optimizer is not None:
+        _optimizer_from_flat(optimizer, _load_tensors(folder / "optimizer.safetensors"), state.get("optimizer", {}))
+    return state
+
+
+def save_model_config(run_dir: str | os.PathLike, cfg: ModelConfig) -> None:
+    """Write model_config.json so the run directory can rebuild its model."""
+    atomic_write_json(Path(run_dir) / MODEL_CONFIG_FILE, cfg.to_dict())
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The trained model of a run directory (its last checkpoint) or of a Hugging Face checkpoint dir."""
+    from .models.transformer import Transformer
+
+    path = Path(path)
+    if (path / MODEL_CONFIG_FILE).exists():
+        cfg = ModelConfig.from_dict(read_json(path / MODEL_CONFIG_FILE))
+        model = Transformer(cfg)
+        folder = latest_checkpoint(path)
+        if folder is None:
+            raise CheckpointError(f"{path / CKPT_DIR / 'LATEST'}: run has no checkpoint")
+        load_checkpoint(folder, model)
+        return model.to(device).eval()
+    if (path / "config.json").exists():
+        from .convert import from_hf
+
+        return from_hf(path).to(device).eval()
+    raise CheckpointError(f"{path}: neither a run directory ({MODEL_CONFIG_FILE}) nor a Hugging Face checkpoint (config.json)")

@@ -1,0 +1,241 @@
+"""DataConfig, deterministic training batches (a mixture of language and tasks) and fixed eval sets.
+
+Every batch is a pure function of (seed, rank, step): training resumed at step k sees exactly the batches
+of an uninterrupted run, and DDP ranks draw from distinct streams (the rank, not world_size, keys the
+stream: each rank's batch is its local ``batch_size``). Eval sets come from a separate stream keyed by
+the set's name, so they are independent draws from the training ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import zlib
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from mla_analysis.data.language import LanguageConfig, get_language
+from mla_analysis.data.tasks import (
+    NIAH_PRESETS,
+    TASK_FAMILY,
+    TASKS,
+    ArithmeticConfig,
+    CopyConfig,
+    MQARConfig,
+    NIAHConfig,
+    PasskeyConfig,
+    check_task,
+    make_task,
+    task_fits,
+)
+from mla_analysis.data.text import TOKENIZERS, HFConfig, load_text_corpora
+from mla_analysis.data.vocab import Vocab
+
+SOURCES = ("synthetic", "text", "hf")
+_TRAIN_STREAM = 0x7A41  # arbitrary tags that separate the training and eval seed streams
+_EVAL_STREAM = 0xE7A1
+
+Batch = Tuple[torch.Tensor, torch.Tensor]
+
+
+def _default_tasks() -> Dict[str, float]:
+    return {"mqar": 0.6, "passkey": 0.1, "niah_all": 0.1, "copy": 0.1, "arithmetic": 0.1}
+
+
+DEFAULT_EVAL_TASKS = ("mqar", "passkey", *NIAH_PRESETS, "copy", "arithmetic")
+
+
+@dataclass
+class DataConfig:
+    """Where training/eval tokens come from (a Hydra structured config: simple types only)."""
+
+    source: str = "synthetic"  # synthetic | text | hf (language-model data; tasks are always procedural)
+    vocab_size: int = 256  # ids the data uses; model.vocab_size must be >= this
+    seq_len: int = 128
+    seed: int = 0  # sample stream (training batches and eval sets)
+    language_seed: int = 1234  # structure of the synthetic language (fixed across runs)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    # training mixture: a sequence is pure language with probability lm_weight, else a task drawn by
+    # the relative weights in `tasks` (names from mla_analysis.data.tasks.TASKS)
+    lm_weight: float = 0.5
+    tasks: Dict[str, float] = field(default_factory=_default_tasks)
+    # per-family task knobs (TASK_FAMILY maps task -> field; NIAH presets and niah_all take their
+    # non-structural knobs from `niah`)
+    mqar: MQARConfig = field(default_factory=MQARConfig)
+    passkey: PasskeyConfig = field(default_factory=PasskeyConfig)
+    niah: NIAHConfig = field(default_factory=NIAHConfig)
+    copy_task: CopyConfig = field(default_factory=CopyConfig)  # not `copy`: DictConfig.copy() would shadow it
+    arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
+    # evaluation: "lm" (held-out language) plus one fixed set per task
+    eval_examples: int = 256
+    eval_tasks: Optional[List[str]] = None  # None = DEFAULT_EVAL_TASKS that fit seq_len; a list is strict
+    # source: text (local files) / hf (datasets.load_dataset)
+    paths: List[str] = field(default_factory=list)  # files or globs; empty = the stdlib's *.py
+    max_bytes: int = 2_000_000  # cap on the text read (files in sorted order / dataset rows in order)
+    tokenizer: str = "bpe"  # bytes (needs vocab_size >= 288) | bpe (trained on the corpus)
+    bpe_vocab_size: Optional[int] = None  # None = vocab_size - 32 (all word ids)
+    val_fraction: float = 0.05  # last fraction of the token stream held out for the "lm" eval set
+    hf: HFConfig = field(default_factory=HFConfig)
+
+
+def validate_data_config(cfg) -> None:
+    """Raise ValueError naming the offending ``data.*`` key for any invalid setting."""
+    Vocab(cfg.vocab_size)
+    if cfg.source not in SOURCES:
+        raise ValueError(f"data.source={cfg.source!r} must be one of {SOURCES}")
+    if cfg.tokenizer not in TOKENIZERS:
+        raise ValueError(f"data.tokenizer={cfg.tokenizer!r} must be one of {TOKENIZERS}")
+    if cfg.seq_len < 8:
+        raise ValueError(f"data.seq_len={cfg.seq_len} must be >= 8")
+    if not 0.0 <= cfg.lm_weight <= 1.0:
+        raise ValueError(f"data.lm_weight={cfg.lm_weight} must be in [0, 1]")
+    for name, w in dict(cfg.tasks).items():
+        if name not in TASKS:
+            raise ValueError(f"data.tasks: unknown task {name!r}; known: {sorted(TASKS)}")
+        if w < 0:
+            raise ValueError(f"data.tasks.{name}={w} must be >= 0")
+    if cfg.lm_weight == 0.0 and sum(dict(cfg.tasks).values()) <= 0:
+        raise ValueError("data.lm_weight=0 and data.tasks has no positive weight: nothing to train on")
+    for name in cfg.eval_tasks or ():
+        if name not in TASKS:
+            raise ValueError(f"data.eval_tasks: unknown task {name!r}; known: {sorted(TASKS)}")
+    if cfg.eval_examples < 1:
+        raise ValueError(f"data.eval_examples={cfg.eval_examples} must be >= 1")
+
+
+def resolve_eval_tasks(cfg) -> List[str]:
+    """``cfg.eval_tasks``, or (when None) every default eval task whose knobs fit ``cfg.seq_len``."""
+    if cfg.eval_tasks is not None:
+        return list(cfg.eval_tasks)
+    vocab = make_vocab(cfg)
+    return [t for t in DEFAULT_EVAL_TASKS if task_fits(t, vocab, cfg.seq_len, _task_knobs(cfg, t))]
+
+
+def make_vocab(cfg) -> Vocab:
+    """The :class:`Vocab` of a data config."""
+    return Vocab(cfg.vocab_size)
+
+
+def _fillers(cfg):
+    """(train, eval) token sources: the synthetic language (both) or the text train/val corpora."""
+    vocab = make_vocab(cfg)
+    if cfg.source == "synthetic":
+        lang = get_language(vocab, cfg.language, cfg.language_seed)
+        return lang, lang
+    return load_text_corpora(cfg)
+
+
+def _lm_batch(filler, n: int, seq_len: int, rng: np.random.Generator) -> Batch:
+    w = filler.sample_batch(n, seq_len + 1, rng)  # [n, L+1]
+    return torch.from_numpy(np.ascontiguousarray(w[:, :-1])), torch.from_numpy(np.ascontiguousarray(w[:, 1:]))
+
+
+def _task_knobs(cfg, name: str, train: bool = False):
+    knobs = getattr(cfg, TASK_FAMILY[name])
+    if train and TASK_FAMILY[name] == "mqar" and knobs.train_num_queries is not None:
+        knobs = dataclasses.replace(knobs, num_queries=knobs.train_num_queries)  # denser training queries
+    return knobs
+
+
+class TrainBatches:
+    """Infinite deterministic iterator of training batches ``(inputs [B, L], targets [B, L])``.
+
+    ``batch_at(step)`` depends only on (cfg, batch_size, rank, step); iteration starts at ``start_step``.
+    Each example is language with probability ``lm_weight``, else a task by the ``tasks`` weights.
+    """
+
+    def __init__(self, cfg, batch_size: int, rank: int = 0, world_size: int = 1, start_step: int = 0):
+        validate_data_config(cfg)
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in 0..world_size-1 (world_size={world_size})")
+        self.cfg, self.batch_size, self.rank, self.world_size = cfg, batch_size, rank, world_size
+        self.step = start_step
+        self.vocab = make_vocab(cfg)
+        self.filler, _ = _fillers(cfg)
+        # sorted names: the mixture must not depend on the YAML/dict order of `tasks`
+        tasks = sorted((k, float(w)) for k, w in dict(cfg.tasks).items() if w > 0)
+        total = sum(w for _, w in tasks)
+        lm = cfg.lm_weight if tasks else 1.0
+        self.kinds = ["lm"] + [k for k, _ in tasks]
+        self.probs = np.array([lm] + [(1.0 - lm) * w / total for _, w in tasks])
+        self.probs /= self.probs.sum()
+        for name in self.kinds[1:]:  # fail at construction, not thousands of steps in
+            check_task(name, self.vocab, cfg.seq_len, _task_knobs(cfg, name, train=True))
+
+    def batch_at(self, step: int) -> Batch:
+        """The batch of training step ``step`` on this rank."""
+        rng = np.random.Generator(np.random.PCG64([self.cfg.seed, _TRAIN_STREAM, self.rank, step]))
+        B, L = self.batch_size, self.cfg.seq_len
+        kind = rng.choice(len(self.kinds), size=B, p=self.probs)
+        inputs = torch.empty((B, L), dtype=torch.int64)
+        targets = torch.empty((B, L), dtype=torch.int64)
+        for j, name in enumerate(self.kinds):
+            idx = torch.from_numpy(np.flatnonzero(kind == j))
+            if len(idx) == 0:
+                continue
+            if name == "lm":
+                x, y = _lm_batch(self.filler, len(idx), L, rng)
+            else:
+                x, y = make_task(name, len(idx), rng, self.vocab, L, _task_knobs(self.cfg, name, train=True), self.filler)
+            inputs[idx], targets[idx] = x, y
+        return inputs, targets
+
+    def __iter__(self) -> "TrainBatches":
+        return self
+
+    def __next__(self) -> Batch:
+        batch = self.batch_at(self.step)
+        self.step += 1
+        return batch
+
+
+def build_train_batches(cfg, batch_size: int, rank: int = 0, world_size: int = 1, start_step: int = 0) -> TrainBatches:
+    """Infinite deterministic training iterator (per-rank ``batch_size``) starting at ``start_step``."""
+    return TrainBatches(cfg, batch_size, rank=rank, world_size=world_size, start_step=start_step)
+
+
+_BATCHES_CACHE: Dict[tuple, TrainBatches] = {}
+
+
+def train_batch(cfg, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> Batch:
+    """Training batch of ``step`` on ``rank``: ``build_train_batches(...).batch_at(step)`` without rebuilding."""
+    key = (repr(cfg), batch_size, rank, world_size)  # repr covers every field, nested configs included
+    if key not in _BATCHES_CACHE:
+        if len(_BATCHES_CACHE) >= 8:
+            _BATCHES_CACHE.pop(next(iter(_BATCHES_CACHE)))
+        # a private copy: later in-place edits of cfg must not change what this key produces
+        _BATCHES_CACHE[key] = TrainBatches(copy.deepcopy(cfg), batch_size, rank=rank, world_size=world_size)
+    return _BATCHES_CACHE[key].batch_at(step)
+
+
+def _eval_rng(cfg, name: str) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64([cfg.seed, _EVAL_STREAM, zlib.crc32(name.encode())]))
+
+
+def build_eval_sets(cfg) -> Dict[str, Batch]:
+    """Fixed eval sets: "lm" (held-out language / text val split) and one per ``cfg.eval_tasks``."""
+    validate_data_config(cfg)
+    vocab = make_vocab(cfg)
+    _, filler = _fillers(cfg)
+    n, L = cfg.eval_examples, cfg.seq_len
+    out: Dict[str, Batch] = {}
+    if cfg.source == "synthetic":
+        out["lm"] = _lm_batch(filler, n, L, _eval_rng(cfg, "lm"))
+    else:  # consecutive chunks of the validation split: every held-out token at most once
+        w = filler.chunks(n, L + 1)  # [<=n, L+1]
+        out["lm"] = (torch.from_numpy(np.ascontiguousarray(w[:, :-1])), torch.from_numpy(np.ascontiguousarray(w[:, 1:])))
+    for name in resolve_eval_tasks(cfg):
+        out[name] = make_task(name, n, _eval_rng(cfg, name), vocab, L, _task_knobs(cfg, name), filler)
+    return out
+
+
+def language_optimal_loss(cfg) -> Optional[float]:
+    """Entropy rate (nats/token) of the synthetic language = the optimal LM loss; None for text sources."""
+    if cfg.source != "synthetic":
+        return None
+    return get_language(make_vocab(cfg), cfg.language, cfg.language_seed).entropy_rate()

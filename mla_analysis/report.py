@@ -1,0 +1,287 @@
+"""Comparison tables from run records: ``python -m mla_analysis.report DIR... [--out DIR]``.
+
+Rows are built from each run's results.json only (never from logs). Runs are grouped by every
+config key that varies across the set except the seed; each group reports the mean over seeds and,
+with two or more seeds, a 95% bootstrap confidence interval (scipy.stats.bootstrap). Failed runs
+and run directories without results are listed with their status, never dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+
+from .results import ResultsError, atomic_write_text, find_run_dirs, load_record
+
+IGNORED_KEYS = ("seed", "device", "skip_finished", "train.progress", "train.resume", "train.threads")
+# metric columns shown when present: (record key, column title)
+HEADLINE = [
+    ("metrics.kv_bytes_per_token", "KV B/token (bf16)"),
+    ("kv_ratio_to_mha", "KV ratio to MHA"),
+    ("metrics.params", "params"),
+    ("metrics.val_loss", "val loss"),
+    ("metrics.val_ppl", "val ppl"),
+]
+TAIL = [("metrics.tokens_per_s", "tokens/s"), ("metrics.tokens_seen", "tokens")]
+
+
+def _mha_kv_bytes(flat: dict[str, Any]) -> Optional[float]:
+    """KV bytes/token of MHA with the same width, heads and depth (bf16): 2 * d_model * n_layers * 2."""
+    try:
+        return 2.0 * flat["model.d_model"] * flat["model.n_layers"] * 2
+    except KeyError:
+        return None
+
+
+def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """One flat row per run directory found under ``paths`` (status 'missing' when it has no results)."""
+    rows = []
+    for run_dir in find_run_dirs(paths):
+        try:
+            rec = load_record(run_dir)
+            row = dict(rec["flat"])
+            row["status"] = rec["status"] if rec["status"] == "ok" else f"{rec['status']}: {rec.get('error', '')}".strip()
+        except ResultsError as e:
+            row = _row_from_hydra(run_dir)
+            row["status"] = "missing" if "file not found" in str(e) else f"corrupt: {e}"
+        row["run_dir"] = str(run_dir)
+        mha = _mha_kv_bytes(row)
+        if mha and row.get("metrics.kv_bytes_per_token") is not None:
+            row["kv_ratio_to_mha"] = row["metrics.kv_bytes_per_token"] / mha
+        rows.append(row)
+    return rows
+
+
+def _row_from_hydra(run_dir: Path) -> dict[str, Any]:
+    """Config of a run that left no results, read from Hydra's saved config."""
+    from omegaconf import OmegaConf
+
+    from .results import flatten
+
+    path = Path(run_dir) / ".hydra" / "config.yaml"
+    try:
+        return flatten(OmegaConf.to_container(OmegaConf.load(path), resolve=False))
+    except Exception:
+        return {}
+
+
+def varying_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """Config keys whose values differ between runs (excluding seed and bookkeeping keys)."""
+    keys = set()
+    for r in rows:
+        keys.update(k for k in r if not k.startswith("metrics.") and k not in ("status", "run_dir", "kv_ratio_to_mha"))
+    out = []
+    for k in sorted(keys):
+        if k in IGNORED_KEYS or k.startswith("hydra"):
+            continue
+        values = {repr(r.get(k)) for r in rows}
+        if len(values) > 1:
+            out.append(k)
+    return out
+
+
+def _bootstrap_ci(values: list[float]) -> Optional[tuple[float, float]]:
+    if len(values) < 2 or len(set(values)) < 2:
+        return None
+    from scipy.stats import bootstrap
+
+    res = bootstrap((np.asarray(values, dtype=float),), np.mean, confidence_level=0.95, n_resamples=2000,
+                    method="percentile", random_state=0)
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def _label_keys(keys: list[str]) -> list[str]:
+    """Put the variant and rank first among the grouping keys."""
+    first = [k for k in ("model.name", "model.attention", "model.kv_lora_rank") if k in keys]
+    return first + [k for k in keys if k not in first]
+
+
+def aggregate(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Group rows by the varying config keys; return (group keys, aggregated rows)."""
+    keys = _label_keys(varying_keys(rows))
+    if "model.attention" in keys and "model.name" in keys:
+        keys.remove("model.attention")  # name already identifies the variant
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(repr(r.get(k)) for k in keys), []).append(r)
+    metric_keys = sorted({k for r in rows for k in r if (k.startswith("metrics.") or k == "kv_ratio_to_mha")})
+    out = []
+    for members in groups.values():
+        ok = [m for m in members if m.get("status") == "ok"]
+        agg: dict[str, Any] = {k: members[0].get(k) for k in keys}
+        if "model.kv_lora_rank" in agg and members[0].get("model.attention") not in ("mla", "mla_coupled_rope"):
+            agg["model.kv_lora_rank"] = None  # not an MLA run: rank does not apply
+        agg["n_ok"] = len(ok)
+        agg["n_runs"] = len(members)
+        bad = [m["status"] for m in members if m.get("status") != "ok"]
+        agg["status"] = "ok" if not bad else "; ".join(sorted(set(bad)))
+        for mk in metric_keys:
+            vals = [m.get(mk) for m in ok]
+            if mk.endswith(".solved"):
+                flags = [bool(v) for v in vals if v is not None]
+                agg[mk] = (sum(flags) / len(flags)) if flags else None
+                continue
+            nums = [float(v) for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and math.isfinite(float(v))]
+            agg[mk] = float(np.mean(nums)) if nums else None
+            ci = _bootstrap_ci(nums)
+            if ci is not None:
+                agg[mk + ".ci"] = ci
+        out.append(agg)
+    out.sort(key=lambda a: tuple(_sort_key(a.get(k), k) for k in keys))
+    return keys, out
+
+
+VARIANT_ORDER = ("mha", "gqa", "mqa", "mla", "mla_coupled_rope")
+
+
+def _sort_key(v: Any, key: str = "") -> tuple:
+    if v is None:
+        return (0, 0, "")
+    if key in ("model.name", "model.attention") and str(v) in VARIANT_ORDER:
+        return (1, VARIANT_ORDER.index(str(v)), str(v))
+    if isinstance(v, (int, float)):
+        return (1, v, "")
+    return (2, 0, str(v))
+
+
+def columns(keys: list[str], aggs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(key, title) pairs for the table: grouping keys, headline metrics, per-task accuracy, tail."""
+    cols = [(k, k.split(".", 1)[-1] if k.startswith("model.") else k) for k in keys]
+    present = {k for a in aggs for k in a}
+    cols += [(k, t) for k, t in HEADLINE if k in present]
+    tasks = sorted({k[len("metrics."): -len(".exact_match")] for k in present if k.endswith(".exact_match")})
+    for t in tasks:
+        cols.append((f"metrics.{t}.exact_match", f"{t} EM"))
+        if f"metrics.{t}.solved" in present:
+            cols.append((f"metrics.{t}.solved", f"{t} solved (seeds)"))
+        if f"metrics.{t}.steps_to_solve" in present:
+            cols.append((f"metrics.{t}.steps_to_solve", f"{t} steps to solve"))
+    cols += [(k, t) for k, t in TAIL if k in present]
+    cols += [("n_ok", "seeds ok"), ("status", "status")]
+    return cols
+
+
+def _fmt(v: Any, ci: Optional[tuple[float, float]] = None) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if v == int(v):
+            s = f"{int(v):,}"
+        elif abs(v) >= 100:
+            s = f"{v:,.0f}"
+        else:
+            s = f"{v:.4g}"
+    elif isinstance(v, int):
+        s = f"{v:,}"
+    else:
+        s = str(v)
+    if ci is not None:
+        s += f" [{ci[0]:.3g}, {ci[1]:.3g}]"
+    return s
+
+
+def _cell(a: dict[str, Any], key: str) -> str:
+    """Formatted cell: solved shares as 'k/n seeds', other numbers as mean [95% CI]."""
+    if key.endswith(".solved") and a.get(key) is not None:
+        n = a.get("n_ok") or 0
+        return f"{round(a[key] * n)}/{n}"
+    return _fmt(a.get(key), a.get(key + ".ci"))
+
+
+def to_markdown(keys: list[str], aggs: list[dict[str, Any]]) -> str:
+    """Markdown table (mean [95% CI] over seeds when there are several)."""
+    cols = columns(keys, aggs)
+    lines = ["| " + " | ".join(t for _, t in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for a in aggs:
+        lines.append("| " + " | ".join(_cell(a, k).replace("|", "/") for k, _ in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(keys: list[str], aggs: list[dict[str, Any]]) -> str:
+    """CSV with raw numbers; CI bounds in <col>_ci_low/<col>_ci_high columns."""
+    cols = columns(keys, aggs)
+    header = []
+    for k, _ in cols:
+        header.append(k)
+        if any(k + ".ci" in a for a in aggs):
+            header += [k + "_ci_low", k + "_ci_high"]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    for a in aggs:
+        row = []
+        for k, _ in cols:
+            row.append("" if a.get(k) is None else a.get(k))
+            if any(k + ".ci" in b for b in aggs):
+                ci = a.get(k + ".ci")
+                row += [ci[0], ci[1]] if ci else ["", ""]
+        w.writerow(row)
+    return buf.getvalue()
+
+
+def to_latex(keys: list[str], aggs: list[dict[str, Any]]) -> str:
+    """LaTeX (booktabs) table."""
+    cols = columns(keys, aggs)
+
+    def esc(s: str) -> str:
+        for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#")):
+            s = s.replace(a, b)
+        return s
+
+    lines = [r"\begin{tabular}{" + "l" * len(cols) + "}", r"\toprule", " & ".join(esc(t) for _, t in cols) + r" \\", r"\midrule"]
+    for a in aggs:
+        lines.append(" & ".join(esc(_cell(a, k)) for k, _ in cols) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(paths: Iterable[str | Path], out_dir: str | Path, formats=("md", "csv", "tex")) -> dict[str, Path]:
+    """Build the comparison tables from run directories and write comparison.{md,csv,tex} atomically."""
+    rows = load_rows(paths)
+    if not rows:
+        raise ResultsError(f"no run directories under {', '.join(map(str, paths))}")
+    keys, aggs = aggregate(rows)
+    out_dir = Path(out_dir)
+    writers = {"md": to_markdown, "csv": to_csv, "tex": to_latex}
+    written = {}
+    for fmt in formats:
+        written[fmt] = atomic_write_text(out_dir / f"comparison.{fmt}", writers[fmt](keys, aggs))
+    return written
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """CLI: rebuild comparison tables from any set of run directories."""
+    p = argparse.ArgumentParser(prog="python -m mla_analysis.report", description=__doc__.splitlines()[0])
+    p.add_argument("dirs", nargs="+", help="run directories or folders containing them (e.g. a sweep dir)")
+    p.add_argument("--out", default=None, help="where to write comparison.* (default: the first DIR)")
+    p.add_argument("--formats", default="md,csv,tex", help="comma-separated subset of md,csv,tex")
+    args = p.parse_args(argv)
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    bad = [f for f in formats if f not in ("md", "csv", "tex")]
+    if bad:
+        print(f"error: --formats={bad[0]!r} is invalid (allowed: md, csv, tex)", file=sys.stderr)
+        return 2
+    try:
+        written = write_tables(args.dirs, args.out or args.dirs[0], formats)
+    except ResultsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if "md" in written:
+        print(written["md"].read_text())
+    for path in written.values():
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

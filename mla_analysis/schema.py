@@ -1,0 +1,69 @@
+"""Hydra structured-config schemas, registered in the ConfigStore.
+
+``conf/config.yaml`` starts its defaults list with ``run_schema``, so every YAML file in ``conf/``
+is merged onto these dataclasses: unknown keys and wrong types fail at start-up. Semantic checks
+(impossible combinations) live in ``config.validate_model_config`` and ``validate_run``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict
+
+from hydra.core.config_store import ConfigStore
+
+from .config import ConfigError, ModelConfig, validate_model_config
+from .data import DataConfig, validate_data_config
+from .train import TrainConfig
+
+
+@dataclass
+class RunConfig:
+    """One run: a model trained on a data mixture with a schedule, then probed."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    probe: Dict[str, Any] = field(default_factory=dict)
+    experiment: str = "none"
+    scale: str = "tiny"
+    seed: int = 0
+    device: str = "auto"
+    skip_finished: bool = True  # a rerun of a sweep skips runs whose results.json is complete
+
+
+def validate_run(model: ModelConfig, data: DataConfig, train: TrainConfig, device: str) -> None:
+    """Raise ConfigError for impossible combinations across groups."""
+    try:
+        validate_data_config(data)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    validate_model_config(model, context_len=data.seq_len)
+    if model.vocab_size < data.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={model.vocab_size} is smaller than data.vocab_size={data.vocab_size} "
+            f"(allowed: >= {data.vocab_size})"
+        )
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise ConfigError(f"device={device!r} is invalid (allowed: auto, cpu, cuda, cuda:N)")
+    for key in ("steps", "batch_size", "eval_batch_size"):
+        if getattr(train, key) <= 0:
+            raise ConfigError(f"train.{key}={getattr(train, key)} is invalid (allowed: an integer > 0)")
+    if train.tokens is not None and train.tokens < train.batch_size * data.seq_len:
+        raise ConfigError(
+            f"train.tokens={train.tokens} is invalid (allowed: >= one batch = {train.batch_size * data.seq_len})"
+        )
+    if train.lr <= 0:
+        raise ConfigError(f"train.lr={train.lr} is invalid (allowed: a number > 0)")
+    if not 0 <= train.min_lr_ratio <= 1:
+        raise ConfigError(f"train.min_lr_ratio={train.min_lr_ratio} is invalid (allowed: 0..1)")
+    if train.warmup_steps < 0 or train.eval_every < 0 or train.checkpoint_every < 0:
+        raise ConfigError("train.warmup_steps/eval_every/checkpoint_every must be >= 0")
+
+
+def register() -> None:
+    """Register the schemas (idempotent)."""
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+register()

@@ -1,0 +1,302 @@
+"""Trainer: AdamW with warmup + cosine, gradient clipping, periodic eval, safetensors checkpoints.
+
+Reproducibility contract: the batch of step k depends only on (data config, seed, k), the model
+init only on the seed, and the optimizer state is checkpointed exactly, so a run resumed from a
+checkpoint (``train.resume=true``, e.g. after SIGINT/SIGTERM) ends with the same metrics as an
+uninterrupted one (bitwise on CPU). Runs under ``torchrun`` with DDP (gloo on CPU, nccl on CUDA).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .accounting import count_params, kv_bytes_per_token, train_flops_per_token
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model_config
+from .config import ConfigError, ModelConfig
+from .data import DataConfig, build_eval_sets, language_optimal_loss, score_predictions, train_batch
+from .models.transformer import Transformer
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and evaluation schedule."""
+
+    steps: int = 1200
+    tokens: Optional[int] = None  # if set, steps = tokens // (batch_size * seq_len): equal-token budgets
+    batch_size: int = 64
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0
+    eval_every: int = 200
+    eval_batch_size: int = 128
+    checkpoint_every: int = 0  # 0 = only at the end (and on interruption)
+    keep_checkpoints: int = 2
+    resume: bool = False
+    solve_threshold: float = 0.99  # a task counts as solved from the first eval at or above this
+    threads: Optional[int] = None  # torch intra-op threads (None = torch's default)
+    progress: bool = True
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved and the run can be resumed."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything else is passed to torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} is invalid: CUDA is not available (allowed: auto, cpu)")
+    return torch.device(name)
+
+
+def total_steps(tcfg: TrainConfig, dcfg: DataConfig, world_size: int = 1) -> int:
+    """Number of optimizer steps, from ``tokens`` when given (equal-token budgets across variants)."""
+    if tcfg.tokens is not None:
+        return max(1, tcfg.tokens // (tcfg.batch_size * dcfg.seq_len * world_size))
+    return tcfg.steps
+
+
+def lr_at(step: int, tcfg: TrainConfig, steps: int) -> float:
+    """Linear warmup to lr, then cosine decay to lr * min_lr_ratio."""
+    if step < tcfg.warmup_steps:
+        return tcfg.lr * (step + 1) / tcfg.warmup_steps
+    progress = min(1.0, (step - tcfg.warmup_steps) / max(1, steps - tcfg.warmup_steps))
+    floor = tcfg.lr * tcfg.min_lr_ratio
+    return floor + (tcfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, tcfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not norms, not the 1-D router bias)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), foreach=False)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over scored positions (targets != -100)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, eval_sets: dict, device: torch.device, batch_size: int) -> dict[str, float]:
+    """Held-out LM loss/perplexity and exact-match / token accuracy per retrieval task."""
+    was_training = model.training
+    model.eval()
+    out: dict[str, float] = {}
+    for name, (inputs, targets) in eval_sets.items():
+        total_loss, total_tok, preds = 0.0, 0, []
+        for i in range(0, inputs.shape[0], batch_size):
+            x = inputs[i : i + batch_size].to(device)
+            y = targets[i : i + batch_size].to(device)
+            with _autocast(device):
+                logits = model(x)
+            n = int((y != -100).sum())
+            total_loss += float(lm_loss(logits, y)) * n
+            total_tok += n
+            preds.append(logits.argmax(-1).cpu())
+        loss = total_loss / max(1, total_tok)
+        if name == "lm":
+            out["val_loss"] = loss
+            out["val_ppl"] = math.exp(min(loss, 50.0))
+        else:
+            scores = score_predictions(torch.cat(preds), targets)
+            out[f"{name}.exact_match"] = scores["exact_match"]
+            out[f"{name}.token_acc"] = scores["token_acc"]
+            out[f"{name}.loss"] = loss
+    model.train(was_training)
+    return out
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so a checkpoint can be written."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
+
+
+def _dist_info() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, world, local
+
+
+def train(
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    tcfg: TrainConfig,
+    run_dir: str | os.PathLike,
+    seed: int = 0,
+    device: str = "auto",
+    on_eval: Optional[Callable[[int, dict[str, float]], None]] = None,
+) -> dict[str, Any]:
+    """Train from scratch (or resume), evaluate, checkpoint; returns metrics, timings and history."""
+    run_dir = Path(run_dir)
+    rank, world, local_rank = _dist_info()
+    dev = resolve_device(device)
+    if world > 1:
+        import torch.distributed as dist
+
+        if dev.type == "cuda":
+            dev = torch.device("cuda", local_rank)
+            torch.cuda.set_device(dev)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    torch.manual_seed(seed)
+    model = Transformer(model_cfg).to(dev)
+    optimizer = make_optimizer(model, tcfg)
+    steps = total_steps(tcfg, data_cfg, world)
+    if rank == 0:
+        save_model_config(run_dir, model_cfg)
+
+    start_step, history, solved_at, train_time = 0, [], {}, 0.0
+    if tcfg.resume:
+        folder = latest_checkpoint(run_dir)
+        if folder is not None:
+            state = load_checkpoint(folder, model, optimizer)
+            start_step = int(state["step"])
+            history = state.get("history", [])
+            solved_at = state.get("solved_at", {})
+            train_time = float(state.get("train_time", 0.0))
+
+    ddp_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ddp_model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    eval_sets = build_eval_sets(data_cfg)
+    tokens_per_step = tcfg.batch_size * data_cfg.seq_len * world
+
+    def checkpoint(step: int) -> None:
+        if rank == 0:
+            save_checkpoint(
+                run_dir, model, optimizer, step,
+                {"history": history, "solved_at": solved_at, "train_time": train_time},
+                keep=tcfg.keep_checkpoints,
+            )
+
+    def run_eval(step: int) -> dict[str, float]:
+        metrics = evaluate(model, eval_sets, dev, tcfg.eval_batch_size)
+        metrics["step"] = step
+        metrics["tokens"] = step * tokens_per_step
+        for key, value in metrics.items():
+            if key.endswith(".exact_match") and value >= tcfg.solve_threshold:
+                solved_at.setdefault(key[: -len(".exact_match")], step)
+        history.append(metrics)
+        if on_eval is not None:
+            on_eval(step, metrics)
+        return metrics
+
+    model.train()
+    bar = tqdm(total=steps, initial=start_step, desc=f"train {model_cfg.name}", disable=not tcfg.progress or rank != 0,
+               dynamic_ncols=True, leave=False)
+    last_loss = float("nan")
+    with _StopFlag() as stop:
+        for step in range(start_step, steps):
+            t0 = time.perf_counter()
+            inputs, targets = train_batch(data_cfg, step, tcfg.batch_size, rank=rank, world_size=world)
+            inputs, targets = inputs.to(dev), targets.to(dev)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, tcfg, steps)
+            with _autocast(dev):
+                logits = ddp_model(inputs)
+            loss = lm_loss(logits, targets)
+            aux = model.aux_loss()
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(
+                    f"loss is {float(loss.detach())} at step {step}: training stopped; the last good checkpoint is kept"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            (loss + aux).backward()
+            if tcfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            optimizer.step()
+            for moe in model.moe_layers():
+                moe.update_bias()
+            train_time += time.perf_counter() - t0
+            last_loss = float(loss.detach())
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.3f}")
+            done = step + 1
+            if tcfg.eval_every and done % tcfg.eval_every == 0 and done < steps:
+                run_eval(done)
+            if tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0 and done < steps:
+                checkpoint(done)
+            if stop.signum is not None:
+                checkpoint(done)
+                bar.close()
+                raise TrainingInterrupted(
+                    f"signal {signal.Signals(stop.signum).name} at step {done}: checkpoint saved in {run_dir}; "
+                    "rerun with train.resume=true to continue"
+                )
+    bar.close()
+    final = history[-1] if history and history[-1]["step"] == steps else run_eval(steps)
+    checkpoint(steps)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    metrics: dict[str, Any] = {k: v for k, v in final.items() if k not in ("step", "tokens")}
+    metrics["train_loss"] = last_loss
+    metrics["tokens_seen"] = steps * tokens_per_step
+    metrics["steps"] = steps
+    metrics["tokens_per_s"] = (steps - start_step) * tokens_per_step / train_time if train_time and steps > start_step else None
+    metrics["params"] = count_params(model_cfg)
+    metrics["params_active"] = count_params(model_cfg, active=True)
+    metrics["kv_bytes_per_token"] = kv_bytes_per_token(model_cfg, "bf16")
+    metrics["flops_per_token"] = train_flops_per_token(model_cfg, data_cfg.seq_len)
+    optimum = language_optimal_loss(data_cfg)
+    if optimum is not None:
+        metrics["val_loss_optimal"] = optimum
+    for task in (k[: -len(".exact_match")] for k in final if k.endswith(".exact_match")):
+        metrics[f"{task}.solved"] = task in solved_at
+        metrics[f"{task}.steps_to_solve"] = solved_at.get(task)
+    return {"metrics": metrics, "history": history, "timings": {"train_s": train_time}, "device": str(dev)}

@@ -1,0 +1,92 @@
+"""The Hydra entry point end to end: results.json contract, sweeps and their tables, clear config errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FAST = ["train.steps=4", "train.eval_every=2", "data.eval_examples=8", "train.progress=false", "train.batch_size=4",
+        "device=cpu"]
+
+
+def run(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mla_analysis.run", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_single_run_writes_results_json(tmp_path):
+    out = tmp_path / "run"
+    p = run(FAST + [f"hydra.run.dir={out}", "model=mla_r8"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rec = json.loads((out / "results.json").read_text())
+    assert rec["status"] == "ok"
+    assert rec["config"]["model"]["kv_lora_rank"] == 8 and rec["config"]["model"]["attention"] == "mla"
+    assert rec["flat"]["model.kv_lora_rank"] == 8  # config flattened to dotted keys
+    m = rec["metrics"]
+    for key in ("val_loss", "val_ppl", "params", "kv_bytes_per_token", "flops_per_token", "tokens_per_s", "steps"):
+        assert key in m, key
+    assert m["steps"] == 4 and m["kv_bytes_per_token"] == (8 + 8) * 2 * 2  # (d_c + d_rope) * layers * bf16
+    assert any(k.endswith(".exact_match") for k in m)
+    for key in ("torch", "device", "git_commit", "seed"):
+        assert key in rec["env"], key
+    assert "train_s" in rec["timings"] and rec["history"]
+    assert str(out / "results.json") in p.stdout  # the output path is printed at the end
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("model.n_kv_heads=3", "model.n_kv_heads"),
+        ("model.kv_lora_rank=0", "model.kv_lora_rank"),
+        ("model.qk_rope_head_dim=7", "model.qk_rope_head_dim"),
+        ("data.seq_len=512", "model.max_seq_len"),
+    ],
+)
+def test_bad_config_fails_with_one_line_and_no_results(tmp_path, override, key):
+    out = tmp_path / "run"
+    model = "model=gqa" if "n_kv_heads" in override else "model=mla"
+    p = run(FAST + [f"hydra.run.dir={out}", model, override], cwd=tmp_path)
+    assert p.returncode == 2
+    lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and key in lines[0] and "allowed" in lines[0], p.stderr
+    assert "Traceback" not in p.stderr
+    assert not (out / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_sweep_writes_comparison_tables_and_report_rebuilds_them(tmp_path):
+    sweep = tmp_path / "sweep"
+    p = run(["-m", "model=mha,mla_r4", f"hydra.sweep.dir={sweep}", *FAST], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    md, csv_path = sweep / "comparison.md", sweep / "comparison.csv"
+    assert md.exists() and csv_path.exists()
+    assert str(md.resolve()) in p.stdout and str(csv_path.resolve()) in p.stdout
+    rows = list(csv.DictReader(csv_path.open()))
+    assert sorted(r["model.name"] for r in rows) == ["mha", "mla"]
+    by = {r["model.name"]: r for r in rows}
+    assert float(by["mha"]["kv_ratio_to_mha"]) == 1.0
+    assert float(by["mla"]["kv_ratio_to_mha"]) == pytest.approx((4 + 8) / (2 * 64))
+    assert by["mla"]["model.kv_lora_rank"] == "4" and by["mha"]["model.kv_lora_rank"] == ""
+    before = csv_path.read_text()
+    csv_path.unlink()
+    r = subprocess.run([sys.executable, "-m", "mla_analysis.report", str(sweep)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert csv_path.read_text() == before
+
+
+@pytest.mark.slow
+def test_sweep_records_failed_job_and_continues(tmp_path):
+    sweep = tmp_path / "sweep"
+    p = run(["-m", "model=gqa", "model.n_kv_heads=2,3", f"hydra.sweep.dir={sweep}", *FAST], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    recs = [json.loads(f.read_text()) for f in sweep.glob("*/results.json")]
+    assert sorted(r["status"] for r in recs) == ["failed", "ok"]
+    failed = next(r for r in recs if r["status"] == "failed")
+    assert "model.n_kv_heads" in failed["error"]
+    table = (sweep / "comparison.md").read_text()
+    assert "failed" in table and "model.n_kv_heads" in table
