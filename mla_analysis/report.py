@@ -26,6 +26,7 @@ HEADLINE = [
     ("metrics.kv_bytes_per_token", "KV B/token (bf16)"),
     ("kv_ratio_to_mha", "KV ratio to MHA"),
     ("metrics.params", "params"),
+    ("metrics.flops_per_token", "FLOPs/token"),
     ("metrics.val_loss", "val loss"),
     ("metrics.val_ppl", "val ppl"),
 ]

@@ -9,6 +9,7 @@ sweep a failing job records ``status: failed`` with the reason and the other job
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import traceback
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import schema  # noqa: F401  (registers the structured configs)
 from .config import ConfigError, ModelConfig
 from .data import DataConfig
+from .probes import ProbeError, check_probes, run_probes
 from .results import RESULTS_FILE, ResultsError, atomic_write_json, environment, is_finished, load_record, make_record
 from .train import NonFiniteLoss, TrainConfig, TrainingInterrupted, train
 
@@ -64,8 +66,15 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
     t0 = time.time()
     try:
         model_cfg, data_cfg, tcfg = _objects(cfg)
+        probe_cfg = OmegaConf.to_container(cfg.probe, resolve=True)
         validate_run(model_cfg, data_cfg, tcfg, cfg.device)
+        check_probes(probe_cfg)
         out = train(model_cfg, data_cfg, tcfg, run_dir, seed=cfg.seed, device=cfg.device)
+        if probe_cfg and int(os.environ.get("RANK", "0")) == 0:
+            t_probe = time.time()
+            model = out["model"].eval()
+            out["metrics"].update(run_probes(model, probe_cfg, data_cfg, run_dir, next(model.parameters()).device))
+            out["timings"]["probe_s"] = time.time() - t_probe
     except (ConfigError, ResultsError) as e:
         if multirun:
             atomic_write_json(results_path, make_record("failed", config, {}, error=f"{type(e).__name__}: {e}"))
@@ -73,7 +82,7 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
             return None
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except (TrainingInterrupted, NonFiniteLoss) as e:
+    except (TrainingInterrupted, NonFiniteLoss, ProbeError) as e:
         status = "interrupted" if isinstance(e, TrainingInterrupted) else "failed"
         atomic_write_json(results_path, make_record(status, config, {}, error=str(e)))
         print(f"[{status}] {e}", file=sys.stderr)
@@ -89,6 +98,8 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
         )
         print(f"[failed] {run_dir}: {type(e).__name__}: {e}", file=sys.stderr)
         return None
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _primary_metric(out["metrics"])  # under torchrun only rank 0 writes the record
     record = make_record(
         "ok",
         config,
@@ -102,6 +113,91 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
     return _primary_metric(out["metrics"])
 
 
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _one_line(exc: BaseException, overrides: list[str]) -> str:
+    """A one-line message naming the offending key and the allowed values, from a compose error."""
+    from hydra.errors import MissingConfigException
+
+    if isinstance(exc, MissingConfigException):
+        lines = str(exc).splitlines()
+        head = lines[0].replace("In 'config': ", "")
+        opts = []
+        if any(ln.startswith("Available options") for ln in lines):
+            start = next(i for i, ln in enumerate(lines) if ln.startswith("Available options")) + 1
+            for ln in lines[start:]:
+                if not ln.startswith("\t"):
+                    break
+                opts.append(ln.strip())
+        return f"{head} (allowed: {', '.join(opts) if opts else 'see conf/'})"
+    cause = exc.__cause__ or exc
+    key = getattr(cause, "full_key", None)
+    msg = str(getattr(cause, "msg", None) or cause).splitlines()[0]
+    if key is None:
+        return msg
+    if "not in" in msg:  # unknown key: list the keys its parent allows
+        parent, _, _ = key.rpartition(".")
+        allowed = _keys_at(parent, [o for o in overrides if not o.lstrip("+~").startswith(key)])
+        return f"{key}: unknown key (allowed: {', '.join(allowed)})"
+    if "could not be converted to" in msg:
+        kind = msg.rsplit("converted to", 1)[1].strip()
+        return f"{key}: {msg} (allowed: a value of type {kind})"
+    return f"{key}: {msg}"
+
+
+def _keys_at(parent: str, overrides: list[str]) -> list[str]:
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        return sorted(str(k) for k in node.keys())
+    except Exception:
+        return ["see mla_analysis/schema.py"]
+
+
+def precheck(argv: list[str]) -> Optional[str]:
+    """Compose the config for the command line before Hydra runs; a one-line error, or None when it composes.
+
+    Each value of a sweep override is composed once (with the first value of the other sweeps), so a
+    typo in any of them stops the sweep before any job starts. Hydra's own settings are left to Hydra.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
+        return None  # --cfg, --config-name, ...: Hydra's own modes
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+    except Exception as e:
+        return str(e).splitlines()[0]
+    base, sweeps = [], []
+    for o in parsed:
+        if o.key_or_group.startswith("hydra"):
+            continue
+        if o.is_sweep_override():
+            try:
+                sweeps.append((o.get_key_element(), list(o.sweep_string_iterator())))
+            except Exception:
+                continue  # interval sweeps (Optuna) are validated by their sweeper
+        else:
+            base.append(o.input_line)
+    firsts = [f"{k}={values[0]}" for k, values in sweeps if values]
+    candidates = [base + firsts]
+    for i, (k, values) in enumerate(sweeps):
+        others = firsts[:i] + firsts[i + 1:]
+        candidates += [base + others + [f"{k}={v}"] for v in values[1:]]
+    for overrides in candidates:
+        try:
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                compose("config", overrides=overrides)
+        except Exception as e:
+            return _one_line(e, overrides)
+    return None
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> Optional[float]:
     """Hydra task function."""
@@ -109,5 +205,14 @@ def main(cfg: DictConfig) -> Optional[float]:
     return run_job(cfg, Path(hc.runtime.output_dir), multirun=hc.mode == RunMode.MULTIRUN)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console entry: one-line errors for bad overrides, then the Hydra app."""
+    error = precheck(sys.argv[1:])
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

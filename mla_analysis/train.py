@@ -158,6 +158,26 @@ class _StopFlag:
         return False
 
 
+def _all_reduce(t: torch.Tensor) -> None:
+    import torch.distributed as dist
+
+    dist.all_reduce(t)
+
+
+def _replicas_in_sync(model: torch.nn.Module) -> bool:
+    """Whether every rank holds bit-identical parameters and buffers (checks DDP and the router bias sync)."""
+    import torch.distributed as dist
+
+    def checksum(t: torch.Tensor) -> torch.Tensor:  # position-weighted, so permuted values still differ
+        flat = t.detach().double().flatten()
+        return (flat * torch.sin(torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device))).sum()
+
+    digest = torch.stack([checksum(t) for t in model.state_dict().values()]).cpu()
+    gathered = [torch.empty_like(digest) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, digest)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
 def _dist_info() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -184,7 +204,8 @@ def train(
         if dev.type == "cuda":
             dev = torch.device("cuda", local_rank)
             torch.cuda.set_device(dev)
-        if not dist.is_initialized():
+        owns_group = not dist.is_initialized()
+        if owns_group:
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
@@ -209,7 +230,8 @@ def train(
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ddp_model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        # buffers (the router bias) are kept equal by all-reducing the loads, not by broadcasting
+        ddp_model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
 
     eval_sets = build_eval_sets(data_cfg)
     tokens_per_step = tcfg.batch_size * data_cfg.seq_len * world
@@ -259,7 +281,7 @@ def train(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
             optimizer.step()
             for moe in model.moe_layers():
-                moe.update_bias()
+                moe.update_bias(all_reduce=_all_reduce if world > 1 else None)
             train_time += time.perf_counter() - t0
             last_loss = float(loss.detach())
             bar.update(1)
@@ -279,12 +301,12 @@ def train(
     bar.close()
     final = history[-1] if history and history[-1]["step"] == steps else run_eval(steps)
     checkpoint(steps)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
     metrics: dict[str, Any] = {k: v for k, v in final.items() if k not in ("step", "tokens")}
+    if world > 1:
+        metrics["ddp_world_size"] = world
+        metrics["ddp_in_sync"] = _replicas_in_sync(model)
+        if owns_group:
+            dist.destroy_process_group()
     metrics["train_loss"] = last_loss
     metrics["tokens_seen"] = steps * tokens_per_step
     metrics["steps"] = steps
@@ -299,4 +321,5 @@ def train(
     for task in (k[: -len(".exact_match")] for k in final if k.endswith(".exact_match")):
         metrics[f"{task}.solved"] = task in solved_at
         metrics[f"{task}.steps_to_solve"] = solved_at.get(task)
-    return {"metrics": metrics, "history": history, "timings": {"train_s": train_time}, "device": str(dev)}
+    return {"metrics": metrics, "history": history, "timings": {"train_s": train_time}, "device": str(dev),
+            "model": model}

@@ -45,12 +45,17 @@ def test_single_run_writes_results_json(tmp_path):
         ("model.kv_lora_rank=0", "model.kv_lora_rank"),
         ("model.qk_rope_head_dim=7", "model.qk_rope_head_dim"),
         ("data.seq_len=512", "model.max_seq_len"),
+        ("model.foo=1", "model.foo"),  # unknown key (structured-config schema)
+        ("model.n_heads=abc", "model.n_heads"),  # wrong type
+        ("model=nonexistent", "model/nonexistent"),  # unknown group option
+        ("seed=0,x", "seed"),  # a bad value inside a sweep is caught before any job starts
     ],
 )
 def test_bad_config_fails_with_one_line_and_no_results(tmp_path, override, key):
     out = tmp_path / "run"
     model = "model=gqa" if "n_kv_heads" in override else "model=mla"
-    p = run(FAST + [f"hydra.run.dir={out}", model, override], cwd=tmp_path)
+    args = FAST + [f"hydra.run.dir={out}", f"hydra.sweep.dir={out}"] + ([] if override.startswith("model=") else [model])
+    p = run(args + [override] + (["-m"] if "," in override else []), cwd=tmp_path)
     assert p.returncode == 2
     lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and key in lines[0] and "allowed" in lines[0], p.stderr

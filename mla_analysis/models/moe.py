@@ -308,11 +308,17 @@ class MoE(nn.Module):
         return loss
 
     @torch.no_grad()
-    def update_bias(self) -> None:
-        """Aux-loss-free balancing step: b_i += gamma * sign(mean load - load_i) over loads since the last call."""
+    def update_bias(self, all_reduce=None) -> None:
+        """Aux-loss-free balancing step: b_i += gamma * sign(mean load - load_i) over loads since the last call.
+
+        ``all_reduce`` (e.g. ``torch.distributed.all_reduce``) sums the loads over data-parallel ranks
+        first, so every rank applies the same update and the biases stay identical.
+        """
         load, self._load_since_update = self._load_since_update, None
         if self.bias_update_speed == 0 or load is None:
             return
+        if all_reduce is not None:
+            all_reduce(load)
         self.gate.e_score_correction_bias.add_(self.bias_update_speed * torch.sign(load.mean() - load))
 
     # ---- forward -----------------------------------------------------------------------------------------

@@ -1,0 +1,60 @@
+"""Probes: measurements on a trained (or imported) model, run after training when ``probe=...`` is set.
+
+Each probe is a function ``run(model, params, data_cfg, run_dir, device) -> dict`` registered in
+``PROBES`` under the name of its config file in ``conf/probe/``; its numbers land in the run's
+results.json under ``metrics["probe.<name>.<key>"]`` and its figures (PNG) in the run directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..config import ConfigError
+
+class ProbeError(RuntimeError):
+    """A probe cannot produce valid numbers (e.g. NaN activations); the message says which and where."""
+
+
+ProbeFn = Callable[[torch.nn.Module, dict, Any, Path, torch.device], dict]
+PROBES: dict[str, ProbeFn] = {}
+
+
+def register(name: str) -> Callable[[ProbeFn], ProbeFn]:
+    """Decorator adding a probe to the registry under ``name``."""
+
+    def wrap(fn: ProbeFn) -> ProbeFn:
+        PROBES[name] = fn
+        return fn
+
+    return wrap
+
+
+def _load_builtin() -> None:
+    """Import the probe modules so they register themselves."""
+    import importlib
+    import pkgutil
+
+    for mod in pkgutil.iter_modules(__path__):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{mod.name}")
+
+
+def check_probes(probe_cfg: dict) -> None:
+    """Raise ConfigError for an unknown probe name."""
+    _load_builtin()
+    for name in probe_cfg:
+        if name not in PROBES:
+            raise ConfigError(f"probe.{name}: unknown probe (allowed: {', '.join(sorted(PROBES)) or 'none'})")
+
+
+def run_probes(model: torch.nn.Module, probe_cfg: dict, data_cfg: Any, run_dir: Path, device: torch.device) -> dict:
+    """Run every configured probe; returns flat metrics ``probe.<name>.<key>``."""
+    check_probes(probe_cfg)
+    out: dict[str, Any] = {}
+    for name, params in probe_cfg.items():
+        result = PROBES[name](model, dict(params or {}), data_cfg, Path(run_dir), device)
+        out.update({f"probe.{name}.{k}": v for k, v in result.items()})
+    return out
