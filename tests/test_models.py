@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mla_analysis.accounting import count_params, kv_bytes_per_token, kv_elements_per_token_layer
 from mla_analysis.config import ModelConfig, tiny
@@ -166,3 +167,44 @@ def test_count_params_matches_module(overrides):
     cfg = tiny(**overrides)
     model = Transformer(cfg)
     assert count_params(cfg) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(attention="mha"), dict(attention="gqa", n_kv_heads=2), dict(attention="mla", q_lora_rank=8),
+     dict(attention="mla_coupled_rope"), dict(attention="mla", ffn="moe", n_shared_experts=2), dict(ffn="none")],
+    ids=["mha", "gqa", "mla-qlora", "mla-coupled", "mla-moe", "attention-only"],
+)
+def test_flops_per_token_vs_torch_flop_counter(overrides):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mla_analysis.accounting import flops_per_token
+
+    cfg = tiny(mla_decode="naive", **overrides)
+    model = Transformer(cfg).eval()
+    B, T = 2, 16
+    ids = torch.randint(0, cfg.vocab_size, (B, T))
+    # the math SDPA backend decomposes into counted matmuls (the fused CPU kernel is not counted)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(ids)
+    # the flop counter charges SDPA for the full T x T score matrix (causal masking is not subtracted)
+    assert counter.get_total_flops() == flops_per_token(cfg, context_len=T) * B * T
+
+
+@pytest.mark.parametrize("overrides", [dict(attention="mha"), dict(attention="mla", mla_decode="naive"),
+                                       dict(attention="mla", mla_decode="absorb"), dict(attention="mla_coupled_rope")],
+                         ids=["mha", "mla-naive", "mla-absorb", "mla-coupled"])
+def test_decode_flops_per_token_vs_torch_flop_counter(overrides):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mla_analysis.accounting import decode_flops_per_token
+
+    cfg = tiny(**overrides)
+    model = Transformer(cfg).eval()
+    S = 12
+    cache = model.new_cache(1, S + 1)
+    with torch.no_grad():
+        model(torch.randint(0, cfg.vocab_size, (1, S)), cache=cache)
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model(torch.randint(0, cfg.vocab_size, (1, 1)), cache=cache)
+    assert counter.get_total_flops() == decode_flops_per_token(cfg, context_len=S + 1)
