@@ -13,6 +13,7 @@ import csv
 import io
 import math
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -68,9 +69,13 @@ def _row_from_hydra(run_dir: Path) -> dict[str, Any]:
 
     path = Path(run_dir) / ".hydra" / "config.yaml"
     try:
-        return flatten(OmegaConf.to_container(OmegaConf.load(path), resolve=False))
+        cfg = OmegaConf.load(path)
     except Exception:
         return {}
+    try:  # resolved like the finished runs' records, so the run groups with its siblings
+        return flatten(OmegaConf.to_container(cfg, resolve=True))
+    except Exception:
+        return flatten(OmegaConf.to_container(cfg, resolve=False))
 
 
 def varying_keys(rows: list[dict[str, Any]]) -> list[str]:
@@ -121,8 +126,8 @@ def aggregate(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any
             agg["model.kv_lora_rank"] = None  # not an MLA run: rank does not apply
         agg["n_ok"] = len(ok)
         agg["n_runs"] = len(members)
-        bad = [m["status"] for m in members if m.get("status") != "ok"]
-        agg["status"] = "ok" if not bad else "; ".join(sorted(set(bad)))
+        counts = Counter(m.get("status", "missing") for m in members)
+        agg["status"] = "ok" if set(counts) == {"ok"} else "; ".join(f"{n} {st}" for st, n in sorted(counts.items()))
         for mk in metric_keys:
             vals = [m.get(mk) for m in ok]
             if mk.endswith(".solved"):
@@ -164,7 +169,7 @@ def columns(keys: list[str], aggs: list[dict[str, Any]]) -> list[tuple[str, str]
         if f"metrics.{t}.solved" in present:
             cols.append((f"metrics.{t}.solved", f"{t} solved (seeds)"))
         if f"metrics.{t}.steps_to_solve" in present:
-            cols.append((f"metrics.{t}.steps_to_solve", f"{t} steps to solve"))
+            cols.append((f"metrics.{t}.steps_to_solve", f"{t} steps to solve (solved seeds)"))
     cols += [(k, t) for k, t in TAIL if k in present]
     cols += [("n_ok", "seeds ok"), ("status", "status")]
     return cols
@@ -187,7 +192,7 @@ def _fmt(v: Any, ci: Optional[tuple[float, float]] = None) -> str:
     else:
         s = str(v)
     if ci is not None:
-        s += f" [{ci[0]:.3g}, {ci[1]:.3g}]"
+        s += f" [{_fmt(ci[0])}, {_fmt(ci[1])}]"
     return s
 
 
