@@ -31,6 +31,12 @@ def attend(
     """SDPA over q (B, H, T, d), k (B, H_kv, S, d), v (B, H_kv, S, d_v), causal from position ``start``."""
     t_q, t_k = q.shape[2], k.shape[2]
     gqa = k.shape[1] != q.shape[1]
+    d_v = v.shape[-1]
+    if q.device.type == "cpu" and d_v < q.shape[-1] and torch.backends.cuda.flash_sdp_enabled():
+        # the fused (flash) CPU kernel needs equal q/k and v widths; zero-padded values leave the output
+        # unchanged (the flag also governs the CPU kernel; without it padding would only add work)
+        v = F.pad(v, (0, q.shape[-1] - d_v))
+        return attend(q, k, v, scale, start)[..., :d_v]
     if start == 0 and t_q == t_k:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     mask = causal_mask(t_q, t_k, start, q.device)

@@ -10,7 +10,8 @@ Only c_kv and k_rope are cached: (d_c + d_h^R) elements per layer and token.
 Decoding paths with a cache:
 - ``naive``: up-project the whole cached latent to per-head keys/values every step.
 - ``absorb``: fold W^UK into the query (q_nope W^UK -> latent query) and W^UV into the output, so
-  attention runs in the latent space: an MQA with one K/V "head" of width d_c + d_h^R (values d_c).
+  attention runs in the latent space: an MQA with one K/V "head" of width d_c + d_h^R (values d_c),
+  computed with the heads folded into the query rows so the latent is read once, not once per head.
 
 ``MLACoupledRoPE`` is the ablation without decoupled RoPE: RoPE is applied to the last
 qk_rope_head_dim dims of each head's up-projected key, so W^UK cannot be absorbed (the rotation sits
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import attend
+from .attention import attend, causal_mask
 from .cache import KVCache
 from .norm import RMSNorm
 from .rope import RotaryEmbedding, softmax_scale
@@ -111,11 +112,19 @@ class MLA(nn.Module):
 
     def _absorbed(self, q_nope, q_rope, c_kv, k_rope, start: int) -> torch.Tensor:
         B, T, H, _ = q_nope.shape
+        S = c_kv.shape[1]
         w_uk, w_uv = self.w_uk_uv()
         q_lat = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)  # (B, H, T, d_c): W^UK absorbed into q
-        q = torch.cat((q_lat, q_rope.transpose(1, 2)), dim=-1)  # (B, H, T, d_c + d_rope)
-        k = torch.cat((c_kv, k_rope), dim=-1)[:, None]  # (B, 1, S, d_c + d_rope): one shared K "head"
-        o_lat = attend(q, k, c_kv[:, None], self.scale, start)  # (B, H, T, d_c)
+        # one latent "head" shared by all heads: fold the heads into query rows and use plain batched
+        # matmuls, as DeepSeek-V3's reference does (SDPA would expand the latent to every head)
+        scores = q_lat.reshape(B, H * T, -1) @ c_kv.transpose(1, 2)  # (B, H*T, S)
+        scores = scores + q_rope.transpose(1, 2).reshape(B, H * T, -1) @ k_rope.transpose(1, 2)  # (B, H*T, S)
+        scores = scores.view(B, H, T, S).float() * self.scale  # (B, H, T, S)
+        mask = causal_mask(T, S, start, scores.device)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1).to(c_kv.dtype)
+        o_lat = (probs.view(B, H * T, S) @ c_kv).view(B, H, T, self.kv_lora_rank)  # (B, H, T, d_c)
         o = torch.einsum("bhtc,hdc->bthd", o_lat, w_uv)  # (B, T, H, d_v): W^UV applied after attention
         return self.wo(o.reshape(B, T, H * self.v_head_dim))  # (B, T, D)
 

@@ -268,15 +268,16 @@ class MoE(nn.Module):
         order = torch.argsort(expert_idx, stable=True)  # [A]
         token_idx, gate_w = token_idx[order], gate_w[order]
         counts = torch.bincount(expert_idx, minlength=self.n_routed_experts).tolist()
-        x_sorted = x[token_idx]  # [A, D]
-        outs, start = [], 0
-        for e, count in enumerate(counts):
-            if count == 0:
+        x_sorted = x.index_select(0, token_idx)  # [A, D]
+        # unbind/split views avoid per-expert slicing of the stacked weights, whose backward would
+        # zero-fill and accumulate a full [E, ...] gradient once per expert
+        w1, w3, w2 = self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0)
+        outs = []
+        for e, x_e in enumerate(x_sorted.split(counts)):  # x_e [n_e, D]
+            if x_e.shape[0] == 0:
                 continue
-            x_e = x_sorted[start:start + count]  # [n_e, D]
-            h = F.silu(F.linear(x_e, self.w1[e])) * F.linear(x_e, self.w3[e])  # [n_e, I]
-            outs.append(F.linear(h, self.w2[e]))  # [n_e, D]
-            start += count
+            h = F.silu(F.linear(x_e, w1[e])) * F.linear(x_e, w3[e])  # [n_e, I]
+            outs.append(F.linear(h, w2[e]))  # [n_e, D]
         y = torch.zeros_like(x)  # [N, D]
         if outs:
             y_sorted = torch.cat(outs, dim=0) * gate_w.to(x.dtype).unsqueeze(-1)  # [A, D]
