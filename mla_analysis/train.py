@@ -259,7 +259,7 @@ def train(
 
     model.train()
     bar = tqdm(total=steps, initial=start_step, desc=f"train {model_cfg.name}", disable=not tcfg.progress or rank != 0,
-               dynamic_ncols=True, leave=False)
+               dynamic_ncols=True, leave=False, mininterval=1.0)
     last_loss = float("nan")
     with _StopFlag() as stop:
         for step in range(start_step, steps):
