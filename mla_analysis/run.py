@@ -20,6 +20,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from . import schema  # noqa: F401  (registers the structured configs)
 from .config import ConfigError, ModelConfig
@@ -62,21 +63,27 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
     if multirun and cfg.skip_finished and is_finished(run_dir):
         print(f"[skip] {run_dir} already has a complete {RESULTS_FILE}")
         return _primary_metric(load_record(run_dir)["metrics"])
-    config = OmegaConf.to_container(cfg, resolve=True)
+    is_rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 probes and records
     t0 = time.time()
     try:
-        model_cfg, data_cfg, tcfg = _objects(cfg)
+        try:
+            config = OmegaConf.to_container(cfg, resolve=True)
+            model_cfg, data_cfg, tcfg = _objects(cfg)
+        except OmegaConfBaseException as e:  # e.g. a mandatory value (???) left unset
+            key = getattr(e, "full_key", None) or "config"
+            raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
         probe_cfg = OmegaConf.to_container(cfg.probe, resolve=True)
         validate_run(model_cfg, data_cfg, tcfg, cfg.device)
         check_probes(probe_cfg)
         out = train(model_cfg, data_cfg, tcfg, run_dir, seed=cfg.seed, device=cfg.device)
-        if probe_cfg and int(os.environ.get("RANK", "0")) == 0:
+        if probe_cfg and is_rank0:
             t_probe = time.time()
             model = out["model"].eval()
             out["metrics"].update(run_probes(model, probe_cfg, data_cfg, run_dir, next(model.parameters()).device))
             out["timings"]["probe_s"] = time.time() - t_probe
     except (ConfigError, ResultsError) as e:
         if multirun:
+            config = OmegaConf.to_container(cfg, resolve=False)
             atomic_write_json(results_path, make_record("failed", config, {}, error=f"{type(e).__name__}: {e}"))
             print(f"[failed] {run_dir}: {e}", file=sys.stderr)
             return None
@@ -98,8 +105,8 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
         )
         print(f"[failed] {run_dir}: {type(e).__name__}: {e}", file=sys.stderr)
         return None
-    if int(os.environ.get("RANK", "0")) != 0:
-        return _primary_metric(out["metrics"])  # under torchrun only rank 0 writes the record
+    if not is_rank0:
+        return _primary_metric(out["metrics"])
     record = make_record(
         "ok",
         config,

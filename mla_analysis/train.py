@@ -210,6 +210,13 @@ def train(
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
+    try:  # data problems (missing files, bad knobs) surface before anything is written
+        eval_sets = build_eval_sets(data_cfg)
+        train_batch(data_cfg, 0, tcfg.batch_size, rank=rank, world_size=world)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     torch.manual_seed(seed)
     model = Transformer(model_cfg).to(dev)
     optimizer = make_optimizer(model, tcfg)
@@ -234,7 +241,6 @@ def train(
         # buffers (the router bias) are kept equal by all-reducing the loads, not by broadcasting
         ddp_model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
 
-    eval_sets = build_eval_sets(data_cfg)
     tokens_per_step = tcfg.batch_size * data_cfg.seq_len * world
 
     def checkpoint(step: int) -> None:

@@ -95,3 +95,14 @@ def test_sweep_records_failed_job_and_continues(tmp_path):
     assert "model.n_kv_heads" in failed["error"]
     table = (sweep / "comparison.md").read_text()
     assert "failed" in table and "model.n_kv_heads" in table
+
+
+@pytest.mark.parametrize("override,key", [("data=hf", "data.hf.path"), ("data.paths=[/nonexistent/x.py]", "data.paths")])
+def test_bad_data_source_fails_with_one_line_before_writing(tmp_path, override, key):
+    out = tmp_path / "run"
+    extra = ["data=text"] if override.startswith("data.paths") else []
+    p = run(FAST + [f"hydra.run.dir={out}", *extra, override], cwd=tmp_path)
+    assert p.returncode == 2
+    lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and key in lines[0], p.stderr
+    assert not (out / "results.json").exists() and not (out / "model_config.json").exists()
