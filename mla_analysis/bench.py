@@ -21,7 +21,8 @@ Figures (each a ratio or a fraction, so that they travel between machines better
    achieved KV-read bandwidth (bytes/step / time/step) and its fraction of the machine's copy
    bandwidth (``dst.copy_(src)`` of a 256 MB tensor, read + write bytes counted, STREAM convention;
    median of several). Target: >= 30% of copy bandwidth at 32k for MLA.
-4. Streaming spectra: TODO (the spectra probe is not written yet); a marked row, no number.
+4. Streaming spectra: tokens/s of the spectra probe's Gram accumulation, and peak memory flat in the
+   number of tokens (each size streamed in a fresh process; peak RSS of 1M tokens within 10% of 100k).
 5. Whole-job budget: with ``--sweep-dir DIR`` the wall time of a finished sweep is read from its
    ``results.json`` files (``timings.wall_s``); the sweep itself is never run here.
 
@@ -71,6 +72,49 @@ HEADER = (
 TARGET_TRAIN_RATIO = 1.5
 TARGET_ABSORB_RATIO = 5.0
 TARGET_BW_FRACTION = 0.30
+TARGET_SPECTRA_MEM_RATIO = 1.10
+
+# VmHWM is this process's own peak; ru_maxrss would inherit the parent's peak across fork + exec
+_SPECTRA_SCRIPT = """
+import json, resource, sys, time, torch
+from mla_analysis.probes.spectra import GramAccumulator
+def peak_kb():
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(l for l in f if l.startswith("VmHWM")).split()[1])
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+n, dim, chunk, device = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+g = torch.Generator().manual_seed(0)
+acc = GramAccumulator(dim, device=torch.device(device))
+acc.update(torch.randn(chunk, dim, generator=g))
+base = peak_kb()
+t0 = time.perf_counter()
+for _ in range(n // chunk - 1):
+    acc.update(torch.randn(chunk, dim, generator=g).to(device))
+acc.spectrum()
+print(json.dumps({"seconds": time.perf_counter() - t0, "tokens": (n // chunk) * chunk,
+                  "peak_kb": peak_kb(), "base_kb": base}))
+"""
+
+
+def bench_spectra(device: torch.device, quick: bool) -> dict[str, Any]:
+    """Gram-accumulation throughput and peak RSS at two token counts, each in a fresh process."""
+    import json
+    import subprocess
+    import sys
+
+    dim, chunk = (64, 1024) if quick else (256, 4096)
+    counts = (10_240, 102_400) if quick else (102_400, 1_024_000)
+    runs = {}
+    for n in counts:
+        out = subprocess.run([sys.executable, "-c", _SPECTRA_SCRIPT, str(n), str(dim), str(chunk), str(device)],
+                             capture_output=True, text=True, check=True)
+        runs[n] = json.loads(out.stdout.strip().splitlines()[-1])
+    small, large = (runs[n] for n in counts)
+    return {"dim": dim, "chunk": chunk, "counts": counts, "runs": runs,
+            "tok_s": large["tokens"] / large["seconds"], "mem_ratio": large["peak_kb"] / small["peak_kb"],
+            "growth_kb": large["peak_kb"] - small["peak_kb"]}
 
 
 class BenchError(RuntimeError):
@@ -733,7 +777,16 @@ def summary_rows(res: dict[str, Any], quick: bool) -> list[list[str]]:
                              "-", "info"])
     else:
         rows.append(["3. MLA vs MHA vs GQA decode sweep", "not run", "", "", f">= {TARGET_BW_FRACTION:.0%}", "not run"])
-    rows.append(["4. streaming spectra: not yet implemented", "TODO", "", "", "", "TODO"])
+    sp = res.get("spectra")
+    if sp:
+        small, large = sp["counts"]
+        rows.append([f"4. streaming spectra, dim {sp['dim']}: Gram accumulation tokens/s; peak RSS at {large:,} vs "
+                     f"{small:,} tokens", _fmt(sp["tok_s"], " tok/s", 0),
+                     f"{sp['runs'][large]['peak_kb'] / 1024:,.0f} vs {sp['runs'][small]['peak_kb'] / 1024:,.0f} MiB",
+                     _fmt(sp["mem_ratio"], "x", 3), f"<= {TARGET_SPECTRA_MEM_RATIO:.2f}x",
+                     "met" if sp["mem_ratio"] <= TARGET_SPECTRA_MEM_RATIO else ("info" if quick else "MISSED")])
+    else:
+        rows.append(["4. streaming spectra", "not run", "", "", f"<= {TARGET_SPECTRA_MEM_RATIO:.2f}x", "not run"])
     w = res.get("sweep_wall")
     if w:
         st = ", ".join(f"{k} {v}" for k, v in sorted(w["statuses"].items()))
@@ -858,7 +911,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds); writes nothing unless --out is given")
     p.add_argument("--out", default=None, help=f"report file (default {DEFAULT_OUT}; none with --quick)")
     p.add_argument("--no-write", action="store_true", help="print only")
-    p.add_argument("--sections", default="1,2,3", help="figures to run, e.g. 1,3 (4 is a TODO row, 5 needs --sweep-dir)")
+    p.add_argument("--sections", default="1,2,3,4", help="figures to run, e.g. 1,3 (5 needs --sweep-dir)")
     p.add_argument("--sweep-dir", default=None, help="a finished sweep directory: report its wall time (figure 5)")
     p.add_argument("--contexts", default=None, help="figure 3 contexts, comma separated (default 1k..32k)")
     p.add_argument("--batches", default=None, help="figure 3 batch sizes, comma separated (default 1,8)")
@@ -924,6 +977,10 @@ def _run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
         log(f"   copy bandwidth {res['copy']['median_bw'] / 1e9:.2f} GB/s (read+write)")
         res["sweep"] = bench_decode_sweep(sizes, device, dtype, res["copy"]["median_bw"], args.seed,
                                           args.max_step_s, log=log)
+    if "4" in sections:
+        log("4. streaming spectra ...")
+        res["spectra"] = bench_spectra(device, args.quick)
+        log(f"   {res['spectra']['tok_s']:,.0f} tok/s; peak RSS ratio {res['spectra']['mem_ratio']:.3f}")
     if args.sweep_dir:
         res["sweep_wall"] = sweep_wall_time(args.sweep_dir)
     if args.profile:
