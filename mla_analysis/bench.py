@@ -926,12 +926,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    return dev
+    """The trainer's device resolution ('auto' -> cuda when available), as a CLI error when CUDA is missing."""
+    from .config import ConfigError
+    from .train import resolve_device as resolve
+
+    try:
+        return resolve(name)
+    except ConfigError as e:
+        raise SystemExit(f"--device {name}: {e}") from None
 
 
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:

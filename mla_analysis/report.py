@@ -35,11 +35,16 @@ TAIL = [("metrics.tokens_per_s", "tokens/s"), ("metrics.tokens_seen", "tokens")]
 
 
 def _mha_kv_bytes(flat: dict[str, Any]) -> Optional[float]:
-    """KV bytes/token of MHA with the same width, heads and depth (bf16): 2 * d_model * n_layers * 2."""
+    """KV bytes/token (bf16) of MHA with the run's width, heads and depth, from the accounting closed form."""
+    from .accounting import kv_bytes_per_token
+    from .config import ModelConfig
+
     try:
-        return 2.0 * flat["model.d_model"] * flat["model.n_layers"] * 2
+        mha = ModelConfig(attention="mha", d_model=flat["model.d_model"], n_heads=flat["model.n_heads"],
+                          n_layers=flat["model.n_layers"])
     except KeyError:
         return None
+    return kv_bytes_per_token(mha, "bf16")
 
 
 def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
