@@ -30,21 +30,21 @@ def dtype_bytes(dtype: Union[str, torch.dtype, float, int]) -> float:
     return _DTYPE_BYTES[key]
 
 
-def kv_elements_per_token_layer(cfg: ModelConfig) -> int:
-    """Cached elements per token and layer (DeepSeek-V2 Table 1 forms)."""
+def kv_elements_per_token_layer(cfg: ModelConfig, layer: int = 0) -> int:
+    """Cached elements per token in layer ``layer`` (DeepSeek-V2 Table 1 forms)."""
     if cfg.attention == "mla":
-        return cfg.kv_lora_rank + cfg.qk_rope_head_dim  # d_c + d_h^R
+        return cfg.layer_kv_lora_rank(layer) + cfg.qk_rope_head_dim  # d_c + d_h^R
     if cfg.attention == "mla_coupled_rope":
-        return cfg.kv_lora_rank
+        return cfg.layer_kv_lora_rank(layer)
     return 2 * cfg.kv_heads * cfg.attn_head_dim  # 2 n_g d_h (MHA: n_g = n_h, MQA: n_g = 1)
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: Union[str, torch.dtype, float] = "bf16") -> float:
     """Exact KV-cache bytes per token of context over all layers, for one sequence."""
-    return kv_elements_per_token_layer(cfg) * cfg.n_layers * dtype_bytes(dtype)
+    return sum(kv_elements_per_token_layer(cfg, i) for i in range(cfg.n_layers)) * dtype_bytes(dtype)
 
 
-def _attention_params(cfg: ModelConfig) -> int:
+def _attention_params(cfg: ModelConfig, layer: int = 0) -> int:
     D, H = cfg.d_model, cfg.n_heads
     if not cfg.is_mla:
         hd, hkv = cfg.attn_head_dim, cfg.kv_heads
@@ -54,7 +54,7 @@ def _attention_params(cfg: ModelConfig) -> int:
         q = D * H * qk
     else:
         q = D * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * H * qk
-    r = cfg.kv_lora_rank
+    r = cfg.layer_kv_lora_rank(layer)
     if cfg.attention == "mla":
         kv = D * (r + cfg.qk_rope_head_dim) + r + r * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)
     else:  # coupled RoPE: no separate rope key, full key from the latent
@@ -78,7 +78,7 @@ def count_params(cfg: ModelConfig, active: bool = False, embeddings: bool = True
     n = D  # final norm
     norms_per_layer = D if cfg.ffn == "none" else 2 * D
     for layer in range(cfg.n_layers):
-        n += norms_per_layer + _attention_params(cfg) + _ffn_params(cfg, layer, active)
+        n += norms_per_layer + _attention_params(cfg, layer) + _ffn_params(cfg, layer, active)
     if embeddings:
         n += V * D + (0 if cfg.tie_embeddings else V * D)
     else:
@@ -96,8 +96,7 @@ def _norm_vectors(cfg: ModelConfig) -> int:
     """Latent RMSNorm weights inside the attention (not matmuls)."""
     if not cfg.is_mla:
         return 0
-    per_layer = cfg.kv_lora_rank + (cfg.q_lora_rank or 0)
-    return per_layer * cfg.n_layers
+    return sum(cfg.layer_kv_lora_rank(i) + (cfg.q_lora_rank or 0) for i in range(cfg.n_layers))
 
 
 def _attn_dims(cfg: ModelConfig) -> tuple[int, int]:
@@ -131,13 +130,16 @@ def decode_flops_per_token(cfg: ModelConfig, context_len: int, path: Optional[st
     if not cfg.is_mla:
         d_qk, d_v = _attn_dims(cfg)
         return base + 2 * H * (d_qk + d_v) * S * L
-    r, nope, rope, v = cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    nope, rope, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
     k_up = nope if cfg.attention == "mla" else nope + rope
-    wkv_b_new_token = 2 * r * H * (k_up + v)  # already in ``base``
-    if path == "naive" or cfg.attention == "mla_coupled_rope":
-        up = 2 * r * H * (k_up + v) * S  # re-project every cached token
-        attn = 2 * H * (nope + rope + v) * S
-        return base - wkv_b_new_token * L + (up + attn) * L
-    absorb = 2 * H * nope * r + 2 * H * r * v  # q_nope W^UK and o_lat W^UV for the new token
-    attn = 2 * H * (r + rope) * S + 2 * H * r * S
-    return base - wkv_b_new_token * L + (absorb + attn) * L
+    total = base
+    for layer in range(L):
+        r = cfg.layer_kv_lora_rank(layer)
+        total -= 2 * r * H * (k_up + v)  # wkv_b on the new token, already in ``base``
+        if path == "naive" or cfg.attention == "mla_coupled_rope":
+            up = 2 * r * H * (k_up + v) * S  # re-project every cached token
+            total += up + 2 * H * (nope + rope + v) * S
+        else:
+            absorb = 2 * H * nope * r + 2 * H * r * v  # q_nope W^UK and o_lat W^UV for the new token
+            total += absorb + 2 * H * (r + rope) * S + 2 * H * r * S
+    return total

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 ATTENTION_VARIANTS = ("mha", "gqa", "mqa", "mla", "mla_coupled_rope")
 MLA_VARIANTS = ("mla", "mla_coupled_rope")
@@ -49,6 +49,8 @@ class ModelConfig:
     head_dim: Optional[int] = None  # None = d_model // n_heads
     # MLA (DeepSeek-V2 notation: d_c = kv_lora_rank, d_h^R = qk_rope_head_dim)
     kv_lora_rank: int = 32
+    # per-layer latent ranks (rank allocation at a fixed KV budget); None = kv_lora_rank in every layer
+    kv_lora_ranks: Optional[List[int]] = None
     q_lora_rank: Optional[int] = None  # None = full-rank query projection
     qk_nope_head_dim: int = 16
     qk_rope_head_dim: int = 8
@@ -111,6 +113,10 @@ class ModelConfig:
         """Rotary dimensions per head (MLA: the decoupled part; MHA family: the whole head)."""
         return self.qk_rope_head_dim if self.is_mla else self.attn_head_dim
 
+    def layer_kv_lora_rank(self, layer_idx: int) -> int:
+        """The MLA latent rank d_c of layer ``layer_idx``."""
+        return self.kv_lora_rank if self.kv_lora_ranks is None else self.kv_lora_ranks[layer_idx]
+
     def is_moe_layer(self, layer_idx: int) -> bool:
         return self.ffn == "moe" and layer_idx >= self.first_k_dense_replace
 
@@ -162,6 +168,11 @@ def validate_model_config(cfg: ModelConfig, context_len: Optional[int] = None) -
     if cfg.is_mla:
         if cfg.kv_lora_rank <= 0:
             raise _err("kv_lora_rank", cfg.kv_lora_rank, "an integer > 0")
+        ranks = cfg.kv_lora_ranks
+        if ranks is not None and (
+            len(ranks) != cfg.n_layers or any(isinstance(r, bool) or not isinstance(r, int) or r <= 0 for r in ranks)
+        ):
+            raise _err("kv_lora_ranks", ranks, f"null or a list of n_layers={cfg.n_layers} integers > 0")
         if cfg.q_lora_rank is not None and cfg.q_lora_rank <= 0:
             raise _err("q_lora_rank", cfg.q_lora_rank, "null or an integer > 0")
         if cfg.qk_rope_head_dim <= 0 or cfg.qk_rope_head_dim % 2:

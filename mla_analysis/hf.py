@@ -43,6 +43,11 @@ def to_hf_config(cfg: ModelConfig, arch: str | None = None):
     import transformers
 
     arch = arch or ("deepseek_v3" if cfg.is_mla or cfg.ffn == "moe" else "llama")
+    if cfg.is_mla and cfg.kv_lora_ranks is not None and len(set(cfg.kv_lora_ranks)) > 1:
+        raise ConfigError(
+            f"model.kv_lora_ranks={cfg.kv_lora_ranks} cannot be exported (Hugging Face DeepSeek configs have one "
+            "kv_lora_rank for all layers)"
+        )
     common = dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.d_model,

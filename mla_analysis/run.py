@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from . import schema  # noqa: F401  (registers the structured configs)
 from .config import ConfigError, ModelConfig
 from .data import DataConfig
+from .checkpoint import load_model
 from .probes import ProbeError, check_probes, run_probes
 from .results import RESULTS_FILE, ResultsError, atomic_write_json, environment, is_finished, load_record, make_record
 from .train import NonFiniteLoss, TrainConfig, TrainingInterrupted, train
@@ -73,9 +74,14 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
             key = getattr(e, "full_key", None) or "config"
             raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
         probe_cfg = OmegaConf.to_container(cfg.probe, resolve=True)
+        init_model = None
+        if tcfg.init_from is not None:  # the loaded model's own config replaces the model group
+            init_model = load_model(tcfg.init_from)
+            model_cfg = init_model.cfg
+            config["model"] = model_cfg.to_dict()
         validate_run(model_cfg, data_cfg, tcfg, cfg.device)
         check_probes(probe_cfg)
-        out = train(model_cfg, data_cfg, tcfg, run_dir, seed=cfg.seed, device=cfg.device)
+        out = train(model_cfg, data_cfg, tcfg, run_dir, seed=cfg.seed, device=cfg.device, model=init_model)
         if probe_cfg and is_rank0:
             t_probe = time.time()
             model = out["model"].eval()

@@ -46,7 +46,11 @@ def validate_run(model: ModelConfig, data: DataConfig, train: TrainConfig, devic
         )
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
         raise ConfigError(f"device={device!r} is invalid (allowed: auto, cpu, cuda, cuda:N)")
-    for key in ("steps", "batch_size", "eval_batch_size"):
+    if train.steps < 0 or (train.steps == 0 and train.init_from is None):
+        raise ConfigError(
+            f"train.steps={train.steps} is invalid (allowed: an integer > 0, or 0 with train.init_from to evaluate only)"
+        )
+    for key in ("batch_size", "eval_batch_size"):
         if getattr(train, key) <= 0:
             raise ConfigError(f"train.{key}={getattr(train, key)} is invalid (allowed: an integer > 0)")
     if train.tokens is not None and train.tokens < train.batch_size * data.seq_len:

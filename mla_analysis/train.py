@@ -47,6 +47,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0 = only at the end (and on interruption)
     keep_checkpoints: int = 2
     resume: bool = False
+    init_from: Optional[str] = None  # run dir or HF checkpoint dir: start from its model (and its config)
     solve_threshold: float = 0.99  # a task counts as solved from the first eval at or above this
     threads: Optional[int] = None  # torch intra-op threads (None = torch's default)
     progress: bool = True
@@ -194,8 +195,12 @@ def train(
     seed: int = 0,
     device: str = "auto",
     on_eval: Optional[Callable[[int, dict[str, float]], None]] = None,
+    model: Optional[Transformer] = None,
 ) -> dict[str, Any]:
-    """Train from scratch (or resume), evaluate, checkpoint; returns metrics, timings and history."""
+    """Train from scratch, from ``model`` (its config replaces model_cfg) or resume; evaluate, checkpoint.
+
+    Returns metrics, timings, history and the trained model. ``steps=0`` with a given model evaluates only.
+    """
     run_dir = Path(run_dir)
     rank, world, local_rank = _dist_info()
     dev = resolve_device(device)
@@ -218,7 +223,11 @@ def train(
     except ValueError as e:
         raise ConfigError(str(e)) from None
     torch.manual_seed(seed)
-    model = Transformer(model_cfg).to(dev)
+    if model is None:
+        model = Transformer(model_cfg)
+    else:
+        model_cfg = model.cfg
+    model = model.to(dev)
     optimizer = make_optimizer(model, tcfg)
     steps = total_steps(tcfg, data_cfg, world)
     if rank == 0:

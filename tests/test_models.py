@@ -208,3 +208,26 @@ def test_decode_flops_per_token_vs_torch_flop_counter(overrides):
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             model(torch.randint(0, cfg.vocab_size, (1, 1)), cache=cache)
     assert counter.get_total_flops() == decode_flops_per_token(cfg, context_len=S + 1)
+
+
+def test_per_layer_kv_lora_ranks_cache_and_accounting_vs_tensors():
+    """kv_lora_ranks gives each layer its own latent width: cache tensors, params and FLOPs follow it."""
+    from mla_analysis.accounting import count_params, kv_bytes_per_token
+    from mla_analysis.config import ConfigError
+
+    for attention in ("mla", "mla_coupled_rope"):
+        cfg = tiny(attention=attention, kv_lora_ranks=[4, 12], vocab_size=64)
+        model = Transformer(cfg)
+        assert [b.attn.wkv_b.in_features for b in model.layers] == [4, 12]
+        cache = model.new_cache(2, 10, dtype=torch.float32)
+        assert cache.bytes_per_token() == kv_bytes_per_token(cfg, torch.float32)
+        assert count_params(cfg) == sum(p.numel() for p in model.parameters())
+        ids = torch.randint(0, 64, (2, 10))
+        full = model(ids)
+        cache = model.new_cache(2, 10)
+        steps = [model(ids[:, :6], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(6, 10)]
+        torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ConfigError, match="kv_lora_ranks"):
+        tiny(attention="mla", kv_lora_ranks=[4])
+    with pytest.raises(ConfigError, match="kv_lora_ranks"):
+        Transformer(tiny(attention="mla", kv_lora_ranks=[4, 0]))

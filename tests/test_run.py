@@ -37,6 +37,17 @@ def test_single_run_writes_results_json(tmp_path):
     assert "train_s" in rec["timings"] and rec["history"]
     assert str(out / "results.json") in p.stdout  # the output path is printed at the end
 
+    # evaluate-only from the saved run: the model group (default mha) is replaced by the loaded model's config
+    again = tmp_path / "again"
+    p = run(FAST + [f"hydra.run.dir={again}", f"train.init_from={out}", "train.steps=0"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rec2 = json.loads((again / "results.json").read_text())
+    assert rec2["config"]["model"]["attention"] == "mla" and rec2["flat"]["model.kv_lora_rank"] == 8
+    assert rec2["metrics"]["steps"] == 0
+    assert rec2["metrics"]["val_loss"] == pytest.approx(m["val_loss"], rel=1e-6)
+    p = run(FAST + [f"hydra.run.dir={tmp_path / 'bad'}", "train.steps=0"], cwd=tmp_path)
+    assert p.returncode == 2 and "train.steps=0" in p.stderr and not (tmp_path / "bad" / "results.json").exists()
+
 
 @pytest.mark.parametrize(
     "override,key",

@@ -17,15 +17,15 @@ import torch
 from ..config import ModelConfig
 
 
-def cache_shapes(cfg: ModelConfig, batch_size: int, max_len: int) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the tensors one layer caches."""
+def cache_shapes(cfg: ModelConfig, batch_size: int, max_len: int, layer: int = 0) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors layer ``layer`` caches."""
     if cfg.attention == "mla":
         return {
-            "c_kv": (batch_size, max_len, cfg.kv_lora_rank),
+            "c_kv": (batch_size, max_len, cfg.layer_kv_lora_rank(layer)),
             "k_rope": (batch_size, max_len, cfg.qk_rope_head_dim),
         }
     if cfg.attention == "mla_coupled_rope":
-        return {"c_kv": (batch_size, max_len, cfg.kv_lora_rank)}
+        return {"c_kv": (batch_size, max_len, cfg.layer_kv_lora_rank(layer))}
     shape = (batch_size, max_len, cfg.kv_heads, cfg.attn_head_dim)
     return {"k": shape, "v": shape}
 
@@ -47,8 +47,8 @@ class KVCache:
         self.dtype = dtype
         self.seq_len = 0
         self.layers: list[dict[str, torch.Tensor]] = [
-            {name: torch.zeros(shape, dtype=dtype, device=device) for name, shape in cache_shapes(cfg, batch_size, max_len).items()}
-            for _ in range(cfg.n_layers)
+            {name: torch.zeros(shape, dtype=dtype, device=device) for name, shape in cache_shapes(cfg, batch_size, max_len, i).items()}
+            for i in range(cfg.n_layers)
         ]
 
     def write(self, layer: int, start: int, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:

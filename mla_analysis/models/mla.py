@@ -39,7 +39,7 @@ class MLA(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads = cfg.n_heads
-        self.kv_lora_rank = cfg.kv_lora_rank
+        self.kv_lora_rank = cfg.layer_kv_lora_rank(layer_idx)
         self.q_lora_rank = cfg.q_lora_rank
         self.qk_nope_head_dim = cfg.qk_nope_head_dim
         self.qk_rope_head_dim = cfg.qk_rope_head_dim
