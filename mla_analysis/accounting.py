@@ -1,7 +1,8 @@
 """Closed-form accounting: KV-cache bytes per token, parameter counts and forward FLOPs per token.
 
-Conventions: one multiply-add = 2 FLOPs; embeddings are lookups (0 FLOPs); RMSNorm, RoPE, softmax
-and the router's top-k are ignored (O(d) per token, negligible against the matmuls).
+Conventions: one multiply-add = 2 FLOPs; embeddings (token and learned position) are lookups
+(0 FLOPs); norms (RMSNorm/LayerNorm), bias additions, activations, RoPE, softmax and the router's
+top-k are ignored (O(d) per token, negligible against the matmuls).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def _ffn_params(cfg: ModelConfig, layer: int, active: bool) -> int:
     if cfg.ffn == "none":
         return 0
     if not cfg.is_moe_layer(layer):
-        return 3 * D * cfg.d_ff
+        return (2 if cfg.mlp == "gelu" else 3) * D * cfg.d_ff  # GELU MLP: no gate matrix
     n_routed = cfg.n_activated_experts if active else cfg.n_routed_experts
     return cfg.n_routed_experts * D + 3 * D * cfg.moe_d_ff * (n_routed + cfg.n_shared_experts)
 
@@ -75,12 +76,14 @@ def _ffn_params(cfg: ModelConfig, layer: int, active: bool) -> int:
 def count_params(cfg: ModelConfig, active: bool = False, embeddings: bool = True) -> int:
     """Parameters of the model (``active``: only the top-k routed experts of each MoE layer count)."""
     D, V = cfg.d_model, cfg.vocab_size
-    n = D  # final norm
-    norms_per_layer = D if cfg.ffn == "none" else 2 * D
+    n = _norm_size(cfg)  # final norm
+    norms_per_layer = _norm_size(cfg) * (1 if cfg.ffn == "none" else 2)
     for layer in range(cfg.n_layers):
         n += norms_per_layer + _attention_params(cfg, layer) + _ffn_params(cfg, layer, active)
+    n += _bias_params(cfg)
     if embeddings:
         n += V * D + (0 if cfg.tie_embeddings else V * D)
+        n += cfg.max_seq_len * D if cfg.pos_emb == "learned" else 0  # learned position table
     else:
         n += V * D  # the output head is a matmul even when embeddings are excluded
     return n
@@ -88,8 +91,26 @@ def count_params(cfg: ModelConfig, active: bool = False, embeddings: bool = True
 
 def _matmul_params_per_token(cfg: ModelConfig) -> int:
     """Weights each token multiplies with in a forward pass (active experts only, head included)."""
-    norms = cfg.d_model * ((1 if cfg.ffn == "none" else 2) * cfg.n_layers + 1)
-    return count_params(cfg, active=True, embeddings=False) - norms - _norm_vectors(cfg)
+    norms = _norm_size(cfg) * ((1 if cfg.ffn == "none" else 2) * cfg.n_layers + 1)
+    return count_params(cfg, active=True, embeddings=False) - norms - _norm_vectors(cfg) - _bias_params(cfg)
+
+
+def _norm_size(cfg: ModelConfig) -> int:
+    """Parameters of one block/final norm (LayerNorm adds a bias to the weight)."""
+    return cfg.d_model * (2 if cfg.norm == "layernorm" else 1)
+
+
+def _bias_params(cfg: ModelConfig) -> int:
+    """Bias elements of the attention and dense-FFN projections (additions, not matmuls)."""
+    if cfg.is_mla:
+        return 0
+    H, H_kv, d_h, D = cfg.n_heads, cfg.kv_heads, cfg.attn_head_dim, cfg.d_model
+    per_layer = (H + 2 * H_kv) * d_h if (cfg.bias or cfg.attn_qkv_bias) else 0  # q, k, v
+    if cfg.bias:
+        per_layer += D  # output projection
+        if cfg.ffn == "dense":
+            per_layer += (1 if cfg.mlp == "gelu" else 2) * cfg.d_ff + D
+    return per_layer * cfg.n_layers
 
 
 def _norm_vectors(cfg: ModelConfig) -> int:

@@ -1,4 +1,4 @@
-"""Hydra callbacks: at the end of a sweep, write and print the comparison tables."""
+"""Hydra callbacks: at the end of a sweep, write and print the comparison tables and draw the figures."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 
 class ComparisonTables(Callback):
-    """Writes comparison.md / .csv / .tex in the sweep directory when a multirun ends."""
+    """Writes comparison.md / .csv / .tex and figures/ in the sweep directory when a multirun ends."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from .report import write_tables
@@ -22,4 +22,11 @@ class ComparisonTables(Callback):
         print("\n" + written["md"].read_text())
         for path in written.values():
             print(f"wrote {path.resolve()}")
+        try:  # a figure that cannot be drawn must not hide the tables
+            from .figures import make_figures
+
+            for path in make_figures([sweep_dir], sweep_dir / "figures"):
+                print(f"wrote {path.resolve()}")
+        except Exception as e:
+            print(f"warning: figures not drawn: {type(e).__name__}: {e}")
         print(f"sweep directory: {sweep_dir.resolve()}")

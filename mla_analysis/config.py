@@ -13,6 +13,9 @@ from typing import Any, List, Optional
 ATTENTION_VARIANTS = ("mha", "gqa", "mqa", "mla", "mla_coupled_rope")
 MLA_VARIANTS = ("mla", "mla_coupled_rope")
 FFN_KINDS = ("dense", "moe", "none")
+POS_EMBS = ("rope", "learned")
+NORMS = ("rmsnorm", "layernorm")
+MLP_KINDS = ("swiglu", "gelu")
 SCORE_FUNCS = ("softmax", "sigmoid")
 MLA_DECODE_PATHS = ("naive", "absorb")
 
@@ -60,10 +63,15 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_interleave: bool = False  # True: pairs (x0,x1),(x2,x3)... as DeepSeek; False: halves, as Llama
     rope_scaling: Optional[RopeScaling] = None
+    # explicit RoPE inverse frequencies (rope_dim/2 values, after any YaRN blend; YaRN's cos/sin factor
+    # still applies); None = computed from rope_theta/rope_scaling. Set by mha_to_mla for kept pairs.
+    rope_inv_freq: Optional[List[float]] = None
+    pos_emb: str = "rope"  # rope | learned (absolute position table of max_seq_len rows, GPT-2; MHA family)
     max_seq_len: int = 256
     # FFN
     ffn: str = "dense"  # dense | moe | none (attention-only, as Zoology's MQAR models)
     d_ff: int = 256  # dense SwiGLU hidden size (also the first_k_dense_replace layers)
+    mlp: str = "swiglu"  # dense FFN: swiglu | gelu (non-gated, tanh-approximate GELU as GPT-2's gelu_new)
     first_k_dense_replace: int = 0
     n_routed_experts: int = 8
     n_shared_experts: int = 1
@@ -82,7 +90,10 @@ class ModelConfig:
     bias_update_speed: float = 0.0  # gamma of auxiliary-loss-free balancing (0 = off)
     capacity_factor: Optional[float] = None  # V2 token dropping in training (None = no drop, V3)
     # misc
-    rms_norm_eps: float = 1e-6
+    norm: str = "rmsnorm"  # block and final norms: rmsnorm | layernorm (with bias, GPT-2)
+    rms_norm_eps: float = 1e-6  # eps of the block and final norms (RMSNorm or LayerNorm)
+    bias: bool = False  # biases on every attention and dense-FFN projection (GPT-2; MHA family, no MoE)
+    attn_qkv_bias: bool = False  # biases on the q/k/v projections only (Qwen2; MHA family)
     tie_embeddings: bool = False
     init_std: float = 0.02
 
@@ -163,8 +174,32 @@ def validate_model_config(cfg: ModelConfig, context_len: Optional[int] = None) -
         if cfg.n_kv_heads is None or cfg.n_kv_heads <= 0 or cfg.n_heads % cfg.n_kv_heads:
             divisors = [d for d in range(1, cfg.n_heads + 1) if cfg.n_heads % d == 0]
             raise _err("n_kv_heads", cfg.n_kv_heads, f"a divisor of n_heads={cfg.n_heads}: {divisors}")
-    if not cfg.is_mla and cfg.attn_head_dim % 2:
+    if cfg.pos_emb not in POS_EMBS:
+        raise _err("pos_emb", cfg.pos_emb, " | ".join(POS_EMBS))
+    if cfg.norm not in NORMS:
+        raise _err("norm", cfg.norm, " | ".join(NORMS))
+    if cfg.mlp not in MLP_KINDS:
+        raise _err("mlp", cfg.mlp, " | ".join(MLP_KINDS))
+    if cfg.is_mla:
+        for key, off in (("pos_emb", "rope"), ("bias", False), ("attn_qkv_bias", False)):
+            if getattr(cfg, key) != off:
+                raise _err(key, getattr(cfg, key), f"{off!r} for attention={cfg.attention!r} (only mha | gqa | mqa)")
+    if cfg.ffn == "moe":
+        for key, off in (("mlp", "swiglu"), ("bias", False)):
+            if getattr(cfg, key) != off:
+                raise _err(key, getattr(cfg, key), f"{off!r} with ffn='moe' (experts are bias-free SwiGLU)")
+    if cfg.pos_emb == "learned":
+        if cfg.rope_scaling is not None or cfg.rope_inv_freq is not None:
+            key = "rope_scaling" if cfg.rope_scaling is not None else "rope_inv_freq"
+            raise ConfigError(f"model.{key} is set with pos_emb='learned' (allowed: null; learned positions use no RoPE)")
+    elif not cfg.is_mla and cfg.attn_head_dim % 2:
         raise _err("head_dim", cfg.attn_head_dim, "an even number (RoPE rotates pairs)")
+    freqs = cfg.rope_inv_freq
+    if freqs is not None and (
+        len(freqs) != cfg.rope_dim // 2
+        or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f < float("inf") for f in freqs)
+    ):
+        raise _err("rope_inv_freq", freqs, f"null or a list of rope_dim/2={cfg.rope_dim // 2} finite numbers >= 0")
     if cfg.is_mla:
         if cfg.kv_lora_rank <= 0:
             raise _err("kv_lora_rank", cfg.kv_lora_rank, "an integer > 0")

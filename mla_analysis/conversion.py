@@ -63,27 +63,31 @@ Departures from the literature:
   (from the activation covariance) instead of their mean and sums it over heads and layers.
 - The target frequencies are the source's frequencies of the kept pairs. "uniform" (with n_pairs
   divisible by n_keep) and "high" (no rope_scaling; via rope_theta' = theta^(d_rope / d_h)) are
-  expressible by the config; otherwise the non-persistent ``rope.inv_freq`` buffer is overwritten
-  and ``conversion_info["rope_freq_in_config"]`` is False: a checkpoint round trip (config + state
-  dict) then silently restores the default frequencies (see the model-file note below).
+  expressible by rope_theta; otherwise (e.g. "low", "norm", YaRN sources) they are stored in the
+  config's ``rope_inv_freq``, so a checkpoint round trip (config + state dict) keeps them
+  (``conversion_info["rope_freq_in_config"]`` is always True). Such configs cannot be exported to a
+  Hugging Face config, which has no field for explicit frequencies.
 - YaRN scales cos/sin by an attention factor m, so rotated dims contribute m^2 q.k; pairs turned into
   NoPE get m^2 folded into their query rows to keep the score.
 - No fine-tuning step; queries stay full rank (q_lora_rank=None); v_head_dim = head_dim.
 
-Model-file note: a per-model custom frequency set would need a persistent field (e.g. ``rope_inv_freq``
-or ``rope_pair_indices`` in ModelConfig honoured by RotaryEmbedding.from_config).
+Model-file note: the kept frequencies persist through ``ModelConfig.rope_inv_freq``, honoured by
+``RotaryEmbedding.from_config``.
+
+Sources must use RoPE, RMSNorm and no biases (``pos_emb="rope"``, ``norm="rmsnorm"``, ``bias`` and
+``attn_qkv_bias`` False): learned positions have no rotation to keep, K/V biases have no place in the
+latent, and LayerNorm's centring breaks the u = x / g isometry below; such sources raise ValueError.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Optional
 
 import torch
 
 from .config import ModelConfig
-from .models.rope import softmax_scale
+from .models.rope import RotaryEmbedding, softmax_scale
 from .models.transformer import Transformer
 
 ROPE_STRATEGIES = ("high", "low", "uniform", "norm")
@@ -271,6 +275,7 @@ def _target_config(cfg: ModelConfig, target: str, kv_lora_rank: int, rope_dims: 
     d_h = cfg.attn_head_dim
     return dataclasses.replace(
         cfg,
+        rope_inv_freq=None,  # set by mha_to_mla when rope_theta cannot express the kept pairs
         name=f"{cfg.name}->{target}{kv_lora_rank}",
         attention=target,
         n_kv_heads=None,
@@ -294,6 +299,7 @@ def mha_to_mla(
     target: str = "auto",
     whiten: Optional[bool] = None,
     rope_key: str = "lstsq",
+    kv_lora_ranks: Optional[list[int]] = None,
 ) -> Transformer:
     """Convert an MHA/GQA/MQA Transformer into MLA at kv_lora_rank by (whitened) SVD; see the module doc.
 
@@ -303,11 +309,18 @@ def mha_to_mla(
     "auto" picks mla_coupled_rope when all dims keep RoPE (exact at full rank), else "mla". whiten:
     None = whiten when calib is given. rope_key: shared decoupled key for target "mla", "lstsq"
     (complex rank-1 fit) or "mean". The result carries ``conversion_info`` (kept pairs, frequencies,
-    per-layer reconstruction errors); "low"/"norm" frequencies warn (not expressible by the config).
+    per-layer reconstruction errors); kept frequencies that rope_theta cannot express (e.g. "low",
+    "norm") go to the config's ``rope_inv_freq``. Sources with learned positions, LayerNorm or
+    biases raise ValueError.
+    kv_lora_ranks: per-layer latent ranks (written to cfg.kv_lora_ranks; see rank_allocation.py);
+    kv_lora_rank then only names the config's nominal rank.
     """
     src = model.cfg
     if src.is_mla:
         raise ValueError(f"source attention={src.attention!r} is already MLA (need mha | gqa | mqa)")
+    for key, supported in (("pos_emb", "rope"), ("norm", "rmsnorm"), ("bias", False), ("attn_qkv_bias", False)):
+        if getattr(src, key) != supported:
+            raise ValueError(f"source {key}={getattr(src, key)!r} is unsupported by mha_to_mla (allowed: {supported!r})")
     d_h, H, H_kv, D = src.attn_head_dim, src.n_heads, src.kv_heads, src.d_model
     n_pairs = d_h // 2
     rope_dims = d_h if rope_dims is None else rope_dims
@@ -315,6 +328,10 @@ def mha_to_mla(
         raise ValueError(f"rope_dims={rope_dims} must be even and in 2..head_dim={d_h}")
     if factorization not in FACTORIZATIONS:
         raise ValueError(f"factorization={factorization!r} is invalid (allowed: {' | '.join(FACTORIZATIONS)})")
+    if kv_lora_ranks is not None and (len(kv_lora_ranks) != src.n_layers or min(kv_lora_ranks) <= 0):
+        raise ValueError(f"kv_lora_ranks={kv_lora_ranks} must be {src.n_layers} integers > 0 (one per layer)")
+    if factorization == "split" and any(r % 2 for r in kv_lora_ranks or []):
+        raise ValueError(f"factorization='split' needs even kv_lora_ranks (got {kv_lora_ranks})")
     if factorization == "split" and kv_lora_rank % 2:
         raise ValueError(f"factorization='split' needs an even kv_lora_rank (got {kv_lora_rank})")
     if target not in TARGETS:
@@ -361,20 +378,19 @@ def mha_to_mla(
 
     # target config; express the kept frequencies through rope_theta where possible
     new_cfg = _target_config(src, target, kv_lora_rank, rope_dims)
+    if kv_lora_ranks is not None:
+        new_cfg = dataclasses.replace(new_cfg, kv_lora_ranks=[int(r) for r in kv_lora_ranks])
     # the frequencies the source actually uses (its buffer), not a recomputation from its config
     src_inv_freq, attn_factor = model.rope.inv_freq.detach().float().cpu(), model.rope.attention_factor
     want_inv_freq = src_inv_freq[keep]
     if src.rope_scaling is None and torch.equal(keep, torch.arange(len(keep))) and rope_dims != d_h:
         new_cfg = dataclasses.replace(new_cfg, rope_theta=src.rope_theta ** (rope_dims / d_h))
+    from_theta = RotaryEmbedding.from_config(new_cfg).inv_freq
+    if not torch.allclose(from_theta, want_inv_freq, rtol=1e-6, atol=0):
+        # not expressible by rope_theta / rope_scaling: store them, so a config + state-dict reload keeps them
+        new_cfg = dataclasses.replace(new_cfg, rope_inv_freq=want_inv_freq.tolist())
+    freq_in_config = True
     new = Transformer(new_cfg).to(dtype=model.embed.weight.dtype, device=model.embed.weight.device)
-    freq_in_config = torch.allclose(new.rope.inv_freq.float().cpu(), want_inv_freq, rtol=1e-6, atol=0)
-    if not freq_in_config:
-        warnings.warn(
-            "converted model's RoPE frequencies are not expressible by its config; rope.inv_freq was "
-            "overwritten (non-persistent: lost on a config + state-dict reload)",
-            stacklevel=2,
-        )
-    new.rope.inv_freq.copy_(want_inv_freq.to(new.rope.inv_freq))
 
     # every non-attention weight is reused as is
     attn_keys = {k for k in new.state_dict() if ".attn." in k}
@@ -387,6 +403,7 @@ def mha_to_mla(
     nope_q_scale = q_scale * attn_factor**2  # YaRN's cos/sin factor no longer reaches NoPE dims
     info_layers = []
     for layer, blk, cov in zip(layers, new.layers, covs):
+        kv_lora_rank = blk.attn.kv_lora_rank  # this layer's rank (cfg.kv_lora_ranks when given)
         g_inv = _safe_inv(layer["g"])
         wq, wk_rep, wv_rep = layer["wq"], layer["wk_rep"], layer["wv_rep"]
         q_rope = wq[:, rope_src] * q_scale  # (H, d_rope, D), target rope order
@@ -464,6 +481,7 @@ def mha_to_mla(
         rope_freq_in_config=freq_in_config,
         pair_scores=None if scores is None else scores.tolist(),
         layers=info_layers,
+        kv_lora_ranks=[blk.attn.kv_lora_rank for blk in new.layers],
     )
     return new
 

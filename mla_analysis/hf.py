@@ -1,4 +1,4 @@
-"""Mapping between the toolkit's models and ``transformers``' DeepSeek-V2/V3 and Llama formats.
+"""Mapping between the toolkit's models and ``transformers``' DeepSeek-V2/V3, Llama, Qwen2, GPT-2 formats.
 
 Configs and state dicts are translated both ways; weights are never executed or pickled here
 (checkpoint I/O goes through safetensors in ``mla_analysis.convert``).
@@ -7,6 +7,10 @@ RoPE layout: DeepSeek checkpoints rotate interleaved pairs. transformers' Deepse
 ``rope_interleave=True``) returns the rotated dims de-interleaved while ours stay interleaved; queries
 and keys get the same permutation, so attention logits are identical and no weight permutation is
 needed. Llama-family checkpoints use the halves layout (``rope_interleave=False``).
+
+Qwen2 is Llama with biases on q/k/v (``attn_qkv_bias``). GPT-2 maps to ``pos_emb="learned"``,
+``norm="layernorm"``, ``mlp="gelu"``, ``bias=True``; its ``Conv1D`` weights are stored (in, out), so
+they are transposed, and its fused ``c_attn`` is split into wq/wk/wv.
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ from .config import ConfigError, ModelConfig, RopeScaling, validate_model_config
 
 DEEPSEEK_ARCHS = ("deepseek_v2", "deepseek_v3")
 LLAMA_ARCHS = ("llama", "mistral")
+EXPORT_ARCHS = ("deepseek_v3", "deepseek_v2", "llama", "qwen2", "gpt2")
+IMPORT_ARCHS = DEEPSEEK_ARCHS + LLAMA_ARCHS + ("qwen2", "gpt2")
+# what a Llama-layout (RoPE, RMSNorm, SwiGLU, bias-free) model has; GPT-2 has the other choice of each
+_LLAMA_LAYOUT = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, rope_inv_freq=None)
 
 
 # ----------------------------------------------------------------------------------------- configs
@@ -38,11 +46,57 @@ def _rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-def to_hf_config(cfg: ModelConfig, arch: str | None = None):
-    """A transformers config (DeepseekV3Config for MLA, or V2 with ``arch``; LlamaConfig for MHA/GQA/MQA)."""
+def default_arch(cfg: ModelConfig) -> str:
+    """The transformers model_type ``to_hf`` writes for ``cfg`` when no arch is asked for."""
+    if cfg.is_mla or cfg.ffn == "moe":
+        return "deepseek_v3"
+    if cfg.pos_emb == "learned" or cfg.norm == "layernorm" or cfg.mlp == "gelu" or cfg.bias:
+        return "gpt2"
+    return "qwen2" if cfg.attn_qkv_bias else "llama"
+
+
+def _require(cfg: ModelConfig, arch: str, **wanted: Any) -> None:
+    # one line naming the first field the target architecture cannot express
+    for key, value in wanted.items():
+        if getattr(cfg, key) != value:
+            shown = "set" if key == "rope_inv_freq" else repr(getattr(cfg, key))
+            raise ConfigError(f"model.{key}={shown} cannot be exported as {arch} (allowed: {value!r})")
+
+
+def _gpt2_config(cfg: ModelConfig):
     import transformers
 
-    arch = arch or ("deepseek_v3" if cfg.is_mla or cfg.ffn == "moe" else "llama")
+    _require(cfg, "gpt2", attention="mha", ffn="dense", pos_emb="learned", norm="layernorm", mlp="gelu", bias=True)
+    if cfg.attn_head_dim * cfg.n_heads != cfg.d_model:
+        raise ConfigError(f"model.head_dim={cfg.head_dim} cannot be exported as gpt2 (allowed: d_model / n_heads)")
+    return transformers.GPT2Config(
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.max_seq_len,
+        n_embd=cfg.d_model,
+        n_layer=cfg.n_layers,
+        n_head=cfg.n_heads,
+        n_inner=cfg.d_ff,
+        activation_function="gelu_new",
+        layer_norm_epsilon=cfg.rms_norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=None,  # GPT-2's 50256 would lie outside a small vocabulary
+        eos_token_id=None,
+    )
+
+
+def to_hf_config(cfg: ModelConfig, arch: str | None = None):
+    """A transformers config: DeepseekV3 (MLA/MoE; V2 with ``arch``), Llama, Qwen2 (q/k/v biases) or GPT-2."""
+    import transformers
+
+    arch = arch or default_arch(cfg)
+    if arch not in EXPORT_ARCHS:
+        raise ConfigError(f"arch={arch!r} is invalid (allowed: {', '.join(EXPORT_ARCHS)})")
+    if arch == "gpt2":
+        return _gpt2_config(cfg)
+    _require(cfg, arch, **_LLAMA_LAYOUT)
     if cfg.is_mla and cfg.kv_lora_ranks is not None and len(set(cfg.kv_lora_ranks)) > 1:
         raise ConfigError(
             f"model.kv_lora_ranks={cfg.kv_lora_ranks} cannot be exported (Hugging Face DeepSeek configs have one "
@@ -60,16 +114,20 @@ def to_hf_config(cfg: ModelConfig, arch: str | None = None):
         rope_parameters=_rope_parameters(cfg),
         attention_bias=False,
     )
-    if arch == "llama":
+    if arch in ("llama", "qwen2"):
         if cfg.is_mla or cfg.ffn == "moe":
-            raise ConfigError(f"model.attention={cfg.attention!r}/ffn={cfg.ffn!r} cannot be exported as llama")
+            raise ConfigError(f"model.attention={cfg.attention!r}/ffn={cfg.ffn!r} cannot be exported as {arch}")
         if cfg.rope_interleave:
-            raise ConfigError("model.rope_interleave=True cannot be exported as llama (halves layout only)")
+            raise ConfigError(f"model.rope_interleave=True cannot be exported as {arch} (halves layout only)")
+        if arch == "qwen2":  # Qwen2 always has q/k/v biases; a bias-free model exports zeros
+            common.pop("attention_bias")
+            return transformers.Qwen2Config(
+                num_key_value_heads=cfg.kv_heads, head_dim=cfg.attn_head_dim, use_sliding_window=False, **common
+            )
+        _require(cfg, arch, attn_qkv_bias=False)
         return transformers.LlamaConfig(
             num_key_value_heads=cfg.kv_heads, head_dim=cfg.attn_head_dim, mlp_bias=False, **common
         )
-    if arch not in DEEPSEEK_ARCHS:
-        raise ConfigError(f"arch={arch!r} is invalid (allowed: {', '.join(DEEPSEEK_ARCHS + ('llama',))})")
     if cfg.attention != "mla":
         raise ConfigError(f"model.attention={cfg.attention!r} cannot be exported as {arch} (allowed: mla)")
     moe = cfg.ffn == "moe"
@@ -104,9 +162,42 @@ def to_hf_config(cfg: ModelConfig, arch: str | None = None):
     return transformers.DeepseekV2Config(topk_method=topk_method, **ds, **common)
 
 
+def _gpt2_from_hf_config(hf_cfg: Any) -> ModelConfig:
+    act = hf_cfg.activation_function
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ConfigError(f"activation_function={act!r} is unsupported (allowed: gelu_new, gelu_pytorch_tanh)")
+    if not hf_cfg.scale_attn_weights or hf_cfg.scale_attn_by_inverse_layer_idx:
+        raise ConfigError(
+            "scale_attn_weights=False / scale_attn_by_inverse_layer_idx=True is unsupported (allowed: 1/sqrt(d_h) scale)"
+        )
+    if getattr(hf_cfg, "add_cross_attention", False):
+        raise ConfigError("add_cross_attention=True is unsupported (decoder-only models)")
+    cfg = ModelConfig(
+        name="gpt2",
+        attention="mha",
+        vocab_size=hf_cfg.vocab_size,
+        d_model=hf_cfg.n_embd,
+        n_layers=hf_cfg.n_layer,
+        n_heads=hf_cfg.n_head,
+        d_ff=hf_cfg.n_inner or 4 * hf_cfg.n_embd,
+        max_seq_len=hf_cfg.n_positions,
+        pos_emb="learned",
+        norm="layernorm",
+        mlp="gelu",
+        bias=True,
+        rms_norm_eps=hf_cfg.layer_norm_epsilon,
+        tie_embeddings=bool(getattr(hf_cfg, "tie_word_embeddings", True)),
+    )
+    return validate_model_config(cfg)
+
+
 def from_hf_config(hf_cfg: Any) -> ModelConfig:
-    """A ModelConfig equivalent to a transformers DeepseekV2/V3, Llama or Mistral config."""
+    """A ModelConfig equivalent to a transformers DeepseekV2/V3, Llama, Mistral, Qwen2 or GPT-2 config."""
     mt = hf_cfg.model_type
+    if mt == "gpt2":
+        return _gpt2_from_hf_config(hf_cfg)
+    if mt not in IMPORT_ARCHS:
+        raise ConfigError(f"model_type={mt!r} is unsupported (allowed: {', '.join(IMPORT_ARCHS)})")
     rp = dict(getattr(hf_cfg, "rope_parameters", None) or {})
     theta = float(rp.get("rope_theta", getattr(hf_cfg, "rope_theta", 10000.0)))
     scaling = None
@@ -134,7 +225,13 @@ def from_hf_config(hf_cfg: Any) -> ModelConfig:
         rope_theta=theta,
         rope_scaling=scaling,
     )
-    if mt in LLAMA_ARCHS:
+    if mt in LLAMA_ARCHS + ("qwen2",):
+        if mt in LLAMA_ARCHS:
+            for key in ("attention_bias", "mlp_bias"):
+                if getattr(hf_cfg, key, False):
+                    raise ConfigError(f"{key}=True is unsupported for {mt} (allowed: false)")
+        if "sliding_attention" in (getattr(hf_cfg, "layer_types", None) or ()):
+            raise ConfigError(f"use_sliding_window=True is unsupported for {mt} (allowed: full attention)")
         n_kv = hf_cfg.num_key_value_heads or hf_cfg.num_attention_heads
         attention = "mha" if n_kv == hf_cfg.num_attention_heads else ("mqa" if n_kv == 1 else "gqa")
         head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
@@ -143,11 +240,10 @@ def from_hf_config(hf_cfg: Any) -> ModelConfig:
             n_kv_heads=None if attention != "gqa" else n_kv,
             head_dim=head_dim,
             rope_interleave=False,
+            attn_qkv_bias=mt == "qwen2",
             **common,
         )
         return validate_model_config(cfg)
-    if mt not in DEEPSEEK_ARCHS:
-        raise ConfigError(f"model_type={mt!r} is unsupported (allowed: {', '.join(DEEPSEEK_ARCHS + LLAMA_ARCHS)})")
     n_layers = hf_cfg.num_hidden_layers
     first_dense = hf_cfg.first_k_dense_replace or 0
     moe = first_dense < n_layers and hf_cfg.n_routed_experts
@@ -190,6 +286,9 @@ def _layer_map(cfg: ModelConfig, i: int, arch_family: str) -> dict[str, str]:
     if arch_family == "llama":
         for o, h in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
             m[a + o + ".weight"] = ha + h + ".weight"
+        if cfg.attn_qkv_bias:  # Qwen2
+            for o, h in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj")):
+                m[a + o + ".bias"] = ha + h + ".bias"
     else:
         names = [("wkv_a", "kv_a_proj_with_mqa"), ("kv_norm", "kv_a_layernorm"), ("wkv_b", "kv_b_proj"), ("wo", "o_proj")]
         names += [("wq", "q_proj")] if cfg.q_lora_rank is None else [("wq_a", "q_a_proj"), ("q_norm", "q_a_layernorm"), ("wq_b", "q_b_proj")]
@@ -208,12 +307,68 @@ def _layer_map(cfg: ModelConfig, i: int, arch_family: str) -> dict[str, str]:
 
 
 def _family(cfg: ModelConfig) -> str:
-    return "deepseek" if (cfg.is_mla or cfg.ffn == "moe") else "llama"
+    arch = default_arch(cfg)
+    return "deepseek" if arch in DEEPSEEK_ARCHS else ("gpt2" if arch == "gpt2" else "llama")
+
+
+def _gpt2_map(cfg: ModelConfig) -> dict[str, str]:
+    """Our parameter name -> GPT-2 name for everything but the fused c_attn (split separately)."""
+    t = "transformer."
+    m = {"embed.weight": t + "wte.weight", "pos_embed.weight": t + "wpe.weight"}
+    for p in ("weight", "bias"):
+        m[f"norm.{p}"] = t + f"ln_f.{p}"
+        for i in range(cfg.n_layers):
+            ours, h = f"layers.{i}.", t + f"h.{i}."
+            m[ours + f"attn_norm.{p}"] = h + f"ln_1.{p}"
+            m[ours + f"ffn_norm.{p}"] = h + f"ln_2.{p}"
+            m[ours + f"attn.wo.{p}"] = h + f"attn.c_proj.{p}"
+            m[ours + f"ffn.w1.{p}"] = h + f"mlp.c_fc.{p}"
+            m[ours + f"ffn.w2.{p}"] = h + f"mlp.c_proj.{p}"
+    return m
+
+
+def _is_conv1d_weight(hf_name: str) -> bool:
+    # GPT-2's Conv1D stores (in, out), the transpose of nn.Linear's (out, in)
+    return hf_name.endswith(".weight") and (".attn." in hf_name or ".mlp." in hf_name)
+
+
+def _gpt2_from_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if "transformer.wte.weight" not in sd and "wte.weight" in sd:  # GPT2Model checkpoints (e.g. the hub's gpt2)
+        sd = {"transformer." + k: v for k, v in sd.items()}
+    out: dict[str, torch.Tensor] = {}
+    for ours, hf in _gpt2_map(cfg).items():
+        if hf not in sd:
+            raise KeyError(f"checkpoint is missing {hf}")
+        out[ours] = sd[hf].T if _is_conv1d_weight(hf) else sd[hf]
+    D = cfg.d_model
+    for i in range(cfg.n_layers):
+        h, a = f"transformer.h.{i}.attn.c_attn.", f"layers.{i}.attn."
+        if h + "weight" not in sd:
+            raise KeyError(f"checkpoint is missing {h}weight")
+        w = sd[h + "weight"].T  # (3D, D): q, k, v rows
+        for j, name in enumerate(("wq", "wk", "wv")):
+            out[a + name + ".weight"] = w[j * D : (j + 1) * D]  # (D, D)
+            out[a + name + ".bias"] = sd[h + "bias"][j * D : (j + 1) * D]  # (D,)
+    if not cfg.tie_embeddings:
+        out["head.weight"] = sd.get("lm_head.weight", sd["transformer.wte.weight"])
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _gpt2_to_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {hf: (sd[ours].T if _is_conv1d_weight(hf) else sd[ours]) for ours, hf in _gpt2_map(cfg).items()}
+    for i in range(cfg.n_layers):
+        h, a = f"transformer.h.{i}.attn.c_attn.", f"layers.{i}.attn."
+        out[h + "weight"] = torch.cat([sd[a + n + ".weight"] for n in ("wq", "wk", "wv")]).T  # (D, 3D)
+        out[h + "bias"] = torch.cat([sd[a + n + ".bias"] for n in ("wq", "wk", "wv")])  # (3D,)
+    out["lm_head.weight"] = sd["embed.weight"] if cfg.tie_embeddings else sd["head.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
 
 
 def state_dict_from_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Translate a transformers state dict to this toolkit's parameter names (missing keys raise)."""
     fam = _family(cfg)
+    if fam == "gpt2":
+        return _gpt2_from_hf(cfg, sd)
     out: dict[str, torch.Tensor] = {"embed.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
     if not cfg.tie_embeddings:
         out["head.weight"] = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
@@ -236,6 +391,9 @@ def state_dict_from_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[st
 
 def state_dict_to_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor], arch: str | None = None) -> dict[str, torch.Tensor]:
     """Translate this toolkit's state dict to transformers' parameter names."""
+    arch = arch or default_arch(cfg)
+    if arch == "gpt2":
+        return _gpt2_to_hf(cfg, sd)
     fam = _family(cfg)
     out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
     out["lm_head.weight"] = sd["embed.weight"] if cfg.tie_embeddings else sd["head.weight"]
@@ -248,4 +406,8 @@ def state_dict_to_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor], arch: str | 
                 out[hm + "gate.e_score_correction_bias"] = sd[f + "gate.e_score_correction_bias"]
             out[hm + "experts.gate_up_proj"] = torch.cat((sd[f + "w1"], sd[f + "w3"]), dim=1)  # (E, 2I, D)
             out[hm + "experts.down_proj"] = sd[f + "w2"]
+        if arch == "qwen2" and not cfg.attn_qkv_bias:  # Qwen2 has q/k/v biases: zeros add nothing
+            ha = f"model.layers.{i}.self_attn."
+            for h in ("q_proj", "k_proj", "v_proj"):
+                out[ha + h + ".bias"] = sd[f"layers.{i}.attn.w{h[0]}.weight"].new_zeros(out[ha + h + ".weight"].shape[0])
     return {k: v.contiguous() for k, v in out.items()}

@@ -19,7 +19,8 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from .results import ResultsError, atomic_write_text, find_run_dirs, load_record
+from .config import ModelConfig
+from .results import ResultsError, atomic_write_text, find_run_dirs, flatten, load_record
 
 IGNORED_KEYS = ("seed", "device", "skip_finished", "train.progress", "train.resume", "train.threads")
 # metric columns shown when present: (record key, column title)
@@ -30,8 +31,15 @@ HEADLINE = [
     ("metrics.flops_per_token", "FLOPs/token"),
     ("metrics.val_loss", "val loss"),
     ("metrics.val_ppl", "val ppl"),
+    ("metrics.convert.before.val_loss", "val loss before healing"),
+    ("metrics.convert.scratch.val_loss", "val loss from scratch"),
 ]
-TAIL = [("metrics.tokens_per_s", "tokens/s"), ("metrics.tokens_seen", "tokens")]
+TAIL = [
+    ("metrics.search.feasible", "within tolerance"),
+    ("metrics.search.objective", "search objective"),
+    ("metrics.tokens_per_s", "tokens/s"),
+    ("metrics.tokens_seen", "tokens"),
+]
 
 
 def _mha_kv_bytes(flat: dict[str, Any]) -> Optional[float]:
@@ -47,6 +55,9 @@ def _mha_kv_bytes(flat: dict[str, Any]) -> Optional[float]:
     return kv_bytes_per_token(mha, "bf16")
 
 
+_MODEL_DEFAULTS = {f"model.{k}": v for k, v in flatten(ModelConfig().to_dict()).items()}
+
+
 def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     """One flat row per run directory found under ``paths`` (status 'missing' when it has no results)."""
     rows = []
@@ -59,6 +70,9 @@ def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
             row = _row_from_hydra(run_dir)
             row["status"] = "missing" if "file not found" in str(e) else f"corrupt: {e}"
         row["run_dir"] = str(run_dir)
+        for key, default in _MODEL_DEFAULTS.items():  # records written before a field existed group with its default
+            if key not in row and any(k.startswith("model.") for k in row):
+                row[key] = default
         mha = _mha_kv_bytes(row)
         if mha and row.get("metrics.kv_bytes_per_token") is not None:
             row["kv_ratio_to_mha"] = row["metrics.kv_bytes_per_token"] / mha
@@ -168,7 +182,8 @@ def columns(keys: list[str], aggs: list[dict[str, Any]]) -> list[tuple[str, str]
     cols = [(k, k.split(".", 1)[-1] if k.startswith("model.") else k) for k in keys]
     present = {k for a in aggs for k in a}
     cols += [(k, t) for k, t in HEADLINE if k in present]
-    tasks = sorted({k[len("metrics."): -len(".exact_match")] for k in present if k.endswith(".exact_match")})
+    tasks = sorted({k[len("metrics."): -len(".exact_match")] for k in present
+                    if k.endswith(".exact_match") and not k.startswith("metrics.probe.")})  # probes: own files
     for t in tasks:
         cols.append((f"metrics.{t}.exact_match", f"{t} EM"))
         if f"metrics.{t}.solved" in present:

@@ -27,7 +27,9 @@ from .config import ConfigError, ModelConfig
 from .data import DataConfig
 from .checkpoint import load_model
 from .probes import ProbeError, check_probes, run_probes
-from .results import RESULTS_FILE, ResultsError, atomic_write_json, environment, is_finished, load_record, make_record
+from .results import (RESULTS_FILE, ResultsError, atomic_write_json, environment, flatten, is_finished, load_record,
+                      make_record)
+from .search import objective, resolve_reference
 from .train import NonFiniteLoss, TrainConfig, TrainingInterrupted, train
 
 
@@ -43,10 +45,18 @@ def _primary_metric(metrics: dict[str, Any]) -> Optional[float]:
     return float(value) if value is not None else None
 
 
+def _return_value(cfg: DictConfig, metrics: dict[str, Any]) -> Optional[float]:
+    """What the task function returns to a sweeper: the search objective when searching, else val_loss."""
+    if cfg.get("search") is not None:
+        value = metrics.get("search.objective")
+        return float(value) if value is not None else None
+    return _primary_metric(metrics)
+
+
 def format_summary(metrics: dict[str, Any]) -> str:
     """A short human-readable block of the headline metrics of one run."""
     keys = ["val_loss", "val_ppl", "val_loss_optimal", "params", "kv_bytes_per_token", "tokens_per_s"]
-    keys += sorted(k for k in metrics if k.endswith(".exact_match"))
+    keys += sorted(k for k in metrics if k.endswith(".exact_match") and not k.startswith("probe."))
     lines = []
     for k in keys:
         if metrics.get(k) is None:
@@ -57,13 +67,13 @@ def format_summary(metrics: dict[str, Any]) -> str:
 
 
 def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
-    """Validate, train, evaluate and record one job; returns the validation loss."""
+    """Validate, train, evaluate and record one job; returns the validation loss (or the search objective)."""
     from .schema import validate_run
 
     results_path = run_dir / RESULTS_FILE
     if multirun and cfg.skip_finished and is_finished(run_dir):
         print(f"[skip] {run_dir} already has a complete {RESULTS_FILE}")
-        return _primary_metric(load_record(run_dir)["metrics"])
+        return _return_value(cfg, load_record(run_dir)["metrics"])
     is_rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 probes and records
     t0 = time.time()
     try:
@@ -81,12 +91,26 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
             config["model"] = model_cfg.to_dict()
         validate_run(model_cfg, data_cfg, tcfg, cfg.device)
         check_probes(probe_cfg)
-        out = train(model_cfg, data_cfg, tcfg, run_dir, seed=cfg.seed, device=cfg.device, model=init_model)
+        search = OmegaConf.to_object(cfg.search) if cfg.get("search") is not None else None
+        reference = resolve_reference(search) if search is not None else None
+        if cfg.get("claims") is not None:  # the claims audit: arithmetic, a timing and the studies' records
+            from .claims import run_claims
+
+            out = run_claims(OmegaConf.to_object(cfg.claims), run_dir, cfg.device)
+        elif cfg.get("convert") is not None:  # convert a trained model and heal it (mla_analysis/convert_job.py)
+            from .convert_job import run_convert
+
+            out = run_convert(OmegaConf.to_object(cfg.convert), model_cfg, data_cfg, tcfg, run_dir, cfg.seed, cfg.device)
+            config["model"] = out["model"].cfg.to_dict()
+        else:
+            out = train(model_cfg, data_cfg, tcfg, run_dir, seed=cfg.seed, device=cfg.device, model=init_model)
         if probe_cfg and is_rank0:
             t_probe = time.time()
             model = out["model"].eval()
             out["metrics"].update(run_probes(model, probe_cfg, data_cfg, run_dir, next(model.parameters()).device))
             out["timings"]["probe_s"] = time.time() - t_probe
+        if search is not None:
+            out["metrics"].update(objective(search, reference, flatten(config), out["metrics"]))
     except (ConfigError, ResultsError) as e:
         if multirun:
             config = OmegaConf.to_container(cfg, resolve=False)
@@ -123,7 +147,7 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
     )
     atomic_write_json(results_path, record)
     print(f"\n{cfg.model.name} done -> {results_path}\n{format_summary(out['metrics'])}")
-    return _primary_metric(out["metrics"])
+    return _return_value(cfg, out["metrics"])
 
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"

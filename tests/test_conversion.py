@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
-import warnings
+import dataclasses
 
 import pytest
 import torch
 
+from mla_analysis.checkpoint import load_model, save_checkpoint, save_model_config
 from mla_analysis.config import RopeScaling, tiny
 from mla_analysis.conversion import factorize, mha_to_mla, pair_dims, pair_norm_scores, select_rope_pairs
 from mla_analysis.models.transformer import Transformer
@@ -149,9 +150,7 @@ def _partial_rope_reference(src: Transformer, keep: list[int]) -> Transformer:
 @pytest.mark.parametrize("strategy,keep", [("high", [0]), ("low", [3]), ("uniform", [0, 2])])
 def test_partial_rope_at_full_rank_equals_source_without_rope_on_dropped_pairs(overrides, target, strategy, keep):
     src = _source(**overrides)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "low" frequencies are not expressible by the config
-        new = mha_to_mla(src, D, rope_dims=2 * len(keep), strategy=strategy, target=target).eval()
+    new = mha_to_mla(src, D, rope_dims=2 * len(keep), strategy=strategy, target=target).eval()
     assert new.conversion_info["rope_pairs"] == keep
     torch.testing.assert_close(new.rope.inv_freq, src.rope.inv_freq[keep])
     ids = _ids()
@@ -225,10 +224,10 @@ def test_norm_strategy_in_conversion_uses_the_dominant_pair():
         for block in src.layers:
             for w in (block.attn.wq.weight, block.attn.wk.weight):
                 w.view(4, 8, D)[:, [2, int(b[2])]] *= 10.0  # pair 2 of every head dominates q.k
-    with pytest.warns(UserWarning, match="not expressible"):
-        new = mha_to_mla(src, D, rope_dims=2, strategy="norm", calib=_ids(seed=5, shape=(4, 32)))
+    new = mha_to_mla(src, D, rope_dims=2, strategy="norm", calib=_ids(seed=5, shape=(4, 32)))
     info = new.conversion_info
-    assert info["rope_pairs"] == [2] and not info["rope_freq_in_config"]
+    assert info["rope_pairs"] == [2] and info["rope_freq_in_config"]
+    assert new.cfg.rope_inv_freq == src.rope.inv_freq[[2]].tolist()  # not expressible by rope_theta
     assert int(torch.tensor(info["pair_scores"]).argmax()) == 2
     torch.testing.assert_close(new.rope.inv_freq, src.rope.inv_freq[[2]])
 
@@ -247,10 +246,8 @@ def test_norm_strategy_weighs_pairs_by_calibration_activations():
                 v[:, :, :4] = 0.0
                 v[:, [int(a[0]), int(b[0])]] = 0.0
                 v[:, [int(a[0]), int(b[0])], :4] = 10.0 * torch.randn(4, 2, 4, generator=g)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        by_weights = mha_to_mla(src, D, rope_dims=2, strategy="norm")
-        by_calib = mha_to_mla(src, D, rope_dims=2, strategy="norm", calib=_ids(seed=5, shape=(4, 32)))
+    by_weights = mha_to_mla(src, D, rope_dims=2, strategy="norm")
+    by_calib = mha_to_mla(src, D, rope_dims=2, strategy="norm", calib=_ids(seed=5, shape=(4, 32)))
     assert by_weights.conversion_info["rope_pairs"] == [0]
     assert by_calib.conversion_info["rope_pairs"] != [0]
 
@@ -261,6 +258,44 @@ def test_high_strategy_frequencies_live_in_config():
     assert new.conversion_info["rope_freq_in_config"]
     rebuilt = Transformer(new.cfg)  # a config + state-dict reload keeps the kept frequencies
     torch.testing.assert_close(rebuilt.rope.inv_freq, src.rope.inv_freq[:2])
+
+
+@pytest.mark.parametrize(
+    "overrides,strategy",
+    [(dict(), "low"), (dict(attention="mqa", rope_interleave=True, rope_scaling=YARN), "high")],
+    ids=["mha-low", "mqa-yarn-high"],
+)
+def test_converted_frequencies_survive_a_checkpoint_round_trip(tmp_path, overrides, strategy):
+    """Kept pairs that rope_theta cannot express go to cfg.rope_inv_freq and reload with the model."""
+    src = _source(**overrides)
+    new = mha_to_mla(src, D, rope_dims=4, strategy=strategy).eval()
+    keep = new.conversion_info["rope_pairs"]
+    assert new.cfg.rope_inv_freq == src.rope.inv_freq[keep].tolist()
+    save_model_config(tmp_path, new.cfg)
+    save_checkpoint(tmp_path, new, None, step=0, state={})
+    loaded = load_model(tmp_path)
+    assert torch.equal(loaded.rope.inv_freq, src.rope.inv_freq[keep])
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), new(ids), atol=0, rtol=0)
+        # without the field the config's theta-derived frequencies come back, and the logits differ
+        plain = Transformer(dataclasses.replace(new.cfg, rope_inv_freq=None)).eval()
+        plain.load_state_dict(new.state_dict())
+        assert _rel(plain(ids), new(ids)) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (dict(pos_emb="learned"), "pos_emb"),
+        (dict(attn_qkv_bias=True), "attn_qkv_bias"),
+        (dict(bias=True), "bias"),
+        (dict(norm="layernorm"), "norm"),
+    ],
+)
+def test_rejects_sources_without_rope_or_with_biases(overrides, key):
+    with pytest.raises(ValueError, match=f"source {key}="):
+        mha_to_mla(_source(**overrides), D)
 
 
 def test_whitened_svd_beats_plain_svd_on_anisotropic_activations():

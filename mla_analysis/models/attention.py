@@ -1,6 +1,8 @@
 """Multi-head attention with grouped K/V heads: MHA (n_kv_heads = n_heads), GQA, MQA (n_kv_heads = 1).
 
-One class, one knob (``cfg.kv_heads``), as in litgpt. RoPE rotates the whole head (Llama style).
+One class, one knob (``cfg.kv_heads``), as in litgpt. RoPE rotates the whole head (Llama style);
+with learned absolute positions (``cfg.pos_emb == "learned"``, GPT-2) there is no rotation.
+Biases: ``cfg.attn_qkv_bias`` on q/k/v (Qwen2), ``cfg.bias`` on q/k/v and the output (GPT-2).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def attend(
 
 
 class Attention(nn.Module):
-    """MHA / GQA / MQA with RoPE; caches K and V per K/V head."""
+    """MHA / GQA / MQA with RoPE (or none); caches K and V per K/V head."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -53,25 +55,28 @@ class Attention(nn.Module):
         self.n_kv_heads = cfg.kv_heads
         self.head_dim = cfg.attn_head_dim
         self.scale = softmax_scale(cfg)
-        self.wq = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+        qkv_bias = cfg.bias or cfg.attn_qkv_bias
+        self.wq = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=cfg.bias)
 
     def forward(
         self,
         x: torch.Tensor,
-        rope: RotaryEmbedding,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: Optional[RotaryEmbedding],
+        cos: Optional[torch.Tensor],
+        sin: Optional[torch.Tensor],
         cache: Optional[KVCache] = None,
         start: int = 0,
     ) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D]; rope None = no rotation (learned absolute positions)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, d_h)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, d_h)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, d_h)
-        q, k = rope.rotate(q, cos, sin), rope.rotate(k, cos, sin)
+        if rope is not None:
+            q, k = rope.rotate(q, cos, sin), rope.rotate(k, cos, sin)
         if cache is not None:
             kv = cache.write(self.layer_idx, start, k=k, v=v)
             k, v = kv["k"].to(q.dtype), kv["v"].to(q.dtype)  # (B, S, H_kv, d_h)

@@ -16,7 +16,7 @@ apply it whenever it is configured.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -70,19 +70,35 @@ def rope_frequencies(dim: int, theta: float, scaling: Optional[RopeScaling]) -> 
 
 
 class RotaryEmbedding(nn.Module):
-    """Computes cos/sin for given positions; ``rotate`` rotates a [B, T, H, d] tensor."""
+    """Computes cos/sin for given positions; ``rotate`` rotates a [B, T, H, d] tensor.
 
-    def __init__(self, dim: int, theta: float, scaling: Optional[RopeScaling], interleave: bool):
+    ``inv_freq`` (dim/2 values) replaces the frequencies computed from theta/scaling, e.g. the kept
+    pairs of an MHA -> MLA conversion; the YaRN attention factor of ``scaling`` still applies.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        theta: float,
+        scaling: Optional[RopeScaling],
+        interleave: bool,
+        inv_freq: Optional[Sequence[float]] = None,
+    ):
         super().__init__()
-        inv_freq, attention_factor = rope_frequencies(dim, theta, scaling)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        computed, attention_factor = rope_frequencies(dim, theta, scaling)
+        if inv_freq is not None:
+            if len(inv_freq) != dim // 2:
+                raise ValueError(f"inv_freq has {len(inv_freq)} values, RoPE over {dim} dims needs {dim // 2}")
+            computed = torch.tensor(list(inv_freq), dtype=torch.float32)
+        self.register_buffer("inv_freq", computed, persistent=False)
         self.attention_factor = attention_factor
         self.interleave = interleave
         self.dim = dim
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> "RotaryEmbedding":
-        return cls(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_interleave)
+        """The model's RoPE: frequencies from ``cfg.rope_inv_freq`` when set, else theta/scaling."""
+        return cls(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_interleave, cfg.rope_inv_freq)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [T, dim/2] for integer positions [T]."""

@@ -23,7 +23,6 @@ r-dim right singular subspaces of consecutive layers' keys, as the mean cosine.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -34,6 +33,7 @@ import torch
 from ..config import ConfigError
 from ..models.attention import Attention
 from ..models.mla import MLA, MLACoupledRoPE
+from ..results import atomic_write_json
 from . import ProbeError, register
 from ._common import check_params, figure, int_list, lm_inputs, model_config, positive_int, save_figure, unwrap
 
@@ -432,7 +432,7 @@ def run(model: torch.nn.Module, params: dict, data_cfg: Any, run_dir: Path, devi
         "subspace": subspace,
         "figures": figures,
     }
-    (Path(run_dir) / "spectra.json").write_text(json.dumps(record))
+    atomic_write_json(Path(run_dir) / "spectra.json", record)
     return metrics
 
 

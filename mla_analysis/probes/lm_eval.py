@@ -1,0 +1,88 @@
+"""``probe=lm_eval``: lm-evaluation-harness scores of the trained model (procedural tasks offline, standard ones by name).
+
+The procedural tasks are exported (``mla_analysis.eval.export_procedural_tasks``) into ``<run>/lm_eval_tasks/``
+from the run's own data config, so the examples are the run's eval sets and ``<task>.exact_match`` matches the
+toolkit's exact match (``mla_analysis/eval.py`` explains the generate_until formulation). The model is wrapped in
+``mla_analysis.lm_eval_model.MLAnalysisLM`` (procedural tokenizer, KV-cached greedy decoding).
+
+Keys (under ``probe.lm_eval.`` in results.json):
+
+- ``<task>.<metric>``: floats for the tables; procedural tasks under their toolkit name (``mqar.exact_match``,
+  ``mqar.span_exact_match``), lm-eval tasks under theirs (``hellaswag.acc``; a filter other than "none" is appended).
+- ``results``: lm-eval's own ``results["results"]`` dict, unchanged (task -> "metric,filter" -> value).
+
+Parameters: ``tasks`` (null = the data config's eval tasks that fit ``seq_len``; names from
+``mla_analysis.data.tasks.TASKS`` or lm-eval task names), ``examples`` (procedural examples per task; null =
+``data.eval_examples``), ``limit`` (lm-eval documents per task; null = all), ``batch_size``, ``num_fewshot``
+(null = each task's default), ``bootstrap_iters`` (lm-eval stderr iterations; 0 = none).
+lm_eval.json (the JSON-safe part of lm-eval's output) is written to the run directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ConfigError
+from . import ProbeError, register
+from ._common import check_params, positive_int
+
+DEFAULTS: dict[str, Any] = {
+    "tasks": None,
+    "examples": None,
+    "limit": None,
+    "batch_size": 32,
+    "num_fewshot": None,
+    "bootstrap_iters": 0,
+}
+
+
+def _parse(params: dict) -> dict:
+    p = check_params("lm_eval", params, DEFAULTS)
+    tasks = p["tasks"]
+    if tasks is not None:
+        if isinstance(tasks, str):
+            tasks = [tasks]
+        if not isinstance(tasks, (list, tuple)) or not tasks or not all(isinstance(t, str) and t for t in tasks):
+            raise ConfigError(f"probe.lm_eval.tasks={p['tasks']!r} is invalid (allowed: null or a non-empty list of task names)")
+        p["tasks"] = list(tasks)
+    for key in ("examples", "limit"):
+        if p[key] is not None:
+            positive_int("lm_eval", key, p[key])
+    positive_int("lm_eval", "batch_size", p["batch_size"])
+    for key, nullable in (("num_fewshot", True), ("bootstrap_iters", False)):
+        v = p[key]
+        if (v is None and not nullable) or (v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0)):
+            allowed = "an integer >= 0" + (" or null" if nullable else "")
+            raise ConfigError(f"probe.lm_eval.{key}={v!r} is invalid (allowed: {allowed})")
+    return p
+
+
+@register("lm_eval")
+def run(model: torch.nn.Module, params: dict, data_cfg: Any, run_dir: Path, device: torch.device) -> dict:
+    """lm-eval scores: lm-eval's ``results`` dict plus ``<task>.<metric>`` floats."""
+    from ..data import resolve_eval_tasks
+    from ..eval import TaskError, evaluate, flat_scores, results_record
+    from ..lm_eval_model import MLAnalysisLM
+    from ..results import atomic_write_json
+    from ._common import unwrap
+
+    p = _parse(params)
+    tasks = p["tasks"] if p["tasks"] is not None else resolve_eval_tasks(data_cfg)
+    if not tasks:
+        raise ConfigError("probe.lm_eval.tasks: no task fits data.seq_len (allowed: a list of task names)")
+    lm = MLAnalysisLM(model=unwrap(model), batch_size=p["batch_size"], device=str(device))
+    run_dir = Path(run_dir)
+    try:
+        results, rename = evaluate(
+            lm, tasks, data_cfg, run_dir / "lm_eval_tasks", limit=p["limit"], num_fewshot=p["num_fewshot"],
+            examples=p["examples"], bootstrap_iters=p["bootstrap_iters"],
+        )
+    except TaskError as e:  # unknown name: a config error; dataset not loadable: the probe failed
+        raise (ConfigError if str(e).startswith("unknown") else ProbeError)(f"probe.lm_eval.tasks: {e}") from None
+    except ValueError as e:  # a task that does not fit data.seq_len, text the tokenizer cannot encode, ...
+        raise ConfigError(f"probe.lm_eval: {e}") from None
+    atomic_write_json(run_dir / "lm_eval.json", results_record(results))
+    return {"results": results["results"], **flat_scores(results, rename)}

@@ -1,0 +1,64 @@
+"""Sweep figures: Pareto frontier against brute force, every figure drawn from synthetic run records."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from mla_analysis.figures import main, make_figures, pareto_front
+from mla_analysis.results import atomic_write_json, make_record
+
+
+def test_pareto_front_vs_brute_force():
+    rng = np.random.default_rng(0)
+    for minimise in (True, False):
+        for _ in range(20):
+            pts = [(float(x), float(y)) for x, y in rng.integers(0, 6, size=(8, 2))]
+            brute = set()
+            for i, (x, y) in enumerate(pts):
+                dominated = any(
+                    (x2 <= x and (y2 <= y if minimise else y2 >= y)) and (x2, y2) != (x, y)
+                    and (x2 < x or (y2 < y if minimise else y2 > y))
+                    for x2, y2 in pts
+                )
+                if not dominated:
+                    brute.add((x, y))
+            assert {pts[i] for i in pareto_front(pts, minimise)} == brute
+
+
+def _write_run(run_dir, name, attention, rank, seed, em, kv):
+    config = {"model": {"name": name, "attention": attention, "kv_lora_rank": rank}, "seed": seed}
+    metrics = {"val_loss": 2.0 - em, "mqar.exact_match": em, "kv_bytes_per_token": kv}
+    run_dir.mkdir(parents=True)
+    atomic_write_json(run_dir / "results.json", make_record("ok", config, metrics))
+    cells = [{"task": "mqar", "length": L, "pairs": p, "exact_match": em * (L <= 64)} for L in (32, 64, 128) for p in (2, 4)]
+    atomic_write_json(run_dir / "retrieval.json", {"train_len": 64, "cells": cells})
+    sv = [{"sv": [4.0, 2.0, 1.0, 0.5]}]
+    tensor = "c_kv" if attention == "mla" else "k"
+    atomic_write_json(run_dir / "spectra.json", {"attention": attention, "layers": [
+        {"activations": {tensor: {"spectra": sv}}} for _ in range(2)]})
+    atomic_write_json(run_dir / "experts.json", {"layers": [
+        {"load_fraction": [0.25] * 4, "coact": np.eye(4).tolist()} for _ in range(2)]})
+
+
+def test_make_figures_draws_every_figure_png_and_pdf(tmp_path):
+    sweep = tmp_path / "sweep"
+    for i, ((name, att, rank, kv), seed) in enumerate(itertools.product(
+            [("mha", "mha", 32, 512), ("mla", "mla", 8, 64), ("mla", "mla", 16, 96)], (0, 1))):
+        _write_run(sweep / str(i), name, att, rank, seed, em=min(1.0, kv / 100) - 0.01 * seed, kv=kv)
+    written = make_figures([sweep], tmp_path / "figs", metric="mqar.exact_match")
+    names = sorted(p.name for p in written)
+    for stem in ("pareto", "rank_accuracy", "retrieval_mqar", "spectra", "experts"):
+        png, pdf = tmp_path / "figs" / f"{stem}.png", tmp_path / "figs" / f"{stem}.pdf"
+        assert png.name in names and pdf.name in names
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and pdf.read_bytes()[:5] == b"%PDF-"
+
+
+def test_cli_bad_path_exits_2(tmp_path, capsys):
+    assert main([str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty")]) == 2
