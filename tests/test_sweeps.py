@@ -12,7 +12,6 @@ from mla_analysis.search import PENALTY, SearchConfig, objective, resolve_refere
 
 from .test_run import FAST, run
 
-pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
 
 
 def test_objective_is_cost_when_within_tolerance_and_penalised_otherwise():
@@ -46,6 +45,7 @@ def test_reference_from_number_or_run_dir(tmp_path):
 
 @pytest.mark.slow
 def test_rank_search_optuna_picks_smallest_feasible_rank(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")  # the [dev] extra installs it
     sweep = tmp_path / "search"
     p = run(["+experiment=rank_search", "search.reference=0.0", "hydra.sweeper.n_trials=2", "hydra/launcher=basic",
              f"hydra.sweep.dir={sweep}", *FAST], cwd=tmp_path)
