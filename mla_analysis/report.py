@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fnmatch
 import io
 import math
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
 from .config import ModelConfig
 from .results import ResultsError, atomic_write_text, find_run_dirs, flatten, load_record
 
-IGNORED_KEYS = ("seed", "device", "skip_finished", "train.progress", "train.resume", "train.threads")
+IGNORED_KEYS = ("seed", "device", "skip_finished", "train.progress", "train.resume", "train.threads",
+                "train.init_from")  # a probed checkpoint is identified by its model config, its seed ignored
 # metric columns shown when present: (record key, column title)
 HEADLINE = [
     ("metrics.kv_bytes_per_token", "KV B/token (bf16)"),
@@ -177,13 +179,22 @@ def _sort_key(v: Any, key: str = "") -> tuple:
     return (2, 0, str(v))
 
 
-def columns(keys: list[str], aggs: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """(key, title) pairs for the table: grouping keys, headline metrics, per-task accuracy, tail."""
+def columns(keys: list[str], aggs: list[dict[str, Any]], extra: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """(key, title) pairs: grouping keys, headline metrics, per-task accuracy, ``extra`` metric patterns, tail.
+
+    ``extra``: fnmatch patterns over metric keys (without ``metrics.``), e.g. ``probe.retrieval.*.exact_match``;
+    when any is given, the per-task accuracy columns are left out (a focused table).
+    """
     cols = [(k, k.split(".", 1)[-1] if k.startswith("model.") else k) for k in keys]
     present = {k for a in aggs for k in a}
     cols += [(k, t) for k, t in HEADLINE if k in present]
     tasks = sorted({k[len("metrics."): -len(".exact_match")] for k in present
                     if k.endswith(".exact_match") and not k.startswith("metrics.probe.")})  # probes: own files
+    if extra:
+        tasks = []
+        matched = sorted(k for k in present if k.startswith("metrics.") and not k.endswith(".ci")
+                         and any(fnmatch.fnmatchcase(k[len("metrics."):], pat) for pat in extra))
+        cols += [(k, k[len("metrics."):].replace("probe.", "")) for k in matched]
     for t in tasks:
         cols.append((f"metrics.{t}.exact_match", f"{t} EM"))
         if f"metrics.{t}.solved" in present:
@@ -224,18 +235,18 @@ def _cell(a: dict[str, Any], key: str) -> str:
     return _fmt(a.get(key), a.get(key + ".ci"))
 
 
-def to_markdown(keys: list[str], aggs: list[dict[str, Any]]) -> str:
+def to_markdown(keys: list[str], aggs: list[dict[str, Any]], extra: Sequence[str] = ()) -> str:
     """Markdown table (mean [95% CI] over seeds when there are several)."""
-    cols = columns(keys, aggs)
+    cols = columns(keys, aggs, extra)
     lines = ["| " + " | ".join(t for _, t in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for a in aggs:
         lines.append("| " + " | ".join(_cell(a, k).replace("|", "/") for k, _ in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
-def to_csv(keys: list[str], aggs: list[dict[str, Any]]) -> str:
+def to_csv(keys: list[str], aggs: list[dict[str, Any]], extra: Sequence[str] = ()) -> str:
     """CSV with raw numbers; CI bounds in <col>_ci_low/<col>_ci_high columns."""
-    cols = columns(keys, aggs)
+    cols = columns(keys, aggs, extra)
     header = []
     for k, _ in cols:
         header.append(k)
@@ -255,9 +266,9 @@ def to_csv(keys: list[str], aggs: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def to_latex(keys: list[str], aggs: list[dict[str, Any]]) -> str:
+def to_latex(keys: list[str], aggs: list[dict[str, Any]], extra: Sequence[str] = ()) -> str:
     """LaTeX (booktabs) table."""
-    cols = columns(keys, aggs)
+    cols = columns(keys, aggs, extra)
 
     def esc(s: str) -> str:
         for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#")):
@@ -271,8 +282,9 @@ def to_latex(keys: list[str], aggs: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_tables(paths: Iterable[str | Path], out_dir: str | Path, formats=("md", "csv", "tex")) -> dict[str, Path]:
-    """Build the comparison tables from run directories and write comparison.{md,csv,tex} atomically."""
+def write_tables(paths: Iterable[str | Path], out_dir: str | Path, formats=("md", "csv", "tex"),
+                 extra: Sequence[str] = (), name: str = "comparison") -> dict[str, Path]:
+    """Build the comparison tables from run directories and write ``name``.{md,csv,tex} atomically."""
     rows = load_rows(paths)
     if not rows:
         raise ResultsError(f"no run directories under {', '.join(map(str, paths))}")
@@ -281,7 +293,7 @@ def write_tables(paths: Iterable[str | Path], out_dir: str | Path, formats=("md"
     writers = {"md": to_markdown, "csv": to_csv, "tex": to_latex}
     written = {}
     for fmt in formats:
-        written[fmt] = atomic_write_text(out_dir / f"comparison.{fmt}", writers[fmt](keys, aggs))
+        written[fmt] = atomic_write_text(out_dir / f"{name}.{fmt}", writers[fmt](keys, aggs, extra))
     return written
 
 
@@ -291,6 +303,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("dirs", nargs="+", help="run directories or folders containing them (e.g. a sweep dir)")
     p.add_argument("--out", default=None, help="where to write comparison.* (default: the first DIR)")
     p.add_argument("--formats", default="md,csv,tex", help="comma-separated subset of md,csv,tex")
+    p.add_argument("--columns", default="", help="comma-separated metric key patterns to tabulate instead of the "
+                   "task columns (fnmatch, without 'metrics.'), e.g. 'probe.retrieval.retrieval.*.exact_match'")
+    p.add_argument("--name", default="comparison", help="file stem of the written tables")
     args = p.parse_args(argv)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     bad = [f for f in formats if f not in ("md", "csv", "tex")]
@@ -298,7 +313,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: --formats={bad[0]!r} is invalid (allowed: md, csv, tex)", file=sys.stderr)
         return 2
     try:
-        written = write_tables(args.dirs, args.out or args.dirs[0], formats)
+        extra = [c.strip() for c in args.columns.split(",") if c.strip()]
+        written = write_tables(args.dirs, args.out or args.dirs[0], formats, extra, args.name)
     except ResultsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -62,3 +62,20 @@ def test_cli_bad_path_exits_2(tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty")]) == 2
+
+
+def test_report_extra_columns_select_metrics_by_pattern(tmp_path):
+    from mla_analysis.report import write_tables
+
+    sweep = tmp_path / "sweep"
+    for i, seed in enumerate((0, 1)):
+        d = sweep / str(i)
+        d.mkdir(parents=True)
+        metrics = {"val_loss": 1.0 + seed, "mqar.exact_match": 0.5, "probe.retrieval.mqar.beyond_train.exact_match": 0.25 * seed}
+        atomic_write_json(d / "results.json", make_record("ok", {"model": {"name": "mha"}, "seed": seed}, metrics))
+    out = write_tables([sweep], tmp_path, ("csv",), extra=["probe.retrieval.*.beyond_train.exact_match"], name="lc")
+    import csv
+
+    rows = list(csv.DictReader(out["csv"].open()))
+    assert len(rows) == 1 and float(rows[0]["metrics.probe.retrieval.mqar.beyond_train.exact_match"]) == 0.125
+    assert "metrics.mqar.exact_match" not in rows[0] and float(rows[0]["metrics.val_loss"]) == 1.5
