@@ -87,6 +87,7 @@ from typing import Optional
 import torch
 
 from .config import ModelConfig
+from .hooks import run_hooked
 from .models.rope import RotaryEmbedding, softmax_scale
 from .models.transformer import Transformer
 
@@ -255,16 +256,8 @@ def collect_attention_covariances(model: Transformer, calib: torch.Tensor, batch
             counts[i] += u.shape[0]
 
         hooks.append(block.attn.register_forward_pre_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        calib = calib.reshape(-1, calib.shape[-1]) if calib.dim() > 1 else calib[None]
-        for chunk in calib.split(batch_size):
-            model(chunk.to(model.embed.weight.device))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    calib = calib.reshape(-1, calib.shape[-1]) if calib.dim() > 1 else calib[None]
+    run_hooked(model, hooks, calib, batch_size)
     return [s / max(c, 1) for s, c in zip(sums, counts)]
 
 

@@ -46,6 +46,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .hooks import run_hooked
 from .models.mlp import SwiGLU
 from .models.moe import MoE
 from .models.transformer import Transformer
@@ -61,15 +62,7 @@ def ffn_activations(model: Transformer, calib: torch.Tensor, batch_size: int = 8
     for i, block in enumerate(model.layers):
         if isinstance(block.ffn, SwiGLU):
             hooks.append(block.ffn.register_forward_pre_hook(lambda m, args, i=i: store[i].append(args[0].detach())))
-    was_training = model.training
-    model.eval()
-    try:
-        for chunk in calib.split(batch_size):
-            model(chunk.to(model.embed.weight.device))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    run_hooked(model, hooks, calib, batch_size)
     out = []
     for i, block in enumerate(model.layers):
         if not store[i]:

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
+from ..hooks import run_hooked
 from ..models.attention import Attention
 from ..models.mla import MLA, MLACoupledRoPE
 from ..results import atomic_write_json, read_json
@@ -215,15 +216,7 @@ def key_grams(
         return fn
 
     handles = [core.layers[l].attn.register_forward_hook(hook(l), with_kwargs=True) for l in layers]
-    was_training = core.training
-    core.eval()
-    try:
-        for i in range(0, inputs.shape[0], batch_size):
-            core(inputs[i : i + batch_size].to(device))
-    finally:
-        for h in handles:
-            h.remove()
-        core.train(was_training)
+    run_hooked(core, handles, inputs, batch_size, device)
     return grams
 
 

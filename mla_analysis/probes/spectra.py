@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
+from ..hooks import run_hooked
 from ..models.attention import Attention
 from ..models.mla import MLA, MLACoupledRoPE
 from ..results import atomic_write_json
@@ -300,16 +301,7 @@ def _collect(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int, devi
     handles = [
         block.attn.register_forward_hook(_hook(s), with_kwargs=True) for block, s in zip(core.layers, stats)
     ]
-    was_training = core.training
-    core.eval()
-    try:
-        with torch.no_grad():
-            for i in range(0, inputs.shape[0], batch_size):
-                core(inputs[i : i + batch_size].to(device))
-    finally:
-        for h in handles:
-            h.remove()
-        core.train(was_training)
+    run_hooked(core, handles, inputs, batch_size, device)
     return stats
 
 
