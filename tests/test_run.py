@@ -60,6 +60,7 @@ def test_single_run_writes_results_json(tmp_path):
         ("model.n_heads=abc", "model.n_heads"),  # wrong type
         ("model=nonexistent", "model/nonexistent"),  # unknown group option
         ("seed=0,x", "seed"),  # a bad value inside a sweep is caught before any job starts
+        ("+probe.retrieval.lenghts=[64]", "probe.retrieval.lenghts"),  # a probe's unknown key, before training
     ],
 )
 def test_bad_config_fails_with_one_line_and_no_results(tmp_path, override, key):

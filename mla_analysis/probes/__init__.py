@@ -43,11 +43,18 @@ def _load_builtin() -> None:
 
 
 def check_probes(probe_cfg: dict) -> None:
-    """Raise ConfigError for an unknown probe name."""
+    """Raise ConfigError for an unknown probe name or an unknown key of a probe (before any training)."""
+    import sys
+
+    from ._common import check_params
+
     _load_builtin()
-    for name in probe_cfg:
+    for name, params in probe_cfg.items():
         if name not in PROBES:
             raise ConfigError(f"probe.{name}: unknown probe (allowed: {', '.join(sorted(PROBES)) or 'none'})")
+        defaults = getattr(sys.modules[PROBES[name].__module__], "DEFAULTS", None)
+        if defaults is not None:  # values that depend on the model are checked when the probe runs
+            check_params(name, dict(params or {}), defaults)
 
 
 def run_probes(model: torch.nn.Module, probe_cfg: dict, data_cfg: Any, run_dir: Path, device: torch.device) -> dict:
