@@ -20,7 +20,10 @@ Figures (each a ratio or a fraction, so that they travel between machines better
    KV bytes read per step (``accounting.kv_bytes_per_token`` in the cache dtype x context x batch),
    achieved KV-read bandwidth (bytes/step / time/step) and its fraction of the machine's copy
    bandwidth (``dst.copy_(src)`` of a 256 MB tensor, read + write bytes counted, STREAM convention;
-   median of several). Target: >= 30% of copy bandwidth at 32k for MLA.
+   median of several). Target: >= 30% of copy bandwidth at 32k for MLA. For information also MLA with a
+   bfloat16 cache (``new_cache(dtype=torch.bfloat16)``; bytes counted in bf16), the same fp32 model, and
+   the achieved GFLOP/s (``accounting.decode_flops_per_token``): absorbed MLA does 4 H FLOPs per cached
+   element (scores and weighted sum for each of H heads), so on a CPU it can be compute-bound, not read-bound.
 4. Streaming spectra: tokens/s of the spectra probe's Gram accumulation, and peak memory flat in the
    number of tokens (each size streamed in a fresh process; peak RSS of 1M tokens within 10% of 100k).
 5. Whole-job budget: with ``--sweep-dir DIR`` the wall time of a finished sweep is read from its
@@ -33,7 +36,8 @@ Section 3 skips a context when the previous (half as long) one predicts more mem
 available or a step longer than ``--max-step-s``, and says so in the table.
 
 ``--quick`` shrinks every size (a few seconds; used by the tests) and does not write BENCHMARKS.md
-unless ``--out`` is given. ``--profile`` adds torch.profiler hotspot tables for figures 1 and 2.
+unless ``--out`` is given. ``--profile`` adds torch.profiler hotspot tables for figures 1 and 2 and for the
+MLA decode step at the longest context of figure 3.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .accounting import kv_bytes_per_token
+from .accounting import decode_flops_per_token, kv_bytes_per_token
 from .config import ModelConfig, validate_model_config
 from .models.cache import KVCache
 from .models.transformer import Transformer
@@ -66,7 +70,8 @@ HEADER = (
     "# Benchmarks\n\n"
     "Written by `python -m mla_analysis.bench` (definitions: the docstring of `mla_analysis/bench.py`).\n"
     "One section per device kind; a run replaces only its own section. Targets are for 2 CPU cores.\n"
-    "Tests never assert timings: these numbers are the only performance claims.\n\n"
+    "Tests never assert timings: these numbers are the only performance claims.\n"
+    "Sections the bench does not write (e.g. `cpu-notes`, an analysis by hand) are kept as they are.\n\n"
 )
 
 TARGET_TRAIN_RATIO = 1.5
@@ -378,6 +383,8 @@ def machine_info(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
         "git_commit": git_commit(),
+        # OpenMP/MKL settings change how a shared machine's load hits the timings
+        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS") if k in os.environ},
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     if device.type == "cuda":
@@ -597,40 +604,58 @@ def bench_absorb(sizes: Sizes, device: torch.device, dtype: torch.dtype, seed: i
 
 
 # ------------------------------------------------------------------------ figure 3: decode sweep
+SWEEP_VARIANTS = ("mla", "mla_bf16", "mha", "gqa")
+VARIANT_LABELS = {"mla_bf16": "mla, bf16 cache"}
+
+
+def sweep_variant(name: str, dtype: torch.dtype) -> tuple[str, torch.dtype]:
+    """(model variant, cache dtype) of a sweep variant: ``mla_bf16`` is the MLA model with a bfloat16 cache."""
+    return ("mla", torch.bfloat16) if name == "mla_bf16" else (name, dtype)
+
+
 def bench_decode_sweep(sizes: Sizes, device: torch.device, dtype: torch.dtype, copy_bw: float, seed: int,
-                       max_step_s: float, variants: Sequence[str] = ("mla", "mha", "gqa"),
-                       log: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
-    """Figure 3: one row per (variant, batch, context); skipped cells say why."""
+                       max_step_s: float, variants: Sequence[str] = SWEEP_VARIANTS,
+                       log: Callable[[str], None] = lambda s: None, profile: bool = False) -> list[dict[str, Any]]:
+    """Figure 3: one row per (variant, batch, context); skipped cells say why. ``mla_bf16`` (the same MLA
+    model reading a bfloat16 cache) is left out when ``dtype`` is already bfloat16. With ``profile`` the MLA
+    step at the longest context gets a profiler hotspot table (``row["profile"]``)."""
+    variants = [v for v in variants if not (v == "mla_bf16" and dtype == torch.bfloat16)]
     max_ctx = max(sizes.contexts)
-    models = decode_models(sizes.decode_kw, max_ctx + 1, device, dtype, variants, seed)
+    models = decode_models(sizes.decode_kw, max_ctx + 1, device, dtype,
+                           sorted({sweep_variant(v, dtype)[0] for v in variants}), seed)
     rows: list[dict[str, Any]] = []
     for batch in sizes.batches:
         for v in variants:
-            model = models[v]
-            per_token = kv_bytes_per_token(model.cfg, dtype)
+            base, cache_dtype = sweep_variant(v, dtype)
+            model = models[base]
+            per_token = kv_bytes_per_token(model.cfg, cache_dtype)
             prev: Optional[dict[str, Any]] = None
             for S in sorted(sizes.contexts):
                 row: dict[str, Any] = {"variant": v, "batch": batch, "context": S, "kv_bytes_per_token": per_token,
-                                       "kv_bytes_per_step": per_token * S * batch}
+                                       "kv_bytes_per_step": per_token * S * batch,
+                                       "flops_per_step": decode_flops_per_token(model.cfg, S + 1) * batch,
+                                       "cache_dtype": str(cache_dtype).replace("torch.", "")}
                 rows.append(row)
                 reason = _skip_reason(prev, S, batch, per_token, device, max_step_s, sizes.decode_iters)
                 if reason:
                     row["skipped"] = reason
-                    log(f"  {v:4s} B={batch} S={S}: skipped ({reason})")
+                    log(f"  {v:8s} B={batch} S={S}: skipped ({reason})")
                     continue
                 with PeakMemory(device) as peak:
-                    cache = model.new_cache(batch, S + 1, dtype)
+                    cache = model.new_cache(batch, S + 1, cache_dtype)
                     fill_cache_(cache, S, seed)
                     step = make_decode_step(model, cache, S, batch, device, seed)
                     times = time_interleaved({"step": step}, device, warmup=1, iters=sizes.decode_iters,
                                              min_time_s=sizes.decode_min_time_s, max_iters=20)["step"]
+                if profile and v == "mla" and S == max_ctx:
+                    row["profile"] = profile_top(step, device)
                 del cache, step
                 t = median(times)
                 row.update(step_s=t, iters=len(times), tok_s=batch / t, kv_read_bw=row["kv_bytes_per_step"] / t,
-                           peak_bytes=peak.bytes)
+                           flops_per_s=row["flops_per_step"] / t, peak_bytes=peak.bytes)
                 row["bw_fraction"] = row["kv_read_bw"] / copy_bw
                 prev = row
-                log(f"  {v:4s} B={batch} S={S}: {t * 1e3:8.1f} ms/step, {row['tok_s']:8.1f} tok/s, "
+                log(f"  {v:8s} B={batch} S={S}: {t * 1e3:8.1f} ms/step, {row['tok_s']:8.1f} tok/s, "
                     f"{row['kv_read_bw'] / 1e9:6.2f} GB/s KV ({100 * row['bw_fraction']:.0f}% of copy)")
     return rows
 
@@ -765,6 +790,14 @@ def summary_rows(res: dict[str, Any], quick: bool) -> list[list[str]]:
                          _fmt(res["copy"]["median_bw"] / 1e9, " GB/s copy", 2),
                          f"{cell['bw_fraction']:.1%}", f">= {TARGET_BW_FRACTION:.0%}",
                          _status(cell["bw_fraction"], TARGET_BW_FRACTION, quick)])
+        for batch in sorted({r["batch"] for r in sweep}):
+            cell = next((r for r in sweep if r["variant"] == "mla_bf16" and r["batch"] == batch
+                         and r["context"] == ctx and "tok_s" in r), None)
+            if cell:
+                rows.append([f"3b. same, MLA absorbed with a bf16 cache (`new_cache(dtype=torch.bfloat16)`), batch "
+                             f"{batch} (for information)", _fmt(cell["kv_read_bw"] / 1e9, " GB/s", 2),
+                             _fmt(res["copy"]["median_bw"] / 1e9, " GB/s copy", 2), f"{cell['bw_fraction']:.1%}",
+                             "-", "info"])
         for batch in sorted({r["batch"] for r in sweep}):  # what the smaller cache buys, at the longest context
             cells = {r["variant"]: r for r in sweep if r["batch"] == batch and r["context"] == ctx and "tok_s" in r}
             if "mla" in cells and len(cells) > 1:
@@ -801,15 +834,15 @@ def summary_rows(res: dict[str, Any], quick: bool) -> list[list[str]]:
 def sweep_table(sweep: list[dict[str, Any]]) -> str:
     rows = []
     for r in sweep:
-        head = [r["variant"], r["batch"], f"{r['context']:,}", f"{r['kv_bytes_per_token']:,.0f}",
+        head = [VARIANT_LABELS.get(r["variant"], r["variant"]), r["batch"], f"{r['context']:,}", f"{r['kv_bytes_per_token']:,.0f}",
                 _fmt(r["kv_bytes_per_step"] / 1e6, "", 1)]
         if "skipped" in r:
-            rows.append(head + ["-", "-", "-", f"skipped: {r['skipped']}"])
+            rows.append(head + ["-", "-", "-", f"skipped: {r['skipped']}", "-"])
             continue
         rows.append(head + [_fmt(r["step_s"] * 1e3, "", 2), _fmt(r["tok_s"], "", 1), _fmt(r["kv_read_bw"] / 1e9, "", 2),
-                            f"{r['bw_fraction']:.1%}"])
+                            f"{r['bw_fraction']:.1%}", _fmt(r["flops_per_s"] / 1e9, "", 1)])
     return _table(["attention", "batch", "context", "KV B/token", "KV MB/step", "ms/step", "tok/s", "KV-read GB/s",
-                   "of copy bw"], rows)
+                   "of copy bw", "GFLOP/s"], rows)
 
 
 def _cfg_line(cfg: ModelConfig, keys: Sequence[str]) -> str:
@@ -825,7 +858,8 @@ def render(res: dict[str, Any], argv: Sequence[str]) -> str:
     caches = f" ({caches})" if caches else ""
     out.append(f"Machine: {info['cpu']}{caches}, {cores}" + (f", GPU {info['gpu']}" if "gpu" in info else "")
                + f"; torch {info['torch']} ({info['threads']} threads), transformers {info['transformers']}, "
-                 f"Python {info['python']}; dtype {info['dtype']}; git {info['git_commit']}.")
+                 f"Python {info['python']}; dtype {info['dtype']}; git {info['git_commit']}"
+               + "".join(f"; {k}={v}" for k, v in (info.get("env") or {}).items()) + ".")
     out.append("")
     cmd = " ".join(["python -m mla_analysis.bench", *argv])
     out.append(f"Command: `{cmd}`; bench wall time {res['wall_s']:.0f} s.")
@@ -867,15 +901,20 @@ def render(res: dict[str, Any], argv: Sequence[str]) -> str:
         out += ["### 3. Decode sweep: MLA (absorbed) vs MHA vs GQA", "",
                 f"One layer each, d_model {shape['d_model']}, {shape['n_heads']} query heads; MHA/GQA head_dim "
                 f"{shape['head_dim']} (GQA: {shape['gqa_kv_heads']} K/V heads); MLA as figure 2. KV bytes from "
-                f"`accounting.kv_bytes_per_token` in the cache dtype ({info['dtype']}). Copy bandwidth "
+                f"`accounting.kv_bytes_per_token` in the cache dtype ({info['dtype']}; "
+                f"bfloat16 for 'mla, bf16 cache': the same model and weights reading a bf16 cache). Copy bandwidth "
                 f"(`copy_` of {c['bytes'] / 2**20:.0f} MiB, read+write bytes): median {c['median_bw'] / 1e9:.2f} GB/s, "
                 f"best {c['best_bw'] / 1e9:.2f} GB/s."
                 + (f" CPU caches: {info['cpu_caches']}; a cache smaller than the last level is partly read from "
                    "there, not from DRAM." if info.get("cpu_caches") and info["device"] == "cpu" else ""),
                 "", sweep_table(res["sweep"]), ""]
-    if res.get("profile"):
+    profiles = dict(res.get("profile") or {})
+    for r in res.get("sweep") or []:
+        if r.get("profile"):
+            profiles[f"figure 3, MLA absorbed decode step at {r['context']:,}, batch {r['batch']}"] = r["profile"]
+    if profiles:
         out += ["### Profile (torch.profiler, top ops by self time)", ""]
-        for name, prof in res["profile"].items():
+        for name, prof in profiles.items():
             out += [f"{name}:", "", _table(["op", "self ms per call", "share", "calls per call"],
                                            [[p["op"], f"{p['self_ms_per_call_of_fn']:.1f}", f"{p['share']:.0%}",
                                              f"{p['calls_per_fn']:.0f}"] for p in prof]), ""]
@@ -919,7 +958,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-step-s", type=float, default=6.0,
                    help="figure 3: skip a context whose step is predicted to take longer than this")
     p.add_argument("--no-eager-experts", action="store_true", help="figure 1: skip the HF eager-experts row")
-    p.add_argument("--profile", action="store_true", help="add torch.profiler hotspots of figures 1 and 2")
+    p.add_argument("--profile", action="store_true", help="add torch.profiler hotspots of figures 1, 2 and 3 (MLA)")
     p.add_argument("--note", default=None, help="a line recorded with the results")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -978,7 +1017,7 @@ def _run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
         res["copy"] = measure_copy_bandwidth(device, sizes.copy_bytes, sizes.copy_reps)
         log(f"   copy bandwidth {res['copy']['median_bw'] / 1e9:.2f} GB/s (read+write)")
         res["sweep"] = bench_decode_sweep(sizes, device, dtype, res["copy"]["median_bw"], args.seed,
-                                          args.max_step_s, log=log)
+                                          args.max_step_s, log=log, profile=args.profile)
     if "4" in sections:
         log("4. streaming spectra ...")
         res["spectra"] = bench_spectra(device, args.quick)

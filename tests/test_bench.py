@@ -57,7 +57,7 @@ def test_quick_run_has_every_row_and_keeps_other_sections(tmp_path):
     assert res["machine"]["cpu"] and res["machine"]["torch"] == torch.__version__
 
     sizes = bench.make_sizes(quick=True)
-    assert len(res["sweep"]) == 3 * len(sizes.contexts) * len(sizes.batches)
+    assert len(res["sweep"]) == len(bench.SWEEP_VARIANTS) * len(sizes.contexts) * len(sizes.batches)
     for r in res["sweep"]:
         assert "skipped" not in r, r
         assert r["kv_bytes_per_step"] == r["kv_bytes_per_token"] * r["context"] * r["batch"]
@@ -117,6 +117,49 @@ def test_naive_and_absorbed_decoders_agree(batch):
     assert bench.check_decode_parity(absorbed, naive, 1e-4) < 1e-4
 
 
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_absorbed_decode_with_head_groups_and_prefill_matches_naive(monkeypatch, groups):
+    """The absorbed path splits the heads into groups sharing one latent read (as many as threads need);
+    every split, with multi-token (masked) chunks through the cache, gives the naive path's logits."""
+    from mla_analysis.models import mla
+
+    assert mla.head_groups(16, 1, 2) == 2 and mla.head_groups(16, 8, 2) == 1 and mla.head_groups(6, 1, 4) == 6
+    assert mla.head_groups(12, 1, 5) == 6  # the smallest divisor of H that keeps the threads busy
+    monkeypatch.setattr(mla, "head_groups", lambda n_heads, batch, threads: groups)
+    shape = bench.decode_shape(quick=True)
+    models = bench.decode_models(shape, 24, torch.device("cpu"), torch.float32, ["mla", "mla_naive"], seed=4)
+    ids = torch.randint(0, shape["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
+    outs = {}
+    with torch.no_grad():
+        for name, model in models.items():
+            cache = model.new_cache(2, 24)
+            chunks = [(0, 9), (9, 12)] + [(t, t + 1) for t in range(12, 24)]
+            outs[name] = torch.cat([model(ids[:, a:b], cache=cache) for a, b in chunks], dim=1)
+        full = models["mla_naive"](ids)
+    torch.testing.assert_close(outs["mla"], outs["mla_naive"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(outs["mla"], full, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_cache_decode_close_to_fp32_and_cache_is_one_buffer():
+    """A bf16 cache (figure 3's 'mla, bf16 cache') halves the bytes and stays within bf16 rounding of fp32;
+    c_kv and k_rope are views of one [c_kv | k_rope] buffer (what the absorbed path reads in one pass)."""
+    shape = bench.decode_shape(quick=True)
+    S, B = 48, 2
+    model = bench.decode_models(shape, S + 1, torch.device("cpu"), torch.float32, ["mla"], seed=5)["mla"]
+    caches = {dt: model.new_cache(B, S + 1, dt) for dt in (torch.float32, torch.bfloat16)}
+    for cache in caches.values():
+        bench.fill_cache_(cache, S, seed=6)
+        layer, joint = cache.layers[0], cache.joint_view(0, S + 1)
+        assert layer["c_kv"].data_ptr() == joint.data_ptr()
+        torch.testing.assert_close(torch.cat((layer["c_kv"], layer["k_rope"]), -1), joint, atol=0, rtol=0)
+    assert caches[torch.bfloat16].nbytes() * 2 == caches[torch.float32].nbytes()
+    steps = {dt: bench.make_decode_step(model, c, S, B, torch.device("cpu")) for dt, c in caches.items()}
+    ref, got = steps[torch.float32](), steps[torch.bfloat16]()
+    assert got.dtype == torch.float32
+    err = (got - ref).abs().max() / ref.abs().max()
+    assert 0 < err < 2e-2, err  # bf16 rounding of the cache and the latent attention, not a different result
+
+
 def test_decode_models_variants_and_kv_accounting():
     shape = bench.decode_shape(quick=True)
     models = bench.decode_models(shape, 65, torch.device("cpu"), torch.float32, ["mla", "mha", "gqa"])
@@ -160,3 +203,4 @@ def test_merge_section_replaces_only_its_own():
     assert "## cpu first" not in text and "## cpu second" in text and "## cuda old" in text
     assert text.index("## cpu second") < text.index("## cuda old")  # cpu (the targets' device) first
     assert bench.merge_section(text, "cpu", "## cpu second\n") == text  # idempotent
+

@@ -3,7 +3,7 @@
 What each variant caches per layer and token is the point of MLA:
 - MHA / GQA / MQA: ``k`` and ``v`` for each K/V head, (B, S, H_kv, d_h) each.
 - MLA: only the normalised latent ``c_kv`` (B, S, d_c) and the shared decoupled RoPE key
-  ``k_rope`` (B, S, d_h^R).
+  ``k_rope`` (B, S, d_h^R), stored side by side in one (B, S, d_c + d_h^R) buffer per layer.
 - MLA with coupled RoPE (ablation): only ``c_kv``.
 Buffers are allocated once for ``max_len`` tokens; ``seq_len`` counts the tokens written so far.
 """
@@ -46,10 +46,23 @@ class KVCache:
         self.max_len = max_len
         self.dtype = dtype
         self.seq_len = 0
-        self.layers: list[dict[str, torch.Tensor]] = [
-            {name: torch.zeros(shape, dtype=dtype, device=device) for name, shape in cache_shapes(cfg, batch_size, max_len, i).items()}
-            for i in range(cfg.n_layers)
-        ]
+        self.layers: list[dict[str, torch.Tensor]] = []
+        # MLA: one buffer per layer holds [c_kv | k_rope] side by side (the named tensors are views of it),
+        # so absorbed decoding reads the whole cache as one (B, S, d_c + d_rope) key matrix
+        self.joint: list[Optional[torch.Tensor]] = []
+        for i in range(cfg.n_layers):
+            shapes = cache_shapes(cfg, batch_size, max_len, i)
+            if cfg.attention == "mla":
+                joint = torch.zeros(batch_size, max_len, sum(sh[-1] for sh in shapes.values()), dtype=dtype, device=device)
+                views, offset = {}, 0
+                for name, shape in shapes.items():  # narrow, not split: written in place, also under autograd
+                    views[name] = joint.narrow(-1, offset, shape[-1])  # (B, max_len, d)
+                    offset += shape[-1]
+                self.layers.append(views)
+                self.joint.append(joint)
+            else:
+                self.layers.append({name: torch.zeros(shape, dtype=dtype, device=device) for name, shape in shapes.items()})
+                self.joint.append(None)
 
     def write(self, layer: int, start: int, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
         """Store new tokens at [start, start+T) and return views of everything cached up to there."""
@@ -60,6 +73,13 @@ class KVCache:
         for name, t in tensors.items():
             buf[name][:, start:end] = t.to(self.dtype)
         return {name: b[:, :end] for name, b in buf.items()}
+
+    def joint_view(self, layer: int, end: int) -> torch.Tensor:
+        """MLA: the cached [c_kv | k_rope] of positions [0, end) as one (B, end, d_c + d_rope) view."""
+        joint = self.joint[layer]
+        if joint is None:
+            raise ValueError(f"layer {layer} of a {self.cfg.attention!r} cache has no joint [c_kv | k_rope] buffer")
+        return joint[:, :end]
 
     def nbytes(self) -> int:
         """Bytes held by all cache buffers."""

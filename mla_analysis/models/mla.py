@@ -12,6 +12,7 @@ Decoding paths with a cache:
 - ``absorb``: fold W^UK into the query (q_nope W^UK -> latent query) and W^UV into the output, so
   attention runs in the latent space: an MQA with one K/V "head" of width d_c + d_h^R (values d_c),
   computed with the heads folded into the query rows so the latent is read once, not once per head.
+  The cache keeps [c_kv | k_rope] in one buffer, which is both key and value of one SDPA call.
 
 ``MLACoupledRoPE`` is the ablation without decoupled RoPE: RoPE is applied to the last
 qk_rope_head_dim dims of each head's up-projected key, so W^UK cannot be absorbed (the rotation sits
@@ -23,6 +24,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
@@ -30,6 +32,11 @@ from .attention import attend, causal_mask
 from .cache import KVCache
 from .norm import RMSNorm
 from .rope import RotaryEmbedding, softmax_scale
+
+
+def head_groups(n_heads: int, batch: int, threads: int) -> int:
+    """Smallest divisor G of ``n_heads`` with batch * G >= threads (G query-head groups per latent read)."""
+    return next(g for g in range(1, n_heads + 1) if n_heads % g == 0 and (batch * g >= threads or g == n_heads))
 
 
 class MLA(nn.Module):
@@ -95,9 +102,9 @@ class MLA(nn.Module):
         k_rope = rope.rotate(k_rope.unsqueeze(2), cos, sin).squeeze(2)  # (B, T, d_rope)
         if cache is not None:
             kv = cache.write(self.layer_idx, start, c_kv=c_kv, k_rope=k_rope)
-            c_kv, k_rope = kv["c_kv"].to(x.dtype), kv["k_rope"].to(x.dtype)  # (B, S, d_c), (B, S, d_rope)
             if self.decode == "absorb":
-                return self._absorbed(q_nope, q_rope, c_kv, k_rope, start)
+                return self._absorbed(q_nope, q_rope, cache.joint_view(self.layer_idx, start + T), start)
+            c_kv, k_rope = kv["c_kv"].to(x.dtype), kv["k_rope"].to(x.dtype)  # (B, S, d_c), (B, S, d_rope)
         return self._naive(q_nope, q_rope, c_kv, k_rope, start)
 
     def _naive(self, q_nope, q_rope, c_kv, k_rope, start: int) -> torch.Tensor:
@@ -110,22 +117,32 @@ class MLA(nn.Module):
         o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale, start)  # (B, H, T, d_v)
         return self.wo(o.transpose(1, 2).reshape(B, T, H * self.v_head_dim))  # (B, T, D)
 
-    def _absorbed(self, q_nope, q_rope, c_kv, k_rope, start: int) -> torch.Tensor:
+    def _absorbed(self, q_nope, q_rope, latent, start: int) -> torch.Tensor:
+        """Attention in the latent space over ``latent`` = the cached [c_kv | k_rope] (B, S, d_c + d_rope)."""
         B, T, H, _ = q_nope.shape
-        S = c_kv.shape[1]
+        S = latent.shape[1]
         w_uk, w_uv = self.w_uk_uv()
-        q_lat = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)  # (B, H, T, d_c): W^UK absorbed into q
-        # one latent "head" shared by all heads: fold the heads into query rows and use plain batched
-        # matmuls, as DeepSeek-V3's reference does (SDPA would expand the latent to every head)
-        scores = q_lat.reshape(B, H * T, -1) @ c_kv.transpose(1, 2)  # (B, H*T, S)
-        scores = scores + q_rope.transpose(1, 2).reshape(B, H * T, -1) @ k_rope.transpose(1, 2)  # (B, H*T, S)
-        scores = scores.view(B, H, T, S).float() * self.scale  # (B, H, T, S)
-        mask = causal_mask(T, S, start, scores.device)
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, d_c): W^UK absorbed into q
+        # q_lat . c_kv + q_rope . k_rope = [q_lat | q_rope] . [c_kv | k_rope]: one MQA whose single K/V
+        # "head" is the cache buffer. The heads are folded into query rows, so SDPA reads the cache once per
+        # group of heads (one query row per head would stream the cache once per head). SDPA runs one task
+        # per (batch row, group): a small batch uses G > 1 groups to keep every thread busy.
+        G = head_groups(H, B, torch.get_num_threads())
+        q = torch.cat((q_lat, q_rope), dim=-1).view(B, T, G, H // G, -1)  # (B, T, G, H/G, d_c + d_rope)
+        q = q.transpose(1, 2).reshape(B, G, T * H // G, -1)  # (B, G, T*H/G, d_c + d_rope), row t*H/G + h
+        mask = causal_mask(T, S, start, q.device)
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        probs = scores.softmax(dim=-1).to(c_kv.dtype)
-        o_lat = (probs.view(B, H * T, S) @ c_kv).view(B, H, T, self.kv_lora_rank)  # (B, H, T, d_c)
-        o = torch.einsum("bhtc,hdc->bthd", o_lat, w_uv)  # (B, T, H, d_v): W^UV applied after attention
+            mask = mask.repeat_interleave(H // G, dim=0)  # (T*H/G, S): row t*H/G + h sees keys 0..start+t
+        kv = latent.unsqueeze(1)  # (B, 1, S, d_c + d_rope), shared by the G groups
+        # The value is c_kv, the first d_c columns of the same buffer. The fused (flash) kernel needs equal key
+        # and value widths, so there the whole buffer is the value and the d_rope extra output columns are
+        # dropped: 2*H*d_rope*S extra FLOPs instead of a second pass over the cache (as ``attend`` pads v).
+        v = kv if torch.backends.cuda.flash_sdp_enabled() else kv[..., : self.kv_lora_rank]
+        # a cache in a lower precision (e.g. bf16) is read as is: attention runs in its dtype, not on an fp32 copy
+        o = F.scaled_dot_product_attention(q.to(kv.dtype), kv, v, attn_mask=mask, scale=self.scale, enable_gqa=G > 1)
+        o_lat = o[..., : self.kv_lora_rank].to(q.dtype).view(B, G, T, H // G, self.kv_lora_rank)  # (B, G, T, H/G, d_c)
+        o_lat = o_lat.transpose(1, 2).reshape(B, T, H, self.kv_lora_rank)  # (B, T, H, d_c)
+        o = torch.einsum("bthc,hdc->bthd", o_lat, w_uv)  # (B, T, H, d_v): W^UV applied after attention
         return self.wo(o.reshape(B, T, H * self.v_head_dim))  # (B, T, D)
 
 
