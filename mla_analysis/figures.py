@@ -184,9 +184,13 @@ def plot_retrieval(members: dict[str, list[dict[str, Any]]], task: str, out_dir:
             panels.append((label, g, train_len, len(runs)))
     if not panels:
         return []
-    fig, axes = _figure(1, len(panels), 3.6 * len(panels), 3.4)
+    ncols = min(4, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = _figure(nrows, ncols, 3.4 * ncols + 1.0, 3.0 * nrows + 0.4)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     im = None
-    for ax, (label, (lengths, second, m, axis), train_len, n) in zip(axes[0], panels):
+    for ax, (label, (lengths, second, m, axis), train_len, n) in zip(axes.flat, panels):
         im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
         ax.set_xticks(range(len(lengths)), [str(x) for x in lengths])
         ax.set_yticks(range(len(second)), [f"{s:.2f}" if isinstance(s, float) else str(s) for s in second])
@@ -195,7 +199,7 @@ def plot_retrieval(members: dict[str, list[dict[str, Any]]], task: str, out_dir:
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("key-value pairs" if axis == "pairs" else "needle depth")
         ax.set_title(f"{label} (n={n})", fontsize=9)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label=f"{task} exact match")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label=f"{task} exact match")
     fig.suptitle(f"{task}: exact match by context length (dashed: training length)", fontsize=10)
     return _save(fig, out_dir, f"retrieval_{task}")
 

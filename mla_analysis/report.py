@@ -13,6 +13,7 @@ import csv
 import fnmatch
 import io
 import math
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -192,8 +193,9 @@ def columns(keys: list[str], aggs: list[dict[str, Any]], extra: Sequence[str] = 
                     if k.endswith(".exact_match") and not k.startswith("metrics.probe.")})  # probes: own files
     if extra:
         tasks = []
-        matched = sorted(k for k in present if k.startswith("metrics.") and not k.endswith(".ci")
-                         and any(fnmatch.fnmatchcase(k[len("metrics."):], pat) for pat in extra))
+        matched = sorted((k for k in present if k.startswith("metrics.") and not k.endswith(".ci")
+                          and any(fnmatch.fnmatchcase(k[len("metrics."):], pat) for pat in extra)),
+                         key=lambda k: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", k)])  # len32 < len128
         cols += [(k, k[len("metrics."):].replace("probe.", "")) for k in matched]
     for t in tasks:
         cols.append((f"metrics.{t}.exact_match", f"{t} EM"))
