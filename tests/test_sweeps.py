@@ -47,7 +47,7 @@ def test_reference_from_number_or_run_dir(tmp_path):
 def test_rank_search_optuna_picks_smallest_feasible_rank(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")  # the [dev] extra installs it
     sweep = tmp_path / "search"
-    p = run(["+experiment=rank_search", "search.reference=0.0", "hydra.sweeper.n_trials=2", "hydra/launcher=basic",
+    p = run(["+experiment=rank_search", "search.reference=0.0", "hydra.sweeper.n_trials=2",
              f"hydra.sweep.dir={sweep}", *FAST], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     recs = [json.loads(f.read_text()) for f in sweep.glob("*/results.json")]
