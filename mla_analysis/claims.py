@@ -341,9 +341,9 @@ def quality_claims(studies: dict[str, Optional[list[dict[str, Any]]]], tol: floa
             for t in detail:
                 ci = g.get(f"metrics.{t}.exact_match.ci")
                 b = base.get(f"metrics.{t}.exact_match")
-                if g.get("model.kv_lora_rank") and ci and b is not None and ci[1] < b - tol:
+                if g.get("model.kv_lora_rank") and ci and b is not None and ci[1] < b - tol and b >= 0.5:
                     worse = True
-        learned = [t for t in detail if (base.get(f"metrics.{t}.solved") or 0) > 0]
+        learned = [t for t in detail if any((g.get(f"metrics.{t}.exact_match") or 0) >= 0.5 for g in av)]
         if not learned:
             verdict = "not testable at this scale"
         else:
@@ -353,7 +353,7 @@ def quality_claims(studies: dict[str, Optional[list[dict[str, Any]]]], tol: floa
             source="popular write-ups",
             measured="; ".join(parts),
             conditions="tiny scale, full procedural mixture, 3 seeds, equal tokens; 'worse' = the MLA CI lies below "
-                       "MHA; testable only for tasks MHA itself solves on some seed (solved here: "
+                       "MHA; testable only for tasks some variant learns (mean exact match >= 0.5; here: "
                        f"{', '.join(learned) or 'none'}), else a longer budget or a larger model is needed",
             verdict=verdict,
             evidence="experiments/attention_variants",
