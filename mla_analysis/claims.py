@@ -82,7 +82,9 @@ def load_study(path: Optional[str]) -> Optional[list[dict[str, Any]]]:
         for agg in aggregate(members)[1]:
             agg["model.name"], agg["model.kv_lora_rank"] = name, rank
             out.append(agg)
-    return out
+    order = ("mha", "gqa", "mqa", "dense")
+    return sorted(out, key=lambda g: (order.index(g["model.name"]) if g["model.name"] in order else len(order),
+                                      str(g["model.name"]), g["model.kv_lora_rank"] or 0))
 
 
 def pick(groups: Optional[list[dict[str, Any]]], **match: Any) -> Optional[dict[str, Any]]:

@@ -96,6 +96,9 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
         if cfg.get("claims") is not None:  # the claims audit: arithmetic, a timing and the studies' records
             from .claims import run_claims
 
+            if probe_cfg:
+                raise ConfigError(f"probe={','.join(probe_cfg)}: the claims audit has no model to probe (use probe=none)")
+
             out = run_claims(OmegaConf.to_object(cfg.claims), run_dir, cfg.device)
         elif cfg.get("convert") is not None:  # convert a trained model and heal it (mla_analysis/convert_job.py)
             from .convert_job import run_convert
