@@ -124,30 +124,40 @@ def plot_pareto(aggs: list[dict[str, Any]], metric: str, out_dir: Path) -> list[
 def plot_rank_accuracy(aggs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     """Exact match vs kv_lora_rank per task with CI bands; non-MLA variants as reference lines."""
     mla = sorted((a for a in aggs if a.get("model.kv_lora_rank") is not None), key=lambda a: a["model.kv_lora_rank"])
+    # tasks no configuration learns (mean exact match < 0.1 everywhere) are left out of the figure
     tasks = sorted({k[len("metrics."): -len(".exact_match")] for a in aggs for k in a
-                    if k.endswith(".exact_match") and not k.startswith("metrics.probe.") and a.get(k) is not None})
+                    if k.endswith(".exact_match") and not k.startswith("metrics.probe.") and (a.get(k) or 0) >= 0.1})
     if not mla or not tasks:
         return []
-    fig, axes = _figure(1, len(tasks), 5.2 * len(tasks), 4.0)
+    ncols = min(3, len(tasks))
+    nrows = -(-len(tasks) // ncols)
+    fig, axes = _figure(nrows, ncols, 5.2 * ncols, 4.0 * nrows)
+    for ax in axes.flat[len(tasks):]:
+        ax.set_visible(False)
     others = [a for a in aggs if a.get("model.kv_lora_rank") is None]
-    for ax, task in zip(axes[0], tasks):
+    for ax, task in zip(axes.flat, tasks):
         key = f"metrics.{task}.exact_match"
-        series = [a for a in mla if a.get(key) is not None]
-        ranks = [a["model.kv_lora_rank"] for a in series]
-        mean = [a[key] for a in series]
-        lo = [a.get(key + ".ci", (m, m))[0] for a, m in zip(series, mean)]
-        hi = [a.get(key + ".ci", (m, m))[1] for a, m in zip(series, mean)]
-        ax.plot(ranks, mean, "o-", label="MLA (mean over seeds)")
-        ax.fill_between(ranks, lo, hi, alpha=0.25, label="95% bootstrap CI")
+        variants = sorted({str(a.get("model.name") or a.get("model.attention")) for a in mla})
+        all_ranks: set[int] = set()
+        for i, variant in enumerate(variants):  # one curve per MLA variant (e.g. mla, mla_coupled_rope)
+            series = [a for a in mla if str(a.get("model.name") or a.get("model.attention")) == variant
+                      and a.get(key) is not None]
+            ranks = [a["model.kv_lora_rank"] for a in series]
+            mean = [a[key] for a in series]
+            lo = [a.get(key + ".ci", (m, m))[0] for a, m in zip(series, mean)]
+            hi = [a.get(key + ".ci", (m, m))[1] for a, m in zip(series, mean)]
+            ax.plot(ranks, mean, "o-", color=f"C{i}", label=f"{variant} (mean over seeds)")
+            ax.fill_between(ranks, lo, hi, color=f"C{i}", alpha=0.2, label=f"{variant} 95% bootstrap CI")
+            all_ranks.update(ranks)
         for i, a in enumerate(o for o in others if o.get(key) is not None):
-            ax.axhline(a[key], ls="--", lw=1, color=f"C{i + 2}", label=a["label"])
+            ax.axhline(a[key], ls="--", lw=1, color=f"C{i + len(variants)}", label=a["label"])
         ax.set_xscale("log", base=2)
-        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.set_xticks(sorted(all_ranks), [str(r) for r in sorted(all_ranks)])
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("kv_lora_rank (latent width d_c)")
         ax.set_ylabel(f"{task} exact match")
         ax.set_title(f"{task}: accuracy vs KV rank", fontsize=10)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
     return _save(fig, out_dir, "rank_accuracy")
 
 
