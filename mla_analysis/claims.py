@@ -419,18 +419,21 @@ def moe_claims(studies: dict[str, Optional[list[dict[str, Any]]]]) -> list[Claim
         f"{n}: top-domain share {v['share']:.3f}, MI(expert; domain) {v['mi']:.3f} nats, MaxVio {v['maxvio']:.2f}"
         + (f", loss +{v['r1']:.3f} with the top-1 expert disabled" if v["r1"] is not None else "")
         for n, v in stats.items() if v["share"] is not None and v["mi"] is not None and v["maxvio"] is not None)
-    fine, top2 = stats.get("moe_fine"), stats.get("moe_top2")
-    if fine and top2 and fine["share"] is not None and top2["share"] is not None:
-        more = fine["share"] > top2["share"] and fine["mi"] > top2["mi"]
-        verdict = "holds only under stated conditions" if more else "does not hold"
-    else:
+    top2 = stats.get("moe_top2")
+    fine = {n: stats[n] for n in ("moe_fine", "moe_fine_auxfree") if n in stats and stats[n]["share"] is not None}
+    more = [n for n, v in fine.items() if top2 and top2["share"] is not None
+            and v["share"] > top2["share"] and v["mi"] > top2["mi"]]
+    if not fine or not top2:
         verdict = "not measured"
+    else:
+        verdict = "holds only under stated conditions" if more else "does not hold"
     rows = [Claim(
         claim="Fine-grained + shared experts specialise more than conventional top-2 MoE",
         source="DeepSeekMoE paper; write-ups",
         measured=(spec + ". " if spec else "experts probe not run. ") + quality,
         conditions="tiny MLA models (2 layers, d_model 64), equal active and total FFN parameters, 3.3M tokens, the "
-                   "procedural tasks and the language as domains, seed means; 'more' = higher top-domain share and MI. "
+                   "procedural tasks and the language as domains, seed means; 'more' = higher top-domain share and MI "
+                   f"than moe_top2 (here: {', '.join(more) or 'none'}). "
                    "Redundancy (DeepSeekMoE Fig. 4): a larger loss increase when the top expert is disabled = less "
                    "redundancy among experts",
         verdict=verdict,

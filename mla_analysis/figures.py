@@ -71,9 +71,12 @@ def _groups(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]
     from .report import aggregate
 
     keys, aggs = aggregate(rows)
+    short = [k for k in ("model.name", "model.kv_lora_rank", "model.n_kv_heads") if k in keys]
+    labels = [_label(a, short) for a in aggs]
+    if not short or len(set(labels)) < len(labels):  # the variant does not identify a group: all keys
+        labels = [_label(a, keys) for a in aggs]
     members: dict[str, list[dict[str, Any]]] = {}
-    for agg in aggs:
-        label = _label(agg, keys)
+    for agg, label in zip(aggs, labels):
         agg["label"] = label
         members[label] = [r for r in rows if r.get("status") == "ok" and all(repr(r.get(k)) == repr(agg.get(k)) or
                           (k == "model.kv_lora_rank" and agg.get(k) is None) for k in keys)]
@@ -271,6 +274,7 @@ def plot_experts(members: dict[str, list[dict[str, Any]]], out_dir: Path) -> lis
         im = axes[0, j].imshow(load, aspect="auto", cmap="magma", vmin=0)
         axes[0, j].set_xlabel("expert")
         axes[0, j].set_ylabel("MoE layer")
+        axes[0, j].set_yticks(range(load.shape[0]), [str(lay["layer"]) for lay in rec["layers"]])
         axes[0, j].set_title(f"{label}: load (balanced = {1 / load.shape[1]:.3f})", fontsize=9)
         fig.colorbar(im, ax=axes[0, j], shrink=0.8, label="fraction of routed slots")
         co = np.array(rec["layers"][-1]["coact"], dtype=float)
