@@ -100,14 +100,14 @@ def _row_from_hydra(run_dir: Path) -> dict[str, Any]:
         return flatten(OmegaConf.to_container(cfg, resolve=False))
 
 
-def varying_keys(rows: list[dict[str, Any]]) -> list[str]:
-    """Config keys whose values differ between runs (excluding seed and bookkeeping keys)."""
+def varying_keys(rows: list[dict[str, Any]], ignore: Sequence[str] = ()) -> list[str]:
+    """Config keys whose values differ between runs (excluding seed, bookkeeping and ``ignore`` patterns)."""
     keys = set()
     for r in rows:
         keys.update(k for k in r if not k.startswith("metrics.") and k not in ("status", "run_dir", "kv_ratio_to_mha"))
     out = []
     for k in sorted(keys):
-        if k in IGNORED_KEYS or k.startswith("hydra"):
+        if k in IGNORED_KEYS or k.startswith("hydra") or any(fnmatch.fnmatchcase(k, pat) for pat in ignore):
             continue
         values = {repr(r.get(k)) for r in rows}
         if len(values) > 1:
@@ -131,9 +131,9 @@ def _label_keys(keys: list[str]) -> list[str]:
     return first + [k for k in keys if k not in first]
 
 
-def aggregate(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
-    """Group rows by the varying config keys; return (group keys, aggregated rows)."""
-    keys = _label_keys(varying_keys(rows))
+def aggregate(rows: list[dict[str, Any]], ignore: Sequence[str] = ()) -> tuple[list[str], list[dict[str, Any]]]:
+    """Group rows by the varying config keys (minus ``ignore`` patterns); return (group keys, aggregated rows)."""
+    keys = _label_keys(varying_keys(rows, ignore))
     if "model.attention" in keys and "model.name" in keys:
         keys.remove("model.attention")  # name already identifies the variant
     groups: dict[tuple, list[dict[str, Any]]] = {}
@@ -285,12 +285,12 @@ def to_latex(keys: list[str], aggs: list[dict[str, Any]], extra: Sequence[str] =
 
 
 def write_tables(paths: Iterable[str | Path], out_dir: str | Path, formats=("md", "csv", "tex"),
-                 extra: Sequence[str] = (), name: str = "comparison") -> dict[str, Path]:
+                 extra: Sequence[str] = (), name: str = "comparison", ignore: Sequence[str] = ()) -> dict[str, Path]:
     """Build the comparison tables from run directories and write ``name``.{md,csv,tex} atomically."""
     rows = load_rows(paths)
     if not rows:
         raise ResultsError(f"no run directories under {', '.join(map(str, paths))}")
-    keys, aggs = aggregate(rows)
+    keys, aggs = aggregate(rows, ignore)
     out_dir = Path(out_dir)
     writers = {"md": to_markdown, "csv": to_csv, "tex": to_latex}
     written = {}
@@ -308,6 +308,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--columns", default="", help="comma-separated metric key patterns to tabulate instead of the "
                    "task columns (fnmatch, without 'metrics.'), e.g. 'probe.retrieval.retrieval.*.exact_match'")
     p.add_argument("--name", default="comparison", help="file stem of the written tables")
+    p.add_argument("--ignore", default="", help="comma-separated config key patterns not to group by (fnmatch), "
+                   "e.g. 'model.kv_lora_ranks' when per-layer ranks follow from convert.allocation")
     args = p.parse_args(argv)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     bad = [f for f in formats if f not in ("md", "csv", "tex")]
@@ -316,7 +318,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     try:
         extra = [c.strip() for c in args.columns.split(",") if c.strip()]
-        written = write_tables(args.dirs, args.out or args.dirs[0], formats, extra, args.name)
+        ignore = [c.strip() for c in args.ignore.split(",") if c.strip()]
+        written = write_tables(args.dirs, args.out or args.dirs[0], formats, extra, args.name, ignore)
     except ResultsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -79,3 +79,17 @@ def test_report_extra_columns_select_metrics_by_pattern(tmp_path):
     rows = list(csv.DictReader(out["csv"].open()))
     assert len(rows) == 1 and float(rows[0]["metrics.probe.retrieval.mqar.beyond_train.exact_match"]) == 0.125
     assert "metrics.mqar.exact_match" not in rows[0] and float(rows[0]["metrics.val_loss"]) == 1.5
+
+
+def test_report_ignore_merges_groups_that_differ_only_in_ignored_keys(tmp_path):
+    from mla_analysis.report import aggregate, load_rows
+
+    for i, ranks in enumerate(([5, 11], [6, 10])):  # per-layer ranks chosen per seed by an allocation
+        d = tmp_path / str(i)
+        d.mkdir()
+        config = {"model": {"name": "mla", "kv_lora_ranks": ranks}, "convert": {"allocation": "energy"}, "seed": i}
+        atomic_write_json(d / "results.json", make_record("ok", config, {"val_loss": 1.0 + i}))
+    rows = load_rows([tmp_path])
+    assert len(aggregate(rows)[1]) == 2
+    keys, aggs = aggregate(rows, ignore=["model.kv_lora_ranks"])
+    assert len(aggs) == 1 and aggs[0]["n_ok"] == 2 and aggs[0]["metrics.val_loss"] == 1.5
