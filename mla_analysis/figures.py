@@ -21,7 +21,7 @@ import argparse
 import io
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -66,11 +66,12 @@ def _label(agg: dict[str, Any], keys: list[str]) -> str:
     return " ".join(parts) or "all runs"
 
 
-def _groups(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+def _groups(rows: list[dict[str, Any]], ignore: Sequence[str] = ()
+            ) -> tuple[list[str], list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     """Aggregated groups plus the ok run rows of each group, keyed by label."""
     from .report import aggregate
 
-    keys, aggs = aggregate(rows)
+    keys, aggs = aggregate(rows, ignore)
     short = [k for k in ("model.name", "model.kv_lora_rank", "model.n_kv_heads") if k in keys]
     labels = [_label(a, short) for a in aggs]
     if not short or len(set(labels)) < len(labels):  # the variant does not identify a group: all keys
@@ -289,7 +290,7 @@ def plot_experts(members: dict[str, list[dict[str, Any]]], out_dir: Path) -> lis
 
 
 def make_figures(paths: Iterable[str | Path], out_dir: str | Path, metric: str = "val_loss",
-                 task: Optional[str] = None) -> list[Path]:
+                 task: Optional[str] = None, ignore: Sequence[str] = ()) -> list[Path]:
     """Every figure the runs under ``paths`` have data for; returns the written files."""
     from .report import load_rows
 
@@ -298,7 +299,7 @@ def make_figures(paths: Iterable[str | Path], out_dir: str | Path, metric: str =
         raise FileNotFoundError(f"no run directories under {', '.join(map(str, paths))}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    keys, aggs, members = _groups(rows)
+    keys, aggs, members = _groups(rows, ignore)
     written = plot_pareto(aggs, metric, out_dir) + plot_rank_accuracy(aggs, out_dir)
     tasks = [task] if task else ["mqar", "passkey", "niah"]
     for t in tasks:
@@ -314,13 +315,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--out", default=None, help="output directory (default: <first path>/figures)")
     ap.add_argument("--metric", default="val_loss", help="quality metric of the Pareto plot (a results.json metric key)")
     ap.add_argument("--task", default=None, help="retrieval task of the heat maps (default: mqar, passkey, niah)")
+    ap.add_argument("--ignore", default="", help="comma-separated config key patterns not to group by (as report)")
     args = ap.parse_args(argv)
     for p in args.paths:
         if not Path(p).exists():
             print(f"error: {p}: no such directory", file=sys.stderr)
             return 2
     try:
-        written = make_figures(args.paths, args.out or Path(args.paths[0]) / "figures", args.metric, args.task)
+        ignore = [c.strip() for c in args.ignore.split(",") if c.strip()]
+        written = make_figures(args.paths, args.out or Path(args.paths[0]) / "figures", args.metric, args.task, ignore)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
