@@ -41,7 +41,7 @@ def _write_run(run_dir, name, attention, rank, seed, em, kv):
     atomic_write_json(run_dir / "spectra.json", {"attention": attention, "layers": [
         {"activations": {tensor: {"spectra": sv}}} for _ in range(2)]})
     atomic_write_json(run_dir / "experts.json", {"layers": [
-        {"load_fraction": [0.25] * 4, "coact": np.eye(4).tolist()} for _ in range(2)]})
+        {"layer": i, "load_fraction": [0.25] * 4, "coact": np.eye(4).tolist()} for i in range(2)]})
 
 
 def test_make_figures_draws_every_figure_png_and_pdf(tmp_path):
