@@ -13,9 +13,9 @@ from typing import Any, Dict, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from .claims import ClaimsConfig
 from .config import ConfigError, ModelConfig, validate_model_config
 from .data import DataConfig, validate_data_config
-from .claims import ClaimsConfig
 from .search import SearchConfig
 from .train import TrainConfig
 
