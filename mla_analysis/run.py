@@ -90,7 +90,7 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
             model_cfg = init_model.cfg
             config["model"] = model_cfg.to_dict()
         validate_run(model_cfg, data_cfg, tcfg, cfg.device)
-        check_probes(probe_cfg)
+        check_probes(probe_cfg, None if cfg.get("convert") is not None else model_cfg)  # convert changes the model
         search = OmegaConf.to_object(cfg.search) if cfg.get("search") is not None else None
         reference = resolve_reference(search) if search is not None else None
         if cfg.get("claims") is not None:  # the claims audit: arithmetic, a timing and the studies' records

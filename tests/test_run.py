@@ -61,6 +61,7 @@ def test_single_run_writes_results_json(tmp_path):
         ("model=nonexistent", "model/nonexistent"),  # unknown group option
         ("seed=0,x", "seed"),  # a bad value inside a sweep is caught before any job starts
         ("+probe.retrieval.lenghts=[64]", "probe.retrieval.lenghts"),  # a probe's unknown key, before training
+        ("probe=experts", "probe.experts"),  # a probe that cannot apply to the model (dense), before training
     ],
 )
 def test_bad_config_fails_with_one_line_and_no_results(tmp_path, override, key):
@@ -73,6 +74,7 @@ def test_bad_config_fails_with_one_line_and_no_results(tmp_path, override, key):
     assert len(lines) == 1 and key in lines[0] and "allowed" in lines[0], p.stderr
     assert "Traceback" not in p.stderr
     assert not (out / "results.json").exists()
+    assert not (out / "checkpoints").exists()  # rejected before any training
 
 
 @pytest.mark.slow

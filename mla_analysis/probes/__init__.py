@@ -42,8 +42,12 @@ def _load_builtin() -> None:
             importlib.import_module(f"{__name__}.{mod.name}")
 
 
-def check_probes(probe_cfg: dict) -> None:
-    """Raise ConfigError for an unknown probe name or an unknown key of a probe (before any training)."""
+def check_probes(probe_cfg: dict, model_cfg: Any = None) -> None:
+    """Raise ConfigError for an unknown probe, an unknown key of one, or a model it cannot probe (before training).
+
+    A probe module may define ``check_model(model_cfg)`` raising ConfigError for models it does not apply to
+    (e.g. ``experts`` on a dense model), so the error comes before the training it would otherwise waste.
+    """
     import sys
 
     from ._common import check_params
@@ -55,6 +59,9 @@ def check_probes(probe_cfg: dict) -> None:
         defaults = getattr(sys.modules[PROBES[name].__module__], "DEFAULTS", None)
         if defaults is not None:  # values that depend on the model are checked when the probe runs
             check_params(name, dict(params or {}), defaults)
+        check_model = getattr(sys.modules[PROBES[name].__module__], "check_model", None)
+        if check_model is not None and model_cfg is not None:
+            check_model(model_cfg)
 
 
 def run_probes(model: torch.nn.Module, probe_cfg: dict, data_cfg: Any, run_dir: Path, device: torch.device) -> dict:

@@ -115,6 +115,15 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+def check_model(cfg: Any) -> None:
+    """ConfigError before training when the model has no DeepSeekMoE layer to probe."""
+    if cfg.ffn != "moe" or cfg.first_k_dense_replace >= cfg.n_layers:
+        raise ConfigError(
+            f"probe.experts: model.ffn={cfg.ffn} with first_k_dense_replace={cfg.first_k_dense_replace} of "
+            f"{cfg.n_layers} layers has no MoE layers (allowed: model.ffn=moe)"
+        )
+
+
 def _parse(params: dict) -> dict:
     p = check_params("experts", params, DEFAULTS)
     positive_int("experts", "max_examples", p["max_examples"])
