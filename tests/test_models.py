@@ -11,6 +11,8 @@ from mla_analysis.config import ModelConfig, tiny
 from mla_analysis.hf import state_dict_from_hf, to_hf_config
 from mla_analysis.models.transformer import Transformer
 
+from .test_gpt2_qwen import VARIANTS as KNOB_VARIANTS
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -106,7 +108,7 @@ VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("overrides", VARIANTS)
+@pytest.mark.parametrize("overrides", VARIANTS + KNOB_VARIANTS)  # KNOB_VARIANTS: learned positions, biases, GELU, LayerNorm
 def test_cached_decoding_vs_full_forward(overrides):
     torch.manual_seed(0)
     cfg = tiny(**overrides)

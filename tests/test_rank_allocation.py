@@ -9,23 +9,19 @@ import pytest
 import torch
 
 from mla_analysis.accounting import kv_bytes_per_token
-from mla_analysis.config import tiny
 from mla_analysis.conversion import mha_to_mla
 from mla_analysis.models.transformer import Transformer
 from mla_analysis.rank_allocation import METHODS, allocate_ranks, energy_ranks, fisher_rows, water_fill
+
+from .test_conversion import _source as conversion_source
 
 D = 32  # tiny preset: d_model 32, 4 heads of 8, 2 layers -> latent matrix (64, 32), max rank 32
 
 
 def _source(seed: int = 0, **overrides) -> Transformer:
-    """Random source with an O(1) residual stream, anisotropic embedding dims and non-unit norms."""
-    torch.manual_seed(seed)
-    model = Transformer(tiny(init_std=0.2, **overrides)).eval()
+    """test_conversion's random source, with anisotropic embedding dims (so allocations differ by layer)."""
+    model = conversion_source(seed, **overrides)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-        model.embed.weight.normal_(0.0, 1.0)
         model.embed.weight.mul_(torch.logspace(-1.0, 0.5, D))
     return model
 
