@@ -32,8 +32,8 @@ LOWER_IS_BETTER = ("loss", "ppl", "perplexity")
 LABEL_SKIP = ("rope_interleave",)  # follows from the variant name
 
 
-def _figure(nrows: int, ncols: int, width: float, height: float):
-    """A matplotlib Figure on the Agg canvas (no pyplot global state)."""
+def figure(nrows: int, ncols: int, width: float, height: float):
+    """A matplotlib Figure on the Agg canvas (no pyplot global state) and its axes array [nrows, ncols]."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -42,14 +42,16 @@ def _figure(nrows: int, ncols: int, width: float, height: float):
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Write ``fig`` atomically in the format of ``path``'s suffix (png, pdf, ...); returns the path."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip("."), dpi=dpi)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
 def _save(fig, out_dir: Path, name: str) -> list[Path]:
-    """Write ``name``.png and .pdf atomically; returns the paths."""
-    paths = []
-    for fmt in FORMATS:
-        buf = io.BytesIO()
-        fig.savefig(buf, format=fmt, dpi=150)
-        paths.append(atomic_write_bytes(out_dir / f"{name}.{fmt}", buf.getvalue()))
-    return paths
+    """Write ``name``.png and .pdf; returns the paths."""
+    return [save_figure(fig, out_dir / f"{name}.{fmt}", dpi=150) for fmt in FORMATS]
 
 
 def _label(agg: dict[str, Any], keys: list[str]) -> str:
@@ -107,7 +109,7 @@ def plot_pareto(aggs: list[dict[str, Any]], metric: str, out_dir: Path) -> list[
     pts = [a for a in aggs if a.get(key) is not None and a.get("metrics.kv_bytes_per_token")]
     if not pts:
         return []
-    fig, ax = _figure(1, 1, 6.4, 4.4)
+    fig, ax = figure(1, 1, 6.4, 4.4)
     ax = ax[0, 0]
     xy = [(a["metrics.kv_bytes_per_token"], a[key]) for a in pts]
     for a, (x, y) in zip(pts, xy):
@@ -135,7 +137,7 @@ def plot_rank_accuracy(aggs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         return []
     ncols = min(3, len(tasks))
     nrows = -(-len(tasks) // ncols)
-    fig, axes = _figure(nrows, ncols, 5.2 * ncols, 4.0 * nrows)
+    fig, axes = figure(nrows, ncols, 5.2 * ncols, 4.0 * nrows)
     for ax in axes.flat[len(tasks):]:
         ax.set_visible(False)
     others = [a for a in aggs if a.get("model.kv_lora_rank") is None]
@@ -200,7 +202,7 @@ def plot_retrieval(members: dict[str, list[dict[str, Any]]], task: str, out_dir:
         return []
     ncols = min(4, len(panels))
     nrows = -(-len(panels) // ncols)
-    fig, axes = _figure(nrows, ncols, 3.4 * ncols + 1.0, 3.0 * nrows + 0.4)
+    fig, axes = figure(nrows, ncols, 3.4 * ncols + 1.0, 3.0 * nrows + 0.4)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     im = None
@@ -231,22 +233,28 @@ def _spectrum(rec: dict[str, Any], tensor: str) -> list[np.ndarray]:
     return out
 
 
+def _first_record(runs: list[dict[str, Any]], name: str) -> Optional[dict[str, Any]]:
+    """The probe file ``name`` of the first run that has it, or None."""
+    for r in runs:
+        path = Path(r["run_dir"]) / name
+        if path.exists():
+            return read_json(path)
+    return None
+
+
 def plot_spectra(members: dict[str, list[dict[str, Any]]], out_dir: Path) -> list[Path]:
     """Normalised key spectra per layer (MLA: the cached latent c_kv), one panel per configuration."""
     panels = []
     for label, runs in members.items():
-        for r in runs:
-            path = Path(r["run_dir"]) / "spectra.json"
-            if path.exists():
-                rec = read_json(path)
-                tensor = "c_kv" if rec["attention"] in ("mla", "mla_coupled_rope") else "k"
-                spec = _spectrum(rec, tensor)
-                if spec:
-                    panels.append((label, tensor, spec))
-                break  # the first seed's spectra represent the configuration
+        rec = _first_record(runs, "spectra.json")  # the first seed's spectra represent the configuration
+        if rec is not None:
+            tensor = "c_kv" if rec["attention"] in ("mla", "mla_coupled_rope") else "k"
+            spec = _spectrum(rec, tensor)
+            if spec:
+                panels.append((label, tensor, spec))
     if not panels:
         return []
-    fig, axes = _figure(1, len(panels), 3.6 * len(panels), 3.2)
+    fig, axes = figure(1, len(panels), 3.6 * len(panels), 3.2)
     for ax, (label, tensor, spec) in zip(axes[0], panels):
         for i, s in enumerate(spec):
             ax.semilogy(np.arange(1, len(s) + 1), s, label=f"layer {i}")
@@ -260,16 +268,11 @@ def plot_spectra(members: dict[str, list[dict[str, Any]]], out_dir: Path) -> lis
 
 def plot_experts(members: dict[str, list[dict[str, Any]]], out_dir: Path) -> list[Path]:
     """Expert load per layer (heat map) and the last MoE layer's co-activation, per configuration."""
-    panels = []
-    for label, runs in members.items():
-        for r in runs:
-            path = Path(r["run_dir"]) / "experts.json"
-            if path.exists():
-                panels.append((label, read_json(path)))
-                break
+    panels = [(label, rec) for label, runs in members.items()
+              if (rec := _first_record(runs, "experts.json")) is not None]
     if not panels:
         return []
-    fig, axes = _figure(2, len(panels), 4.2 * len(panels), 6.4)
+    fig, axes = figure(2, len(panels), 4.2 * len(panels), 6.4)
     for j, (label, rec) in enumerate(panels):
         load = np.array([lay["load_fraction"] for lay in rec["layers"]])
         im = axes[0, j].imshow(load, aspect="auto", cmap="magma", vmin=0)

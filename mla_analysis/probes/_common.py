@@ -9,6 +9,8 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, ModelConfig
+from ..figures import figure  # noqa: F401  (re-exported for the probes)
+from ..figures import save_figure as _save_figure
 
 
 def check_params(probe: str, params: dict, defaults: dict) -> dict:
@@ -62,19 +64,7 @@ def lm_inputs(data_cfg: Any) -> torch.Tensor:
     return build_eval_sets(data_cfg)["lm"][0]
 
 
-def figure(nrows: int, ncols: int, width: float, height: float):
-    """A matplotlib Figure drawn with the Agg canvas (no pyplot, so no global backend state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), constrained_layout=True)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    return fig, axes
-
-
 def save_figure(fig, path: Path) -> str:
-    """Write ``fig`` as a PNG; returns the file name."""
-    fig.savefig(path, dpi=110)
-    return path.name
+    """Write ``fig`` as a PNG atomically (figures.save_figure); returns the file name."""
+    return _save_figure(fig, Path(path)).name
 

@@ -13,7 +13,6 @@ extrapolated to published models.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -26,6 +25,7 @@ from .. import accounting
 from ..config import ConfigError, ModelConfig
 from ..models.mla import MLA, MLACoupledRoPE
 from ..published_configs import load_all
+from ..results import atomic_write_json
 from . import ProbeError, register
 from ._common import check_params, figure, int_list, model_config, positive_int, save_figure, unwrap
 
@@ -259,7 +259,7 @@ def run(model: torch.nn.Module, params: dict, data_cfg: Any, run_dir: Path, devi
         "decode": dec["rows"],
         "figures": figures,
     }
-    (Path(run_dir) / "cost.json").write_text(json.dumps(record, indent=1, default=str))
+    atomic_write_json(Path(run_dir) / "cost.json", record)
     return metrics
 
 
