@@ -69,6 +69,12 @@ def test_rerun_of_sweep_skips_finished_runs(tmp_path):
         assert path.exists()
         if path != victim:
             assert path.stat().st_mtime_ns == mtime  # untouched
+    # resuming with train.resume=true keeps the job directories (the flag is not part of their names)
+    dirs = sorted(d.name for d in sweep.iterdir() if d.is_dir())
+    p = run(args + ["train.resume=true"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("[skip]") == 2
+    assert sorted(d.name for d in sweep.iterdir() if d.is_dir()) == dirs
 
 
 @pytest.mark.slow
