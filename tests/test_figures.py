@@ -93,3 +93,15 @@ def test_report_ignore_merges_groups_that_differ_only_in_ignored_keys(tmp_path):
     assert len(aggregate(rows)[1]) == 2
     keys, aggs = aggregate(rows, ignore=["model.kv_lora_ranks"])
     assert len(aggs) == 1 and aggs[0]["n_ok"] == 2 and aggs[0]["metrics.val_loss"] == 1.5
+
+
+def test_records_older_than_a_model_field_group_with_its_default(tmp_path):
+    from mla_analysis.report import aggregate, load_rows
+
+    old = {"model": {"name": "mha", "attention": "mha"}, "seed": 0}  # written before model.pos_emb existed
+    new = {"model": {"name": "mha", "attention": "mha", "pos_emb": "rope"}, "seed": 1}
+    for i, config in enumerate((old, new)):
+        (tmp_path / str(i)).mkdir()
+        atomic_write_json(tmp_path / str(i) / "results.json", make_record("ok", config, {"val_loss": 1.0 + i}))
+    keys, aggs = aggregate(load_rows([tmp_path]))
+    assert len(aggs) == 1 and aggs[0]["n_ok"] == 2 and "model.pos_emb" not in keys

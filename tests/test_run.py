@@ -91,6 +91,8 @@ def test_sweep_writes_comparison_tables_and_report_rebuilds_them(tmp_path):
     assert float(by["mha"]["kv_ratio_to_mha"]) == 1.0
     assert float(by["mla"]["kv_ratio_to_mha"]) == pytest.approx((4 + 8) / (2 * 64))
     assert by["mla"]["model.kv_lora_rank"] == "4" and by["mha"]["model.kv_lora_rank"] == ""
+    figures = sweep / "figures"  # drawn at the end of the sweep too (4 steps learn no task: no rank curve)
+    assert (figures / "pareto.png").exists() and (figures / "pareto.pdf").exists()
     before = csv_path.read_text()
     csv_path.unlink()
     r = subprocess.run([sys.executable, "-m", "mla_analysis.report", str(sweep)], capture_output=True, text=True)
