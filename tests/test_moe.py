@@ -187,6 +187,40 @@ def test_moe_vs_naive_per_token_loop():
         torch.testing.assert_close(moe(x), _naive_moe(moe, x, w, i), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch without F.grouped_mm")
+@pytest.mark.parametrize("tokens", [2, 23])  # 2 tokens x top-3 of 8 leaves experts without tokens
+def test_moe_grouped_mm_vs_naive_per_token_loop(tokens):
+    """The grouped-GEMM expert path (CUDA's default in bf16) computes what the per-expert loop does,
+    forward and backward; on CPU in fp32 torch runs the same grouped_mm op with its reference kernel."""
+    moe = _moe(n_routed_experts=8, n_activated_experts=3, n_shared_experts=1, score_func="sigmoid")
+    x = torch.randn(1, tokens, 32)
+    with torch.no_grad():
+        w, i, _ = moe.gate(x.view(-1, 32))
+    assert len(set(i.flatten().tolist())) < 8 or tokens > 2
+    grads = {}
+    for grouped in (False, True):
+        moe.grouped_mm = grouped
+        moe.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        y = moe(xg)
+        if grouped:
+            with torch.no_grad():
+                torch.testing.assert_close(y, _naive_moe(moe, x, w, i), atol=1e-6, rtol=1e-5)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+        grads[grouped] = [xg.grad] + [p.grad for p in (moe.w1, moe.w3, moe.w2, moe.gate.weight)]
+    for got, ref in zip(grads[True], grads[False]):
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_moe_grouped_mm_default_only_on_cuda_bf16():
+    moe = _moe(n_routed_experts=8, n_activated_experts=2)
+    x = torch.randn(5, 32)
+    assert not moe.use_grouped_mm(x) and not moe.use_grouped_mm(x.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not moe.use_grouped_mm(x)  # CPU: the loop (measured as fast; grouped_mm has no fast CPU kernel)
+    moe.grouped_mm = True
+    assert moe.use_grouped_mm(x)
+
 # ---- routing invariants ---------------------------------------------------------------------------------
 
 

@@ -48,6 +48,13 @@ from .mlp import SwiGLU
 
 # ---- pure helpers (usable by probes and tests) ---------------------------------------------------------
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on ``x`` computes in: autocast's where it is on, else ``x``'s."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 
 def routing_scores(logits: torch.Tensor, score_func: str) -> torch.Tensor:
     """Affinities s from router logits: softmax over experts (V2) or element-wise sigmoid (V3), in fp32."""
@@ -232,6 +239,7 @@ class MoE(nn.Module):
         self.bias_update_speed = cfg.bias_update_speed
         self.capacity_factor = cfg.capacity_factor
 
+        self.grouped_mm: Optional[bool] = None  # experts via F.grouped_mm; None: on CUDA in bf16 (use_grouped_mm)
         self.record_routing = False
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.last_load: Optional[torch.Tensor] = None
@@ -264,12 +272,30 @@ class MoE(nn.Module):
         if keep is not None:
             keep = keep.reshape(-1)  # [N*k]
             expert_idx, token_idx, gate_w = expert_idx[keep], token_idx[keep], gate_w[keep]
-        # one contiguous block per expert -> one matmul per expert that received tokens
+        # sorted by expert, every expert's tokens are one contiguous block of rows
         order = torch.argsort(expert_idx, stable=True)  # [A]
         token_idx, gate_w = token_idx[order], gate_w[order]
-        counts = torch.bincount(expert_idx, minlength=self.n_routed_experts).tolist()
+        counts = torch.bincount(expert_idx, minlength=self.n_routed_experts)  # [E]
         x_sorted = x.index_select(0, token_idx)  # [A, D]
-        # unbind/split views avoid per-expert slicing of the stacked weights, whose backward would
+        if self.use_grouped_mm(x_sorted):
+            y_sorted = self.experts_grouped(x_sorted, counts)  # [A, D]
+        else:
+            y_sorted = self.experts_loop(x_sorted, counts.tolist())  # [A, D]
+        y = torch.zeros_like(x)  # [N, D]
+        y.index_add_(0, token_idx, y_sorted * gate_w.to(x.dtype).unsqueeze(-1))
+        return y
+
+    def use_grouped_mm(self, x_sorted: torch.Tensor) -> bool:
+        """Whether ``experts_grouped`` runs: ``grouped_mm`` set, or (None) on CUDA in bf16 where its kernel exists."""
+        if self.grouped_mm is not None:
+            return self.grouped_mm
+        dtype = _compute_dtype(x_sorted)
+        aligned = all(n * dtype.itemsize % 16 == 0 for n in (self.dim, self.moe_inter_dim))  # kernel's stride rule
+        return x_sorted.is_cuda and dtype == torch.bfloat16 and aligned and hasattr(F, "grouped_mm")
+
+    def experts_loop(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """SwiGLU of each expert on its block of rows, one matmul per expert with tokens: [A, D] -> [A, D]."""
+        # unbind views avoid per-expert slicing of the stacked weights, whose backward would
         # zero-fill and accumulate a full [E, ...] gradient once per expert
         w1, w3, w2 = self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0)
         outs = []
@@ -278,11 +304,17 @@ class MoE(nn.Module):
                 continue
             h = F.silu(F.linear(x_e, w1[e])) * F.linear(x_e, w3[e])  # [n_e, I]
             outs.append(F.linear(h, w2[e]))  # [n_e, D]
-        y = torch.zeros_like(x)  # [N, D]
-        if outs:
-            y_sorted = torch.cat(outs, dim=0) * gate_w.to(x.dtype).unsqueeze(-1)  # [A, D]
-            y.index_add_(0, token_idx, y_sorted)
-        return y
+        return torch.cat(outs, dim=0) if outs else x_sorted.new_zeros(x_sorted.shape)
+
+    def experts_grouped(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """``experts_loop`` as three grouped GEMMs over all experts (no host sync, one kernel each): [A, D] -> [A, D]."""
+        # grouped_mm is not autocast-aware: cast to the compute dtype by hand, as autocast would for F.linear
+        dtype = _compute_dtype(x_sorted)
+        offs = torch.cumsum(counts, dim=0, dtype=torch.int32)  # [E] end row of each expert's block
+        x_sorted = x_sorted.to(dtype)
+        w1, w3, w2 = (w.to(dtype).transpose(1, 2) for w in (self.w1, self.w3, self.w2))  # [E, in, out] views
+        h = F.silu(F.grouped_mm(x_sorted, w1, offs=offs)) * F.grouped_mm(x_sorted, w3, offs=offs)  # [A, I]
+        return F.grouped_mm(h, w2, offs=offs)  # [A, D]
 
     # ---- balance -----------------------------------------------------------------------------------------
 
