@@ -24,7 +24,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 $py -c "import torch, transformers, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee -a "$out/summary.txt"
 
 step test_cuda 150 $py -m pytest -q -p no:cacheprovider tests/test_cuda.py
-step bench 330 $py -m mla_analysis.bench --device cuda --out "$out/BENCHMARKS.md" ${note:+--note "$note"}
+step bench 330 $py -m mla_analysis.bench --device cuda --profile --out "$out/BENCHMARKS.md" ${note:+--note "$note"}
 
 # Kernel choice of attention.attend on CUDA: MLA's v is narrower than q/k; PyTorch's flash kernel needs equal
 # widths, so unpadded v falls back to another fused kernel. Forward + backward at figure 1's GPU shape.
@@ -45,5 +45,7 @@ for name, fn in (("plain", plain), ("padded", padded), ("plain", plain), ("padde
     print(name, f"{Timer('fn()', globals={'fn': fn}).blocked_autorange(min_run_time=2).median * 1e3:.3f} ms fwd+bwd")
 EOF
 
-step suite 240 $py -m pytest -q -p no:cacheprovider -n 8 --ignore=tests/test_lm_eval.py --ignore=tests/test_sweeps.py
-cat "$out/summary.txt"
+# the whole suite with device=auto resolving to CUDA (lm-eval and the sweep launchers are not installed there)
+step suite 200 env OMP_NUM_THREADS=2 $py -m pytest -v -p no:cacheprovider -n 8 --ignore=tests/test_lm_eval.py \
+  --ignore=tests/test_sweeps.py
+grep -E "FAILED|ERROR" "$out/suite.log" | sort -u | head -20 | tee -a "$out/summary.txt"

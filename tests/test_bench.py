@@ -204,3 +204,14 @@ def test_merge_section_replaces_only_its_own():
     assert text.index("## cpu second") < text.index("## cuda old")  # cpu (the targets' device) first
     assert bench.merge_section(text, "cpu", "## cpu second\n") == text  # idempotent
 
+
+
+def test_latent_decode_gemm_vs_sdpa():
+    """The CUDA decode step's two GEMMs compute SDPA over the latent cache with c_kv as the value."""
+    from mla_analysis.models import mla
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 1, 8, 40, generator=g)  # (B, 1, H, d_c + d_rope)
+    kv = torch.randn(3, 1, 50, 40, generator=g)  # (B, 1, S, d_c + d_rope)
+    ref = F.scaled_dot_product_attention(q, kv, kv[..., :32], scale=0.3)
+    torch.testing.assert_close(mla.latent_decode_gemm(q, kv, 32, 0.3), ref, atol=1e-5, rtol=1e-5)

@@ -39,6 +39,18 @@ def head_groups(n_heads: int, batch: int, threads: int) -> int:
     return next(g for g in range(1, n_heads + 1) if n_heads % g == 0 and (batch * g >= threads or g == n_heads))
 
 
+def latent_decode_gemm(q: torch.Tensor, kv: torch.Tensor, d_c: int, scale: float) -> torch.Tensor:
+    """softmax(q kv^T * scale) kv[..., :d_c] as two GEMMs: q (B, 1, H, d_c + d_rope), kv (B, 1, S, d_c + d_rope).
+
+    For one decode step on CUDA. There no fused SDPA kernel takes MLA's 576-wide heads and splits the cached
+    sequence across the GPU (the memory-efficient kernel would run one thread block per 64 query rows), while
+    cuBLAS does split the long S dimension. The scores (B, 1, H, S) are small for a single query token.
+    """
+    scores = torch.matmul(q, kv.transpose(-1, -2)).float() * scale  # (B, 1, H, S)
+    p = scores.softmax(dim=-1).to(kv.dtype)  # (B, 1, H, S)
+    return torch.matmul(p, kv[..., :d_c])  # (B, 1, H, d_c)
+
+
 class MLA(nn.Module):
     """Multi-head Latent Attention with decoupled RoPE and naive/absorbed cached decoding."""
 
@@ -124,22 +136,28 @@ class MLA(nn.Module):
         w_uk, w_uv = self.w_uk_uv()
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, d_c): W^UK absorbed into q
         # q_lat . c_kv + q_rope . k_rope = [q_lat | q_rope] . [c_kv | k_rope]: one MQA whose single K/V
-        # "head" is the cache buffer. The heads are folded into query rows, so SDPA reads the cache once per
-        # group of heads (one query row per head would stream the cache once per head). SDPA runs one task
-        # per (batch row, group): a small batch uses G > 1 groups to keep every thread busy.
-        G = head_groups(H, B, torch.get_num_threads())
+        # "head" is the cache buffer. The heads are folded into query rows, so the cache is read once per
+        # group of heads (one query row per head would stream the cache once per head).
+        # On CPU, SDPA runs one task per (batch row, group): a small batch uses G > 1 groups to keep every thread
+        # busy. On CUDA one group: the GPU parallelises within it, and G > 1 would make SDPA expand the cache.
+        cuda = q_lat.is_cuda
+        G = 1 if cuda else head_groups(H, B, torch.get_num_threads())
         q = torch.cat((q_lat, q_rope), dim=-1).view(B, T, G, H // G, -1)  # (B, T, G, H/G, d_c + d_rope)
         q = q.transpose(1, 2).reshape(B, G, T * H // G, -1)  # (B, G, T*H/G, d_c + d_rope), row t*H/G + h
-        mask = causal_mask(T, S, start, q.device)
-        if mask is not None:
-            mask = mask.repeat_interleave(H // G, dim=0)  # (T*H/G, S): row t*H/G + h sees keys 0..start+t
         kv = latent.unsqueeze(1)  # (B, 1, S, d_c + d_rope), shared by the G groups
-        # The value is c_kv, the first d_c columns of the same buffer. The fused (flash) kernel needs equal key
-        # and value widths, so there the whole buffer is the value and the d_rope extra output columns are
-        # dropped: 2*H*d_rope*S extra FLOPs instead of a second pass over the cache (as ``attend`` pads v).
-        v = kv if torch.backends.cuda.flash_sdp_enabled() else kv[..., : self.kv_lora_rank]
         # a cache in a lower precision (e.g. bf16) is read as is: attention runs in its dtype, not on an fp32 copy
-        o = F.scaled_dot_product_attention(q.to(kv.dtype), kv, v, attn_mask=mask, scale=self.scale, enable_gqa=G > 1)
+        if cuda and T == 1:
+            o = latent_decode_gemm(q.to(kv.dtype), kv, self.kv_lora_rank, self.scale)  # (B, 1, H, d_c)
+        else:
+            mask = causal_mask(T, S, start, q.device)
+            if mask is not None:
+                mask = mask.repeat_interleave(H // G, dim=0)  # (T*H/G, S): row t*H/G + h sees keys 0..start+t
+            # The value is c_kv, the first d_c columns of the same buffer. The fused (flash) kernel needs equal
+            # key and value widths, so there the whole buffer is the value and the d_rope extra output columns
+            # are dropped: 2*H*d_rope*S extra FLOPs instead of a second pass over the cache (as ``attend`` pads v).
+            v = kv if torch.backends.cuda.flash_sdp_enabled() else kv[..., : self.kv_lora_rank]
+            o = F.scaled_dot_product_attention(q.to(kv.dtype), kv, v, attn_mask=mask, scale=self.scale,
+                                               enable_gqa=G > 1)
         o_lat = o[..., : self.kv_lora_rank].to(q.dtype).view(B, G, T, H // G, self.kv_lora_rank)  # (B, G, T, H/G, d_c)
         o_lat = o_lat.transpose(1, 2).reshape(B, T, H, self.kv_lora_rank)  # (B, T, H, d_c)
         o = torch.einsum("bthc,hdc->bthd", o_lat, w_uv)  # (B, T, H, d_v): W^UV applied after attention
