@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -506,6 +507,7 @@ def test_text_source_errors(tmp_path):
 
 
 def test_hf_source_json(tmp_path):
+    pytest.importorskip("datasets")
     rows = [{"body": f"row {i}: " + "lorem ipsum dolor sit amet " * 4, "id": i} for i in range(40)]
     f = tmp_path / "d.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in rows))
@@ -521,6 +523,14 @@ def test_hf_source_json(tmp_path):
     bad = HFConfig(path="json", data_files=[str(f)], text_column="text", cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ValueError, match=r"data\.hf\.text_column"):
         load_text_corpora(DataConfig(source="hf", hf=bad, tokenizer="bytes", vocab_size=300, seq_len=32))
+
+
+def test_hf_source_without_datasets_is_one_line_error(monkeypatch):
+    from mla_analysis.data.text import load_hf_texts
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    with pytest.raises(ValueError, match=r"^data\.source='hf' needs the 'datasets' package"):
+        load_hf_texts(HFConfig(path="json"), 100)
 
 
 def test_mqar_num_queries_reasks_every_key_and_train_only_override():

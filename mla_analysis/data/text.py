@@ -91,10 +91,12 @@ def read_files(files: List[str], max_bytes: int) -> List[bytes]:
 
 def load_hf_texts(hf: HFConfig, max_bytes: int) -> List[bytes]:
     """UTF-8 bytes of ``hf.text_column`` of a ``datasets.load_dataset`` split, capped at ``max_bytes``."""
-    import datasets  # imported lazily: it is slow to import and only this source needs it
-
     if not hf.path:
         raise ValueError("data.hf.path must be set when data.source='hf'")
+    try:
+        import datasets  # imported lazily: it is slow to import and only this source needs it
+    except ImportError:
+        raise ValueError("data.source='hf' needs the 'datasets' package: pip install datasets") from None
     files = list(hf.data_files) if hf.data_files else None
     ds = datasets.load_dataset(hf.path, hf.name, split=hf.split, data_files=files, cache_dir=hf.cache_dir)
     if hf.text_column not in ds.column_names:
