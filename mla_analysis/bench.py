@@ -904,7 +904,8 @@ def render(res: dict[str, Any], argv: Sequence[str]) -> str:
         facts.append(f"other processes used {other:.2f} of {info['cores']} cores on average during the run")
     if facts:
         # the load average lags (it still counts what ran a minute ago), so prefer the measured share
-        busy = other > 0.1 if other is not None else la0[0] > 0.5 * (info["usable_cores"] or 1)
+        cores = info["usable_cores"] or 1
+        busy = other > 0.05 * cores if other is not None else la0[0] > 0.5 * cores
         out += ["", "Background: " + "; ".join(facts) + "."
                 + (" **The machine was busy with other work during this run; absolute numbers (and, less so, "
                    "the interleaved ratios) may be affected.**" if busy else " The machine was otherwise quiet.")]
