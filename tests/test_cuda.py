@@ -1,7 +1,7 @@
 """The CUDA path: the same models on CUDA compute what they compute on the CPU, bf16 autocast training
 runs, grouped-GEMM experts match the per-expert loop, and the bench runs there.
 
-Skipped without a GPU (CI has none); ``scripts/device_check.sh`` runs them on a lent GPU machine.
+Skipped without a GPU (CI has none); ``bench/device_check.sh`` runs them on a lent GPU machine.
 """
 
 from __future__ import annotations

@@ -42,9 +42,9 @@ def head_groups(n_heads: int, batch: int, threads: int) -> int:
 def latent_decode_gemm(q: torch.Tensor, kv: torch.Tensor, d_c: int, scale: float) -> torch.Tensor:
     """softmax(q kv^T * scale) kv[..., :d_c] as two GEMMs: q (B, 1, H, d_c + d_rope), kv (B, 1, S, d_c + d_rope).
 
-    For one decode step on CUDA. There no fused SDPA kernel takes MLA's 576-wide heads and splits the cached
-    sequence across the GPU (the memory-efficient kernel would run one thread block per 64 query rows), while
-    cuBLAS does split the long S dimension. The scores (B, 1, H, S) are small for a single query token.
+    For one decode step on CUDA: PyTorch's flash kernels take heads of at most 256 dims (MLA's are 576), so SDPA
+    falls back to slower kernels, while cuBLAS splits the long S dimension across the GPU. The scores (B, 1, H, S)
+    are small for a single query token. H100 timings before and after: BENCHMARKS.md, cuda notes.
     """
     scores = torch.matmul(q, kv.transpose(-1, -2)).float() * scale  # (B, 1, H, S)
     p = scores.softmax(dim=-1).to(kv.dtype)  # (B, 1, H, S)

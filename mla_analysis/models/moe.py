@@ -17,6 +17,10 @@ Training-time side products of ``MoE.forward`` (read by the trainer / probes):
 * with ``record_routing = True`` (train or eval): ``last_indices`` [B, T, k], ``last_weights`` [B, T, k],
   ``last_scores`` [B, T, E] (unbiased affinities), detached.
 
+Routed experts run as one matmul per expert over its block of expert-sorted rows (``experts_loop``; on CPU
+``grouped_mm`` has no faster kernel), or on CUDA in bf16 as three grouped GEMMs over all experts
+(``experts_grouped``, ``F.grouped_mm``, no host sync); ``MoE.grouped_mm`` forces either.
+
 Choices where the references leave room:
 
 * f_i of the expert/device/communication losses counts the routing decision. For the sigmoid (V3)
@@ -48,12 +52,12 @@ from .mlp import SwiGLU
 
 # ---- pure helpers (usable by probes and tests) ---------------------------------------------------------
 
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a matmul on ``x`` computes in: autocast's where it is on, else ``x``'s."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
-
 
 
 def routing_scores(logits: torch.Tensor, score_func: str) -> torch.Tensor:
