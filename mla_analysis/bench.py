@@ -8,8 +8,8 @@ Figures (each a ratio or a fraction, so that they travel between machines better
 1. Training throughput: tokens/s of one forward + backward + AdamW step of the toolkit's MLA + MoE
    model over ``transformers``' ``DeepseekV3ForCausalLM`` built from the identical config
    (``to_hf_config(cfg, "deepseek_v3")``), the same weights (``state_dict_to_hf``), batch, dtype and
-   loss, eager attention for HF and HF's default experts implementation (also: its eager experts,
-   for information). Before timing both models must give the same logits (1e-4), so the comparison is
+   loss, with HF's default attention and experts implementations (``sdpa``, ``grouped_mm`` in
+   transformers 5.x); for information also HF with eager attention and with eager experts. Before timing both models must give the same logits (1e-4), so the comparison is
    like for like. The optimizer is torch's default AdamW for both (a per-parameter loop on CPU, as the
    toolkit's trainer with ``foreach=False``). Target >= 1.5x on CPU, >= 2x on a GPU. On a GPU the model is
    larger (``train_config(gpu=True)``: d_model 1024, 64 experts, top-6, batch 8 x 1024) and bf16; there our
@@ -439,9 +439,10 @@ def randomise_router_bias(model: Transformer, seed: int) -> None:
             b.copy_(0.01 * torch.randn(b.shape, generator=g).to(b.device))
 
 
-def build_train_pair(cfg: ModelConfig, device: torch.device, seed: int = 0,
+def build_train_pair(cfg: ModelConfig, device: torch.device, seed: int = 0, attn_implementation: Optional[str] = None,
                      experts_implementation: Optional[str] = None) -> tuple[Transformer, torch.nn.Module]:
-    """(ours, HF DeepseekV3ForCausalLM) with identical weights, fp32, on ``device``; HF uses eager attention."""
+    """(ours, HF DeepseekV3ForCausalLM) with identical weights, fp32, on ``device``; HF's attention and experts
+    implementations are its defaults unless named (e.g. ``"eager"``)."""
     import transformers
 
     from .hf import state_dict_to_hf, to_hf_config
@@ -450,7 +451,8 @@ def build_train_pair(cfg: ModelConfig, device: torch.device, seed: int = 0,
     ours = Transformer(cfg)
     randomise_router_bias(ours, seed)
     hf_cfg = to_hf_config(cfg, "deepseek_v3")
-    hf_cfg._attn_implementation = "eager"
+    if attn_implementation is not None:
+        hf_cfg._attn_implementation = attn_implementation
     if experts_implementation is not None:
         hf_cfg._experts_implementation = experts_implementation
     hf = transformers.DeepseekV3ForCausalLM(hf_cfg)
@@ -458,8 +460,18 @@ def build_train_pair(cfg: ModelConfig, device: torch.device, seed: int = 0,
     return ours.to(device), hf.to(device)
 
 
-def hf_experts_implementation(hf: torch.nn.Module) -> str:
-    return str(getattr(hf.config, "_experts_implementation", None) or "eager")
+def hf_implementations(hf: torch.nn.Module) -> str:
+    """HF's attention and experts implementations, as a label: "`sdpa` attention, `grouped_mm` experts"."""
+    attn = getattr(hf.config, "_attn_implementation", None) or "eager"
+    experts = getattr(hf.config, "_experts_implementation", None) or "eager"
+    return f"`{attn}` attention, `{experts}` experts"
+
+
+# HF baselines besides its defaults, for information: name -> build_train_pair keywords
+HF_VARIANTS = {
+    "hf_eager_attention": dict(attn_implementation="eager"),
+    "hf_eager_experts": dict(experts_implementation="eager"),
+}
 
 
 def train_batch(cfg: ModelConfig, batch: int, seq: int, device: torch.device, seed: int = 1):
@@ -507,18 +519,18 @@ def make_train_step(model: torch.nn.Module, ids: torch.Tensor, targets: torch.Te
 
 
 def bench_train(sizes: Sizes, device: torch.device, dtype: torch.dtype, seed: int,
-                with_eager_experts: bool = True) -> dict[str, Any]:
-    """Figure 1: tokens/s of ours vs HF (default experts implementation; also eager experts)."""
+                hf_variants: Sequence[str] = tuple(HF_VARIANTS)) -> dict[str, Any]:
+    """Figure 1: tokens/s of ours vs HF with its default implementations (and, for information, ``hf_variants``)."""
     cfg = sizes.train_cfg
     ids, targets = train_batch(cfg, sizes.train_batch, sizes.train_seq, device, seed + 1)
     ours, hf = build_train_pair(cfg, device, seed)
     contenders: dict[str, tuple[torch.nn.Module, bool]] = {"ours": (ours, False), "hf": (hf, True)}
-    diffs = {"hf": check_train_parity(ours, hf, ids)}
-    impl = hf_experts_implementation(hf)
-    if with_eager_experts and impl != "eager":
-        _, hf_eager = build_train_pair(cfg, device, seed, experts_implementation="eager")
-        diffs["hf_eager_experts"] = check_train_parity(ours, hf_eager, ids)
-        contenders["hf_eager_experts"] = (hf_eager, True)
+    labels = {"hf": hf_implementations(hf)}
+    for name in hf_variants:
+        _, other = build_train_pair(cfg, device, seed, **HF_VARIANTS[name])
+        if hf_implementations(other) != labels["hf"]:  # skip a variant that is HF's default already
+            contenders[name], labels[name] = (other, True), hf_implementations(other)
+    diffs = {k: check_train_parity(ours, m, ids) for k, (m, is_hf) in contenders.items() if is_hf}
     if device.type == "cuda":  # for information: what grouped-GEMM experts (CUDA's default) buy over the loop
         loop = copy.deepcopy(ours)
         for moe in loop.moe_layers():
@@ -530,17 +542,14 @@ def bench_train(sizes: Sizes, device: torch.device, dtype: torch.dtype, seed: in
     times = time_interleaved(steps, device, sizes.train_warmup, sizes.train_iters)
     tokens = sizes.train_batch * sizes.train_seq
     tok_s = {k: tokens / median(v) for k, v in times.items()}
-    out = {
-        "config": cfg, "batch": sizes.train_batch, "seq": sizes.train_seq, "tokens_per_step": tokens,
-        "hf_experts_implementation": impl, "max_logit_diff": diffs, "times": times, "tok_s": tok_s,
-        "ratio": tok_s["ours"] / tok_s["hf"],
-        "_steps": steps,
-    }
-    if "hf_eager_experts" in tok_s:
-        out["ratio_vs_eager_experts"] = tok_s["ours"] / tok_s["hf_eager_experts"]
+    ratios = {k: tok_s["ours"] / tok_s[k] for k in tok_s if k.startswith("hf_")}  # ours over each other HF
     if "ours_loop_experts" in tok_s:
-        out["ratio_loop_experts"] = tok_s["ours_loop_experts"] / tok_s["hf"]
-    return out
+        ratios["ours_loop_experts"] = tok_s["ours_loop_experts"] / tok_s["hf"]  # that variant of ours over HF
+    return {
+        "config": cfg, "batch": sizes.train_batch, "seq": sizes.train_seq, "tokens_per_step": tokens,
+        "hf_implementations": labels, "max_logit_diff": diffs, "times": times, "tok_s": tok_s,
+        "ratio": tok_s["ours"] / tok_s["hf"], "ratios": ratios, "_steps": steps,
+    }
 
 
 # ---------------------------------------------------------------------------- decode machinery
@@ -787,18 +796,20 @@ def summary_rows(res: dict[str, Any], quick: bool) -> list[list[str]]:
     t = res.get("train")
     target = train_target(res["machine"]["device"])
     if t:
-        label = (f"1. training throughput, fwd+bwd+AdamW, MLA+MoE ours vs HF DeepseekV3 "
-                 f"(eager attention, `{t['hf_experts_implementation']}` experts)")
-        rows.append([label, _fmt(t["tok_s"]["ours"], " tok/s"), _fmt(t["tok_s"]["hf"], " tok/s"),
-                     _fmt(t["ratio"], "x", 2), f">= {target}x", _status(t["ratio"], target, quick)])
-        if "ratio_vs_eager_experts" in t:
-            rows.append(["1b. same, vs HF DeepseekV3 with eager experts (for information)",
-                         _fmt(t["tok_s"]["ours"], " tok/s"), _fmt(t["tok_s"]["hf_eager_experts"], " tok/s"),
-                         _fmt(t["ratio_vs_eager_experts"], "x", 2), "-", "info"])
-        if "ratio_loop_experts" in t:
-            rows.append(["1c. ours with a per-expert loop instead of grouped GEMMs (`MoE.grouped_mm = False`) vs HF "
-                         "(for information)", _fmt(t["tok_s"]["ours_loop_experts"], " tok/s"),
-                         _fmt(t["tok_s"]["hf"], " tok/s"), _fmt(t["ratio_loop_experts"], "x", 2), "-", "info"])
+        rows.append([f"1. training throughput, fwd+bwd+AdamW, MLA+MoE ours vs HF DeepseekV3 (its defaults: "
+                     f"{t['hf_implementations']['hf']})", _fmt(t["tok_s"]["ours"], " tok/s"),
+                     _fmt(t["tok_s"]["hf"], " tok/s"), _fmt(t["ratio"], "x", 2), f">= {target}x",
+                     _status(t["ratio"], target, quick)])
+        for i, (name, ratio) in enumerate(t["ratios"].items()):
+            letter = "bcdefgh"[i]
+            if name.startswith("hf"):
+                rows.append([f"1{letter}. same, vs HF DeepseekV3 with {t['hf_implementations'][name]} (for information)",
+                             _fmt(t["tok_s"]["ours"], " tok/s"), _fmt(t["tok_s"][name], " tok/s"),
+                             _fmt(ratio, "x", 2), "-", "info"])
+            else:  # ours_loop_experts
+                rows.append([f"1{letter}. ours with a per-expert loop instead of grouped GEMMs (`MoE.grouped_mm = False`) "
+                             "vs HF's defaults (for information)", _fmt(t["tok_s"][name], " tok/s"),
+                             _fmt(t["tok_s"]["hf"], " tok/s"), _fmt(ratio, "x", 2), "-", "info"])
     else:
         rows.append(["1. training throughput, ours vs HF DeepseekV3", "not run", "", "", f">= {target}x", "not run"])
     a = res.get("absorb")
@@ -992,6 +1003,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-step-s", type=float, default=6.0,
                    help="figure 3: skip a context whose step is predicted to take longer than this")
     p.add_argument("--no-eager-experts", action="store_true", help="figure 1: skip the HF eager-experts row")
+    p.add_argument("--no-eager-attention", action="store_true", help="figure 1: skip the HF eager-attention row")
     p.add_argument("--profile", action="store_true", help="add torch.profiler hotspots of figures 1, 2 and 3 (MLA)")
     p.add_argument("--note", default=None, help="a line recorded with the results")
     p.add_argument("--seed", type=int, default=0)
@@ -1038,7 +1050,8 @@ def _run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
     log(f"bench on {res['machine']['cpu']} ({device}, {res['machine']['threads']} threads, {res['machine']['dtype']})")
     if "1" in sections:
         log("1. training throughput ...")
-        res["train"] = bench_train(sizes, device, dtype, args.seed, with_eager_experts=not args.no_eager_experts)
+        skip = {"hf_eager_experts": args.no_eager_experts, "hf_eager_attention": args.no_eager_attention}
+        res["train"] = bench_train(sizes, device, dtype, args.seed, hf_variants=[k for k in HF_VARIANTS if not skip[k]])
         log("   " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in res["train"]["tok_s"].items())
             + f"; ratio {res['train']['ratio']:.2f}x")
     if "2" in sections:
