@@ -206,7 +206,6 @@ def test_merge_section_replaces_only_its_own():
     assert bench.merge_section(text, "cpu", "## cpu second\n") == text  # idempotent
 
 
-
 def test_latent_decode_gemm_vs_sdpa():
     """The CUDA decode step's two GEMMs compute SDPA over the latent cache with c_kv as the value."""
     from mla_analysis.models import mla
