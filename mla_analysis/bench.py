@@ -747,6 +747,7 @@ def sweep_wall_time(sweep_dir: str | os.PathLike) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- profiling
 def profile_top(fn: Callable[[], Any], device: torch.device, reps: int = 2, top: int = 8) -> list[dict[str, Any]]:
     """Top ops by self time over ``reps`` calls of fn (after one unprofiled call)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -756,7 +757,9 @@ def profile_top(fn: Callable[[], Any], device: torch.device, reps: int = 2, top:
         for _ in range(reps):
             fn()
         sync(device)
-    events = prof.key_averages()
+    # operators only: on CUDA each kernel is also an event of its own, and its time is already its operator's
+    # self device time (counting both would double the total)
+    events = [e for e in prof.key_averages() if getattr(e, "device_type", DeviceType.CPU) == DeviceType.CPU]
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     total = sum(getattr(e, attr, 0) for e in events) or 1
     rows = sorted(events, key=lambda e: getattr(e, attr, 0), reverse=True)[:top]
