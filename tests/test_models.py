@@ -164,7 +164,10 @@ def test_kv_bytes_closed_forms_published_configs():
     assert kv_elements_per_token_layer(mla) / (2 * d_h) == 2.25
 
 
-@pytest.mark.parametrize("overrides", VARIANTS + [pytest.param(dict(ffn="moe", n_shared_experts=2, tie_embeddings=True), id="moe-tied")])
+@pytest.mark.parametrize(
+    "overrides",
+    VARIANTS + KNOB_VARIANTS + [pytest.param(dict(ffn="moe", n_shared_experts=2, tie_embeddings=True), id="moe-tied")],
+)
 def test_count_params_matches_module(overrides):
     cfg = tiny(**overrides)
     model = Transformer(cfg)
@@ -173,9 +176,11 @@ def test_count_params_matches_module(overrides):
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(attention="mha"), dict(attention="gqa", n_kv_heads=2), dict(attention="mla", q_lora_rank=8),
-     dict(attention="mla_coupled_rope"), dict(attention="mla", ffn="moe", n_shared_experts=2), dict(ffn="none")],
-    ids=["mha", "gqa", "mla-qlora", "mla-coupled", "mla-moe", "attention-only"],
+    [pytest.param(dict(attention="mha"), id="mha"), pytest.param(dict(attention="gqa", n_kv_heads=2), id="gqa"),
+     pytest.param(dict(attention="mla", q_lora_rank=8), id="mla-qlora"),
+     pytest.param(dict(attention="mla_coupled_rope"), id="mla-coupled"),
+     pytest.param(dict(attention="mla", ffn="moe", n_shared_experts=2), id="mla-moe"),
+     pytest.param(dict(ffn="none"), id="attention-only")] + KNOB_VARIANTS,
 )
 def test_flops_per_token_vs_torch_flop_counter(overrides):
     from torch.utils.flop_counter import FlopCounterMode
@@ -193,9 +198,12 @@ def test_flops_per_token_vs_torch_flop_counter(overrides):
     assert counter.get_total_flops() == flops_per_token(cfg, context_len=T) * B * T
 
 
-@pytest.mark.parametrize("overrides", [dict(attention="mha"), dict(attention="mla", mla_decode="naive"),
-                                       dict(attention="mla", mla_decode="absorb"), dict(attention="mla_coupled_rope")],
-                         ids=["mha", "mla-naive", "mla-absorb", "mla-coupled"])
+@pytest.mark.parametrize(
+    "overrides",
+    [pytest.param(dict(attention="mha"), id="mha"), pytest.param(dict(attention="mla", mla_decode="naive"), id="mla-naive"),
+     pytest.param(dict(attention="mla", mla_decode="absorb"), id="mla-absorb"),
+     pytest.param(dict(attention="mla_coupled_rope"), id="mla-coupled")] + KNOB_VARIANTS,
+)
 def test_decode_flops_per_token_vs_torch_flop_counter(overrides):
     from torch.utils.flop_counter import FlopCounterMode
 
