@@ -32,9 +32,9 @@ from mla_analysis.probes.experts import (
     vocab_specialisation,
 )
 
-CPU = torch.device("cpu")
+from .test_probes import CPU, PNG_MAGIC
+
 DATA = DataConfig(vocab_size=128, seq_len=32, eval_examples=8, eval_tasks=["mqar"], mqar=MQARConfig(num_kv_pairs=2))
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 # ---- co-activation --------------------------------------------------------------------------------

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from mla_analysis.config import ConfigError, tiny
-from mla_analysis.data import DataConfig, build_eval_sets
-from mla_analysis.data.tasks import MQARConfig
+from mla_analysis.data import build_eval_sets
 from mla_analysis.models.transformer import Transformer
 from mla_analysis.probes import run_probes
 from mla_analysis.probes.head_ablation import (
@@ -28,9 +27,9 @@ from mla_analysis.probes.head_ablation import (
 )
 from mla_analysis.probes.spectra import _features
 
-CPU = torch.device("cpu")
-DATA = DataConfig(vocab_size=128, seq_len=32, eval_examples=8, eval_tasks=["mqar"], mqar=MQARConfig(num_kv_pairs=2))
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+from .test_probe_experts import DATA
+from .test_probes import CPU, PNG_MAGIC
+
 VARIANTS = {
     "mha": dict(attention="mha"),
     "gqa": dict(attention="gqa", n_kv_heads=2),

@@ -35,9 +35,9 @@ from mla_analysis.probes.retrieval import (
     run,
 )
 
-CPU = torch.device("cpu")
+from .test_probes import CPU, PNG_MAGIC
+
 DATA = DataConfig(vocab_size=128, seq_len=32, eval_examples=8, mqar=MQARConfig(num_kv_pairs=2))
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 VARIANTS = {
     "mha": dict(attention="mha"),
     "gqa": dict(attention="gqa", n_kv_heads=2),
