@@ -82,6 +82,22 @@ def from_hf(path: str | os.PathLike) -> torch.nn.Module:
     return model.eval()
 
 
+def resolve_hf_dir(path: str | os.PathLike) -> Path:
+    """A local Hugging Face checkpoint dir for ``path``: a checkpoint or run dir as is (GGUF files and named models: TODO)."""
+    return Path(path)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved with a checkpoint, run dir or named model (``transformers.AutoTokenizer``)."""
+    import transformers
+
+    hf_dir = resolve_hf_dir(path)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{hf_dir}: no tokenizer ({' '.join(str(e).split())[:160]})") from None
+
+
 def to_hf(model: torch.nn.Module, out_dir: str | os.PathLike, arch: str | None = None) -> Path:
     """Write ``model`` as a Hugging Face checkpoint dir (DeepseekV3/V2 MLA, Llama, Qwen2 or GPT-2; see hf.default_arch)."""
     out = Path(out_dir)
