@@ -56,10 +56,11 @@ def _attention_params(cfg: ModelConfig, layer: int = 0) -> int:
     else:
         q = D * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * H * qk
     r = cfg.layer_kv_lora_rank(layer)
+    norm = r if cfg.kv_norm else 0  # the latent RMSNorm's weight
     if cfg.attention == "mla":
-        kv = D * (r + cfg.qk_rope_head_dim) + r + r * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+        kv = D * (r + cfg.qk_rope_head_dim) + norm + r * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)
     else:  # coupled RoPE: no separate rope key, full key from the latent
-        kv = D * r + r + r * H * (qk + cfg.v_head_dim)
+        kv = D * r + norm + r * H * (qk + cfg.v_head_dim)
     return q + kv + H * cfg.v_head_dim * D
 
 
@@ -117,7 +118,8 @@ def _norm_vectors(cfg: ModelConfig) -> int:
     """Latent RMSNorm weights inside the attention (not matmuls)."""
     if not cfg.is_mla:
         return 0
-    return sum(cfg.layer_kv_lora_rank(i) + (cfg.q_lora_rank or 0) for i in range(cfg.n_layers))
+    kv = sum(cfg.layer_kv_lora_rank(i) for i in range(cfg.n_layers)) if cfg.kv_norm else 0
+    return kv + (cfg.q_lora_rank or 0) * cfg.n_layers
 
 
 def _attn_dims(cfg: ModelConfig) -> tuple[int, int]:

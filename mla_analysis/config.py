@@ -59,6 +59,9 @@ class ModelConfig:
     qk_rope_head_dim: int = 8
     v_head_dim: int = 16
     mla_decode: str = "absorb"  # cached-decode path: naive (up-project cache) or absorb
+    # RMSNorm on the latent c_kv as DeepSeek-V2/V3 (kv_a_layernorm); False = identity, which makes an SVD
+    # conversion exact at the source's K/V rank (a norm over d_c < d_model rescales every token's K and V)
+    kv_norm: bool = True
     # positions
     rope_theta: float = 10000.0
     rope_interleave: bool = False  # True: pairs (x0,x1),(x2,x3)... as DeepSeek; False: halves, as Llama

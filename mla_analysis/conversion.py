@@ -264,7 +264,7 @@ def collect_attention_covariances(model: Transformer, calib: torch.Tensor, batch
 # ---------------------------------------------------------------------------------------------
 # Conversion
 # ---------------------------------------------------------------------------------------------
-def _target_config(cfg: ModelConfig, target: str, kv_lora_rank: int, rope_dims: int) -> ModelConfig:
+def _target_config(cfg: ModelConfig, target: str, kv_lora_rank: int, rope_dims: int, kv_norm: bool) -> ModelConfig:
     d_h = cfg.attn_head_dim
     return dataclasses.replace(
         cfg,
@@ -278,6 +278,7 @@ def _target_config(cfg: ModelConfig, target: str, kv_lora_rank: int, rope_dims: 
         qk_nope_head_dim=d_h - rope_dims,
         qk_rope_head_dim=rope_dims,
         v_head_dim=d_h,
+        kv_norm=kv_norm,
     )
 
 
@@ -293,6 +294,7 @@ def mha_to_mla(
     whiten: Optional[bool] = None,
     rope_key: str = "lstsq",
     kv_lora_ranks: Optional[list[int]] = None,
+    kv_norm: bool = True,
 ) -> Transformer:
     """Convert an MHA/GQA/MQA Transformer into MLA at kv_lora_rank by (whitened) SVD; see the module doc.
 
@@ -307,6 +309,8 @@ def mha_to_mla(
     biases raise ValueError.
     kv_lora_ranks: per-layer latent ranks (written to cfg.kv_lora_ranks; see rank_allocation.py);
     kv_lora_rank then only names the config's nominal rank.
+    kv_norm: keep DeepSeek's latent RMSNorm (its scale set to the calibrated latent RMS, see the module doc);
+    False = no latent norm, so the conversion is exact once each layer's rank reaches the rank of its K/V maps.
     """
     src = model.cfg
     if src.is_mla:
@@ -370,7 +374,7 @@ def mha_to_mla(
     t_a, t_b = pair_dims(rope_dims, src.rope_interleave)  # target rows of each kept pair
 
     # target config; express the kept frequencies through rope_theta where possible
-    new_cfg = _target_config(src, target, kv_lora_rank, rope_dims)
+    new_cfg = _target_config(src, target, kv_lora_rank, rope_dims, kv_norm)
     if kv_lora_ranks is not None:
         new_cfg = dataclasses.replace(new_cfg, kv_lora_ranks=[int(r) for r in kv_lora_ranks])
     # the frequencies the source actually uses (its buffer), not a recomputation from its config
@@ -442,7 +446,7 @@ def mha_to_mla(
         cov_eff = torch.eye(D, dtype=torch.float64) if cov is None else cov
         ms_c = float(torch.einsum("rd,de,re->", a, cov_eff, a) / kv_lora_rank)  # E[ms(c)]
         # kv_norm divides by sqrt(ms(c) + eps): include its eps so a constant ms(c) cancels exactly
-        rho = (ms_c + blk.attn.kv_norm.eps) ** 0.5
+        rho = (ms_c + blk.attn.kv_norm.eps) ** 0.5 if kv_norm else ms_c**0.5
         kv_flat = kv.reshape(-1, D)  # (m, D)
         err = kv_flat - b @ a  # (m, D): linear reconstruction error, kv_norm aside
         linfo["kv_rel_err"] = float(err.norm() / kv_flat.norm().clamp_min(1e-30))
@@ -460,7 +464,8 @@ def mha_to_mla(
         lat = a * g_inv  # (r, D): c = Q^T (x / g)
         wkv_a = lat if target == "mla_coupled_rope" else torch.cat((lat, k_rope * g_inv))  # (r [+ d_rope], D)
         attn.wkv_a.weight.copy_(wkv_a.to(dt))
-        attn.kv_norm.weight.fill_(rho)
+        if kv_norm:
+            attn.kv_norm.weight.fill_(rho)
         attn.wkv_b.weight.copy_(b.to(dt))
         attn.wo.weight.copy_(layer["wo"])  # v_head_dim = head_dim, same head-major layout
 
@@ -475,6 +480,7 @@ def mha_to_mla(
         pair_scores=None if scores is None else scores.tolist(),
         layers=info_layers,
         kv_lora_ranks=[blk.attn.kv_lora_rank for blk in new.layers],
+        kv_norm=kv_norm,
     )
     return new
 

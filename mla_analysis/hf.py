@@ -130,6 +130,7 @@ def to_hf_config(cfg: ModelConfig, arch: str | None = None):
         )
     if cfg.attention != "mla":
         raise ConfigError(f"model.attention={cfg.attention!r} cannot be exported as {arch} (allowed: mla)")
+    _require(cfg, arch, kv_norm=True)  # DeepSeek checkpoints always have kv_a_layernorm
     moe = cfg.ffn == "moe"
     ds = dict(
         num_key_value_heads=cfg.n_heads,

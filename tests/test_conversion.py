@@ -348,3 +348,51 @@ def test_rejects_bad_arguments():
         mha_to_mla(src, 7, factorization="split")
     with pytest.raises(ValueError):
         mha_to_mla(mha_to_mla(src, D), D)  # already MLA
+
+
+def _wide_gqa_source(**overrides) -> Transformer:
+    # K/V maps of rank 2 x 2 kv heads x 8 = 32 < d_model 64: a latent of rank 32 can hold them exactly
+    return _source(d_model=64, n_heads=4, head_dim=8, attention="gqa", n_kv_heads=2, **overrides)
+
+
+@pytest.mark.parametrize("calib", [False, True], ids=["plain", "whitened"])
+def test_no_latent_norm_makes_conversion_exact_at_the_kv_rank(calib):
+    src = _wide_gqa_source()
+    ids = _ids()
+    ref = src(ids)
+    kw = dict(calib=_ids(seed=2, shape=(4, 48))) if calib else {}
+    exact = mha_to_mla(src, 32, kv_norm=False, **kw)
+    assert exact.cfg.kv_norm is False and exact.conversion_info["kv_norm"] is False
+    assert isinstance(exact.layers[0].attn.kv_norm, torch.nn.Identity)
+    assert _rel(exact(ids), ref) < 1e-5
+    # DeepSeek's normed latent below d_model rescales each token's K and V: the same rank is not exact
+    normed = mha_to_mla(src, 32, **kw)
+    assert _rel(normed(ids), ref) > 1e-3
+
+
+def test_no_latent_norm_decodes_and_round_trips(tmp_path):
+    from mla_analysis.accounting import count_params
+
+    src = _wide_gqa_source()
+    new = mha_to_mla(src, 32, rope_dims=4, kv_norm=False)
+    ids = _ids(shape=(1, 20))
+    full = new(ids)
+    save_model_config(tmp_path, new.cfg)
+    save_checkpoint(tmp_path, new, None, step=0, state={})
+    back = load_model(tmp_path)
+    assert back.cfg.kv_norm is False
+    assert torch.allclose(back(ids), full, atol=1e-6)
+    # the closed-form parameter count drops the latent norm's d_c weights per layer, as the module does
+    assert count_params(new.cfg) == sum(p.numel() for p in new.parameters())
+    normed = mha_to_mla(src, 32, rope_dims=4)
+    assert count_params(normed.cfg) - count_params(new.cfg) == 32 * new.cfg.n_layers
+
+
+def test_no_latent_norm_is_not_exported_as_deepseek():
+    from mla_analysis.config import ConfigError
+    from mla_analysis.hf import to_hf_config
+
+    src = _wide_gqa_source(rope_interleave=True)  # DeepSeek's RoPE layout
+    with pytest.raises(ConfigError, match="kv_norm"):
+        to_hf_config(mha_to_mla(src, 32, rope_dims=4, kv_norm=False).cfg)
+    assert to_hf_config(mha_to_mla(src, 32, rope_dims=4).cfg).kv_lora_rank == 32  # the normed variant exports

@@ -105,6 +105,8 @@ VARIANTS = [
     pytest.param(dict(attention="mla", mla_decode="absorb", q_lora_rank=8, rope_interleave=True), id="mla-absorb-qlora"),
     pytest.param(dict(attention="mla", mla_decode="absorb", ffn="moe", rope_scaling=YARN), id="mla-absorb-moe-yarn"),
     pytest.param(dict(attention="mla_coupled_rope"), id="mla-coupled-rope"),
+    pytest.param(dict(attention="mla", mla_decode="naive", kv_norm=False), id="mla-naive-no-kv-norm"),
+    pytest.param(dict(attention="mla", mla_decode="absorb", kv_norm=False), id="mla-absorb-no-kv-norm"),
 ]
 
 

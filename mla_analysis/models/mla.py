@@ -5,7 +5,8 @@ Per token t with hidden h_t (names as in the paper / reference code):
     k_rope = RoPE(W^KR h_t)                           one key shared by all heads, d_h^R  (wkv_a)
     [k_nope; v] per head = W^UK c_kv, W^UV c_kv       (wkv_b)
     q = W^Q h_t  or  W^UQ RMSNorm(W^DQ h_t)           (wq | wq_a, q_norm, wq_b), split q_nope / q_rope
-Only c_kv and k_rope are cached: (d_c + d_h^R) elements per layer and token.
+Only c_kv and k_rope are cached: (d_c + d_h^R) elements per layer and token. ``kv_norm=False`` replaces the
+latent RMSNorm by the identity (not DeepSeek's layout; makes SVD conversions exact at the source's K/V rank).
 
 Decoding paths with a cache:
 - ``naive``: up-project the whole cached latent to per-head keys/values every step.
@@ -74,7 +75,8 @@ class MLA(nn.Module):
             self.q_norm = RMSNorm(self.q_lora_rank)
             self.wq_b = nn.Linear(self.q_lora_rank, H * self.qk_head_dim, bias=False)
         self.wkv_a = nn.Linear(D, self.kv_lora_rank + self._kv_a_rope_dim(), bias=False)
-        self.kv_norm = RMSNorm(self.kv_lora_rank)
+        # cfg.kv_norm=False: no latent norm (exact conversions); probes call kv_norm either way
+        self.kv_norm = RMSNorm(self.kv_lora_rank) if cfg.kv_norm else nn.Identity()
         self.wkv_b = nn.Linear(self.kv_lora_rank, H * (self._k_up_dim() + self.v_head_dim), bias=False)
         self.wo = nn.Linear(H * self.v_head_dim, D, bias=False)
 
