@@ -429,6 +429,10 @@ def state_dict_to_hf(
             hm, f = f"model.layers.{i}.mlp.", f"layers.{i}.ffn."
             if (arch or "deepseek_v3") == "deepseek_v3":
                 out[hm + "gate.e_score_correction_bias"] = sd[f + "gate.e_score_correction_bias"]
+            elif bool((sd[f + "gate.e_score_correction_bias"] != 0).any()):  # dropping it would change the routing
+                raise ConfigError(
+                    f"{f}gate.e_score_correction_bias is nonzero: it cannot be exported as {arch} (no routing bias there)"
+                )
             if layout == "model":
                 out[hm + "experts.gate_up_proj"] = torch.cat((sd[f + "w1"], sd[f + "w3"]), dim=1)  # (E, 2I, D)
                 out[hm + "experts.down_proj"] = sd[f + "w2"]
