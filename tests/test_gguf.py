@@ -248,3 +248,16 @@ def test_smollm2_tokenizer_and_run_dir(smollm2, tmp_path, capsys):
     assert rc == 0, err
     assert load_tokenizer(tmp_path / "run")(text).input_ids == gguf_tok(text).input_ids  # the run dir carries it
     assert json.loads((tmp_path / "run" / "model_config.json").read_text())["n_layers"] == 30
+
+
+def test_two_processes_converting_at_once_build_one_entry(tmp_path, cache):
+    path = write_gguf(tmp_path / "tiny.gguf", seed=3)
+    code = "import sys; from mla_analysis.convert import resolve_hf_dir; print(resolve_hf_dir(sys.argv[1]))"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outs]
+    dirs = {o[0].strip() for o in outs}
+    assert dirs == {str(cache / "gguf" / assets.file_digest(path))}
+    assert _entries(cache) == ["gguf", f"gguf/{assets.file_digest(path)}"]  # no second copy, no temporary left
+    assert (Path(dirs.pop()) / "model.safetensors").is_file()
