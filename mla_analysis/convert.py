@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
@@ -172,10 +172,10 @@ def to_hf(
     hf_cfg = to_hf_config(cfg, arch)
     hf_cfg.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[hf_cfg.model_type]]
     hf_cfg.dtype = "float32"
-    out.mkdir(parents=True, exist_ok=True)
     sd = state_dict_to_hf(cfg, model.state_dict(), arch or hf_cfg.model_type, layout="checkpoint")
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
+    out.mkdir(parents=True, exist_ok=True)
     # shards go to a temporary folder first, then into place: a crash leaves no index naming absent shards
     tmp = out / f".weights.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -227,12 +227,6 @@ def _save_run(run_dir: Path, model: torch.nn.Module, state: dict) -> None:
     save_checkpoint(run_dir, model, None, step=0, state=state)
 
 
-def _existing_dir(path: Path) -> Path:
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: directory not found")
-    return path
-
-
 def _calibration_ids(run_dir: Path, n: int) -> torch.Tensor:
     """The first n training sequences [n, L] of the run's data config (RUN_DIR/results.json)."""
     from omegaconf import OmegaConf
@@ -269,7 +263,7 @@ def _cmd_to_hf(args: argparse.Namespace) -> Path:
 
     if args.arch is not None and args.arch not in EXPORT_ARCHS:
         raise ConfigError(f"--arch={args.arch!r} is invalid (allowed: {', '.join(EXPORT_ARCHS)})")
-    model = load_model(_existing_dir(Path(args.run)))
+    model = load_model(resolve_hf_dir(args.run))  # a run or HF dir, a .gguf, a model name
     to_hf_config(model.cfg, args.arch)  # fail on an unexportable config before anything is written
     return _write_dir(Path(args.out), lambda tmp: to_hf(model, tmp, args.arch))
 
@@ -278,7 +272,7 @@ def _cmd_mha_to_mla(args: argparse.Namespace) -> Path:
     from .checkpoint import load_model
     from .conversion import mha_to_mla
 
-    run = _existing_dir(Path(args.run))
+    run = resolve_hf_dir(args.run)
     if args.calib_examples is not None and args.calib_examples <= 0:
         raise ConfigError(f"--calib-examples={args.calib_examples} is invalid (allowed: an integer > 0)")
     model = load_model(run)
