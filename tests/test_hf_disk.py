@@ -205,3 +205,22 @@ def test_missing_expert_key_names_it(tmp_path):
     save_file(sd, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"model\.layers\.2\.mlp\.experts\.5\.down_proj\.weight"):
         from_hf(tmp_path)
+
+
+def test_cli_from_hf_carries_the_source_tokenizer(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from mla_analysis.convert import load_tokenizer, save_tokenizer
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "to", "be", "or", "not", ",", "that", "is", "the", "question"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    _saved_by_transformers("llama-gqa-tied", tmp_path / "hf")
+    fast.save_pretrained(tmp_path / "hf")
+    capsys.readouterr()
+    assert main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "run")]) == 0, capsys.readouterr().err
+    text = "to be , or not to be , that is the question whether"
+    want = fast(text).input_ids
+    assert want[-1] == 0 and load_tokenizer(tmp_path / "run")(text).input_ids == want
+    assert save_tokenizer(tmp_path / "run", tmp_path / "copy") and load_tokenizer(tmp_path / "copy")(text).input_ids == want
