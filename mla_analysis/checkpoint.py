@@ -145,7 +145,7 @@ def save_model_config(run_dir: str | os.PathLike, cfg: ModelConfig) -> None:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The trained model of a run directory (its last checkpoint) or of a Hugging Face checkpoint dir."""
+    """The model of a run directory (its last checkpoint), a Hugging Face checkpoint dir, a .gguf file or a model name."""
     from .models.transformer import Transformer
 
     path = Path(path)
@@ -157,8 +157,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
             raise CheckpointError(f"{path / CKPT_DIR / 'LATEST'}: run has no checkpoint")
         load_checkpoint(folder, model)
         return model.to(device).eval()
-    if (path / "config.json").exists():
-        from .convert import from_hf
+    from .convert import from_hf, resolve_hf_dir
 
-        return from_hf(path).to(device).eval()
+    hf_dir = resolve_hf_dir(path)  # a .gguf file or a named model -> its cached HF dir
+    if (hf_dir / "config.json").exists():
+        return from_hf(hf_dir).to(device).eval()
     raise CheckpointError(f"{path}: neither a run directory ({MODEL_CONFIG_FILE}) nor a Hugging Face checkpoint (config.json)")

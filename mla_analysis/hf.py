@@ -366,7 +366,7 @@ def _gpt2_to_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torc
 
 
 def state_dict_from_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Translate a transformers state dict to this toolkit's parameter names (missing keys raise)."""
+    """Translate a transformers state dict (in-memory or on-disk expert layout) to this toolkit's names (missing keys raise)."""
     fam = _family(cfg)
     if fam == "gpt2":
         return _gpt2_from_hf(cfg, sd)
@@ -384,14 +384,39 @@ def state_dict_from_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[st
             out[f + "gate.e_score_correction_bias"] = (
                 bias if bias is not None else torch.zeros(cfg.n_routed_experts, dtype=torch.float32)
             )
-            gate_up = sd[hm + "experts.gate_up_proj"]  # (E, 2I, D)
-            out[f + "w1"], out[f + "w3"] = gate_up.chunk(2, dim=1)  # (E, I, D) each
-            out[f + "w2"] = sd[hm + "experts.down_proj"]  # (E, D, I)
+            out[f + "w1"], out[f + "w3"], out[f + "w2"] = _experts_from_hf(sd, hm + "experts.", cfg.n_routed_experts)
     return out
 
 
-def state_dict_to_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor], arch: str | None = None) -> dict[str, torch.Tensor]:
-    """Translate this toolkit's state dict to transformers' parameter names."""
+def _experts_from_hf(sd: dict[str, torch.Tensor], he: str, n_experts: int) -> tuple[torch.Tensor, ...]:
+    """Routed experts (w1, w3, w2), each (E, out, in), from the fused in-memory or the per-expert on-disk layout."""
+    if he + "gate_up_proj" in sd:  # transformers 5 modules: experts.gate_up_proj (E, 2I, D), experts.down_proj (E, D, I)
+        w1, w3 = sd[he + "gate_up_proj"].chunk(2, dim=1)  # (E, I, D) each
+        if he + "down_proj" not in sd:
+            raise KeyError(f"checkpoint is missing {he}down_proj")
+        return w1, w3, sd[he + "down_proj"]
+    # checkpoints as saved (save_pretrained, the published DeepSeek files): experts.{e}.{gate,up,down}_proj.weight
+    stacked = []
+    for h in ("gate_proj", "up_proj", "down_proj"):
+        names = [f"{he}{e}.{h}.weight" for e in range(n_experts)]
+        for name in names:
+            if name not in sd:
+                raise KeyError(f"checkpoint is missing {name}")
+        stacked.append(torch.stack([sd[name] for name in names]))  # (E, out, in)
+    return tuple(stacked)
+
+
+def state_dict_to_hf(
+    cfg: ModelConfig, sd: dict[str, torch.Tensor], arch: str | None = None, layout: str = "model"
+) -> dict[str, torch.Tensor]:
+    """Translate this toolkit's state dict to transformers' names: ``layout`` "model" (in memory) or "checkpoint" (on disk).
+
+    The two differ for routed experts only: transformers 5 modules hold them fused (``experts.gate_up_proj``
+    (E, 2I, D), ``experts.down_proj`` (E, D, I)); ``save_pretrained`` writes, and the published DeepSeek
+    checkpoints hold, one set of keys per expert (``experts.{e}.gate_proj.weight`` ...).
+    """
+    if layout not in ("model", "checkpoint"):
+        raise ValueError(f"layout={layout!r} is invalid (allowed: model, checkpoint)")
     arch = arch or default_arch(cfg)
     if arch == "gpt2":
         return _gpt2_to_hf(cfg, sd)
@@ -405,8 +430,17 @@ def state_dict_to_hf(cfg: ModelConfig, sd: dict[str, torch.Tensor], arch: str | 
             hm, f = f"model.layers.{i}.mlp.", f"layers.{i}.ffn."
             if (arch or "deepseek_v3") == "deepseek_v3":
                 out[hm + "gate.e_score_correction_bias"] = sd[f + "gate.e_score_correction_bias"]
-            out[hm + "experts.gate_up_proj"] = torch.cat((sd[f + "w1"], sd[f + "w3"]), dim=1)  # (E, 2I, D)
-            out[hm + "experts.down_proj"] = sd[f + "w2"]
+            elif bool((sd[f + "gate.e_score_correction_bias"] != 0).any()):  # dropping it would change the routing
+                raise ConfigError(
+                    f"{f}gate.e_score_correction_bias is nonzero: it cannot be exported as {arch} (no routing bias there)"
+                )
+            if layout == "model":
+                out[hm + "experts.gate_up_proj"] = torch.cat((sd[f + "w1"], sd[f + "w3"]), dim=1)  # (E, 2I, D)
+                out[hm + "experts.down_proj"] = sd[f + "w2"]
+            else:
+                for o, h in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+                    for e, w in enumerate(sd[f + o].unbind(0)):  # (E, out, in) -> E x (out, in)
+                        out[hm + f"experts.{e}.{h}.weight"] = w.clone()  # own storage: safetensors refuses shared views
         if arch == "qwen2" and not cfg.attn_qkv_bias:  # Qwen2 has q/k/v biases: zeros add nothing
             ha = f"model.layers.{i}.self_attn."
             for h in ("q_proj", "k_proj", "v_proj"):

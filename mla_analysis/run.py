@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import schema  # noqa: F401  (registers the structured configs)
+from .assets import AssetError
 from .config import ConfigError, ModelConfig
 from .data import DataConfig
 from .checkpoint import load_model
@@ -114,7 +115,7 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
             out["timings"]["probe_s"] = time.time() - t_probe
         if search is not None:
             out["metrics"].update(objective(search, reference, flatten(config), out["metrics"]))
-    except (ConfigError, ResultsError) as e:
+    except (ConfigError, ResultsError, AssetError) as e:  # AssetError: e.g. train.init_from=smollm2-135m not installed
         if multirun:
             config = OmegaConf.to_container(cfg, resolve=False)
             atomic_write_json(results_path, make_record("failed", config, {}, error=f"{type(e).__name__}: {e}"))

@@ -93,6 +93,7 @@ def test_from_hf_qwen2_gpt2_logits_vs_transformers(tmp_path, kind, tied):
     hf = _hf_tiny(kind, tied).eval()
     _randomise(hf, seed=2)
     hf.save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # what is on disk, read by transformers
     ours = from_hf(tmp_path)
     cfg = ours.cfg
     if kind == "gpt2":
@@ -115,6 +116,7 @@ def test_from_hf_gpt2_hub_layout_without_transformer_prefix(tmp_path):
     sd["h.0.attn.bias"] = torch.ones(1, 1, 64, 64)  # the old causal-mask buffer, ignored
     save_file(sd, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(hf.config.to_json_string())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # transformers reads that layout too
     ids = _ids(96)
     with torch.no_grad():
         torch.testing.assert_close(from_hf(tmp_path)(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
@@ -205,6 +207,7 @@ def test_cli_from_hf_then_to_hf(tmp_path, capsys):
     hf = _hf_tiny("gpt2", True).eval()
     _randomise(hf, seed=6)
     hf.save_pretrained(tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     rc, out, err = _cli(["from-hf", tmp_path / "hf", tmp_path / "run"], capsys)
     assert rc == 0, err
     ids = _ids(96)

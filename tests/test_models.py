@@ -8,7 +8,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mla_analysis.accounting import count_params, kv_bytes_per_token, kv_elements_per_token_layer
 from mla_analysis.config import ModelConfig, tiny
-from mla_analysis.hf import state_dict_from_hf, to_hf_config
+from mla_analysis.convert import from_hf
+from mla_analysis.hf import to_hf_config
 from mla_analysis.models.transformer import Transformer
 
 from .test_gpt2_qwen import VARIANTS as KNOB_VARIANTS
@@ -31,14 +32,14 @@ def _randomise(model: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(0.08 * torch.randn(p.shape, generator=g))
 
 
-def _hf_and_ours(cfg: ModelConfig, arch: str | None = None):
-    hf_cfg = to_hf_config(cfg, arch)
-    hf_cfg._attn_implementation = "eager"
-    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+def _hf_and_ours(cfg: ModelConfig, arch: str, path):
+    """A random transformers model written with save_pretrained, read back by transformers and by from_hf."""
+    hf = transformers.AutoModelForCausalLM.from_config(to_hf_config(cfg, arch))
     _randomise(hf)
-    ours = Transformer(cfg).eval()
-    missing, unexpected = ours.load_state_dict(state_dict_from_hf(cfg, hf.state_dict()), strict=False)
-    assert not unexpected and all("inv_freq" in k for k in missing), (missing, unexpected)
+    hf.save_pretrained(path)  # the on-disk layout (per-expert keys), as published checkpoints are
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    ours = from_hf(path)
+    assert (ours.cfg.attention, ours.cfg.ffn, ours.cfg.kv_heads) == (cfg.attention, cfg.ffn, cfg.kv_heads)
     return hf, ours
 
 
@@ -69,9 +70,9 @@ YARN = dict(factor=4.0, original_max_position_embeddings=16, beta_fast=32.0, bet
         pytest.param(dict(rope_scaling=dict(YARN, mscale=1.0, mscale_all_dim=1.0)), id="dense-yarn-v3"),
     ],
 )
-def test_transformer_vs_hf_deepseek_v3(overrides):
+def test_transformer_vs_hf_deepseek_v3(tmp_path, overrides):
     cfg = tiny(**DS_BASE, **overrides)
-    hf, ours = _hf_and_ours(cfg, "deepseek_v3")
+    hf, ours = _hf_and_ours(cfg, "deepseek_v3", tmp_path)
     _check_logits(hf, ours, cfg.vocab_size)
 
 
@@ -83,16 +84,16 @@ def test_transformer_vs_hf_deepseek_v3(overrides):
         pytest.param(dict(ffn="moe", rope_scaling=YARN, first_k_dense_replace=1), id="moe-yarn"),
     ],
 )
-def test_transformer_vs_hf_deepseek_v2(overrides):
+def test_transformer_vs_hf_deepseek_v2(tmp_path, overrides):
     cfg = tiny(**DS_BASE, **overrides)
-    hf, ours = _hf_and_ours(cfg, "deepseek_v2")
+    hf, ours = _hf_and_ours(cfg, "deepseek_v2", tmp_path)
     _check_logits(hf, ours, cfg.vocab_size)
 
 
 @pytest.mark.parametrize("attention,n_kv", [("mha", None), ("gqa", 2), ("mqa", None)])
-def test_transformer_vs_hf_llama(attention, n_kv):
+def test_transformer_vs_hf_llama(tmp_path, attention, n_kv):
     cfg = tiny(attention=attention, n_kv_heads=n_kv, vocab_size=96)
-    hf, ours = _hf_and_ours(cfg, "llama")
+    hf, ours = _hf_and_ours(cfg, "llama", tmp_path)
     _check_logits(hf, ours, cfg.vocab_size)
 
 
