@@ -286,7 +286,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m mla_analysis.eval", description=__doc__.splitlines()[0])
-    ap.add_argument("--pretrained", required=True, help="toolkit run directory or Hugging Face checkpoint dir")
+    ap.add_argument("--pretrained", required=True, help="run dir, Hugging Face checkpoint dir, .gguf file or model name")
     ap.add_argument("--tasks", required=True, help="comma-separated: procedural (mqar, passkey, ...) and/or lm-eval tasks")
     ap.add_argument("--include_path", default=None, help="directory for the exported procedural tasks (and your own YAMLs)")
     ap.add_argument("--limit", type=float, default=None, help="documents per task (lm-eval's limit; < 1 = fraction)")
@@ -305,8 +305,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
 
     path = Path(args.pretrained)
-    if not path.is_dir():  # checked before torch / lm-eval are imported: a typo fails at once
-        return fail(f"--pretrained {path}: no such directory")
+    from .assets import NAMED_MODELS
+
+    # checked before torch / lm-eval are imported: a typo fails at once
+    if not (path.is_dir() or (path.is_file() and path.suffix.lower() == ".gguf") or args.pretrained in NAMED_MODELS):
+        return fail(f"--pretrained {path}: no such directory, .gguf file or model name ({', '.join(NAMED_MODELS)})")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         return fail("--tasks is empty (allowed: comma-separated task names)")

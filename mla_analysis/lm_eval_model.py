@@ -35,7 +35,6 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from .data.vocab import BOS, EOS, MIN_VOCAB_SIZE, PAD, Vocab
 
-_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -69,10 +68,6 @@ class ProceduralTokenizer:
         return self.vocab_size
 
 
-def _has_hf_tokenizer(path: Path) -> bool:
-    return path.is_dir() and any((path / f).exists() for f in _HF_TOKENIZER_FILES)
-
-
 def _as_batch_size(value: Any, max_batch_size: Optional[int]) -> int:
     """lm-eval passes ints, digit strings or "auto[:N]"; "auto" takes ``max_batch_size`` (default 64), no probing."""
     if value is None:
@@ -86,6 +81,13 @@ def _as_batch_size(value: Any, max_batch_size: Optional[int]) -> int:
     if n < 1:
         raise ValueError(f"batch_size={value!r} is invalid (allowed: an integer > 0 or auto)")
     return n
+
+
+def _hub_tokenizer(name: str):
+    """A tokenizer by Hub id (needs a network or the Hugging Face cache)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name)
 
 
 @register_model("mla_analysis")
@@ -126,14 +128,16 @@ class MLAnalysisLM(TemplateLM):
 
     # ---- tokenizer ---------------------------------------------------------------------------
     def _make_tokenizer(self, tokenizer: Any, pretrained: Optional[str]):
-        if tokenizer is None and pretrained is not None and _has_hf_tokenizer(Path(pretrained)):
-            tokenizer = str(pretrained)
+        from .convert import has_tokenizer, load_tokenizer, resolve_hf_dir
+
+        if tokenizer is None and pretrained is not None:
+            hf_dir = resolve_hf_dir(pretrained)  # a .gguf or a model name -> its cached HF dir
+            if has_tokenizer(hf_dir):
+                tokenizer = hf_dir
         if tokenizer is None or tokenizer == "procedural":
             return ProceduralTokenizer(self.cfg.vocab_size)
-        if isinstance(tokenizer, str):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        if isinstance(tokenizer, (str, Path)):
+            tokenizer = load_tokenizer(tokenizer) if Path(tokenizer).exists() else _hub_tokenizer(str(tokenizer))
         if len(tokenizer) > self.cfg.vocab_size:
             raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {self.cfg.vocab_size}")
         return tokenizer

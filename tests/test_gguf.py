@@ -261,3 +261,24 @@ def test_two_processes_converting_at_once_build_one_entry(tmp_path, cache):
     assert dirs == {str(cache / "gguf" / assets.file_digest(path))}
     assert _entries(cache) == ["gguf", f"gguf/{assets.file_digest(path)}"]  # no second copy, no temporary left
     assert (Path(dirs.pop()) / "model.safetensors").is_file()
+
+
+def test_smollm2_through_the_lm_eval_adapter_by_name(smollm2):
+    """lm-eval's ``pretrained=smollm2-135m`` finds the model's own tokenizer; loglikelihood equals transformers'."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from mla_analysis.lm_eval_model import MLAnalysisLM
+
+    path, hf_dir, ref, ids = smollm2
+    gguf_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    ctx, cont = "To be, or not to be, that is", " the question"
+    lm = MLAnalysisLM(pretrained="smollm2-135m", batch_size=1)
+    assert lm.tok_encode(ctx) == gguf_tok(ctx).input_ids  # not the procedural fallback
+    req = Instance(request_type="loglikelihood", doc={}, arguments=(ctx, cont), idx=0)
+    (got, _), = lm.loglikelihood([req], disable_tqdm=True)
+    c, w = gguf_tok(ctx).input_ids, gguf_tok(ctx + cont).input_ids[len(gguf_tok(ctx).input_ids):]
+    with torch.no_grad():
+        logp = ref(torch.tensor([c + w])).logits.log_softmax(-1)[0]  # (T, V)
+    want = sum(float(logp[len(c) - 1 + i, t]) for i, t in enumerate(w))
+    assert got == pytest.approx(want, abs=1e-3)
