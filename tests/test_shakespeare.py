@@ -213,7 +213,7 @@ def test_tokens_are_the_tokenizers_and_labels_align(tok, cache, monkeypatch):
 
 def shakespeare_cfg(hf_dir, **kw) -> DataConfig:
     cfg = DataConfig(source="shakespeare", tokenizer="model", seq_len=64, eval_examples=16, lm_weight=1.0,
-                     eval_tasks=[], shakespeare=ShakespeareConfig(root=str(TEXTS)), **kw)
+                     eval_tasks=[], shakespeare=ShakespeareConfig(root=str(TEXTS), train_edition="modern"), **kw)
     return prepare_data_config(cfg, str(hf_dir), 128)
 
 
@@ -231,7 +231,7 @@ def test_data_flow_train_and_eval_splits(hf_dir, tok, cache, monkeypatch):
     xb, yb = build_train_batches(cfg, 4).batch_at(0)
     assert xb.shape == (4, 64) and torch.equal(xb[:, 1:], yb[:, :-1])
     # training windows come from train plays only: each one occurs in the train stream, none in the eval plays'
-    train_stream = load_shakespeare(tok, splits=("train",), root=TEXTS).splits["train"].tokens
+    train_stream = load_shakespeare(tok, splits=("train",), editions="modern", root=TEXTS).splits["train"].tokens
     eval_stream = load_shakespeare(tok, splits=("evaluation",), root=TEXTS).splits["evaluation"].tokens
     s_train, s_eval = train_stream.tobytes(), eval_stream.tobytes()
     for row in xb[:, :16].numpy().astype(np.int64):
@@ -268,6 +268,7 @@ def test_probes_and_healing_on_a_real_model_with_real_text(hf_dir, cache, tmp_pa
     r = run_cli([f"train.init_from={hf_dir}", "train.steps=2", "train.grad_accum=2", "train.batch_size=2",
                  "train.eval_every=0", "train.warmup_steps=1", "data=shakespeare", "probe=[spectra,cost]",
                  "probe.cost.quick=true", f"data.shakespeare.root={TEXTS}", "data.eval_examples=16",
+                 "data.shakespeare.train_edition=modern",  # the tokens cached by test_data_flow_train_and_eval_splits
                  f"hydra.run.dir={out}"], {"MLA_ANALYSIS_CACHE": str(cache)}, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     rec = json.loads((out / "results.json").read_text())
