@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -296,8 +297,8 @@ def test_grad_accum_is_the_mean_gradient_of_its_micro_batches(tmp_path):
     tcfg = TrainConfig(steps=1, batch_size=3, grad_accum=2, warmup_steps=1, eval_every=0, progress=False)
     torch.manual_seed(0)
     start = Transformer(mcfg)
-    got = train(mcfg, dcfg, tcfg, tmp_path, device="cpu", model=_clone(start))["model"]
-    ref = _clone(start)
+    got = train(mcfg, dcfg, tcfg, tmp_path, device="cpu", model=copy.deepcopy(start))["model"]
+    ref = copy.deepcopy(start)
     opt = make_optimizer(ref, tcfg)
     for g in opt.param_groups:
         g["lr"] = lr_at(0, tcfg, 1)
@@ -307,12 +308,6 @@ def test_grad_accum_is_the_mean_gradient_of_its_micro_batches(tmp_path):
     opt.step()
     for (k, a), b in zip(got.state_dict().items(), ref.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), k
-
-
-def _clone(model):
-    import copy
-
-    return copy.deepcopy(model)
 
 
 # ---- bad input: one line naming the key or file, exit 2, no results file -----------------------------------
