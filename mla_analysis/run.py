@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from . import schema  # noqa: F401  (registers the structured configs)
 from .assets import AssetError
 from .config import ConfigError, ModelConfig
-from .data import DataConfig
+from .data import DataConfig, prepare_data_config
 from .checkpoint import load_model
 from .probes import ProbeError, check_probes, run_probes
 from .results import (RESULTS_FILE, ResultsError, atomic_write_json, environment, flatten, is_finished, load_record,
@@ -90,6 +90,9 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
             init_model = load_model(tcfg.init_from)
             model_cfg = init_model.cfg
             config["model"] = model_cfg.to_dict()
+        # real text: data.tokenizer=model -> init_from's tokenizer, data.vocab_size = its size
+        data_cfg = prepare_data_config(data_cfg, tcfg.init_from, init_model.cfg.max_seq_len if init_model else None)
+        config["data"].update(tokenizer=data_cfg.tokenizer, vocab_size=data_cfg.vocab_size)
         validate_run(model_cfg, data_cfg, tcfg, cfg.device)
         check_probes(probe_cfg, None if cfg.get("convert") is not None else model_cfg)  # convert changes the model
         search = OmegaConf.to_object(cfg.search) if cfg.get("search") is not None else None

@@ -82,7 +82,7 @@ def validate_run(model: ModelConfig, data: DataConfig, train: TrainConfig, devic
         raise ConfigError(
             f"train.steps={train.steps} is invalid (allowed: an integer > 0, or 0 with train.init_from to evaluate only)"
         )
-    for key in ("batch_size", "eval_batch_size"):
+    for key in ("batch_size", "eval_batch_size", "grad_accum"):
         if getattr(train, key) <= 0:
             raise ConfigError(f"train.{key}={getattr(train, key)} is invalid (allowed: an integer > 0)")
     if train.tokens is not None and train.tokens < train.batch_size * data.seq_len:

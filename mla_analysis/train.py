@@ -35,6 +35,7 @@ class TrainConfig:
     steps: int = 1200
     tokens: Optional[int] = None  # if set, steps = tokens // (batch_size * seq_len): equal-token budgets
     batch_size: int = 64
+    grad_accum: int = 1  # micro-batches of batch_size per optimizer step (step k uses batches k*grad_accum + j)
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
@@ -73,7 +74,7 @@ def resolve_device(name: str) -> torch.device:
 def total_steps(tcfg: TrainConfig, dcfg: DataConfig, world_size: int = 1) -> int:
     """Number of optimizer steps, from ``tokens`` when given (equal-token budgets across variants)."""
     if tcfg.tokens is not None:
-        return max(1, tcfg.tokens // (tcfg.batch_size * dcfg.seq_len * world_size))
+        return max(1, tcfg.tokens // (tcfg.batch_size * tcfg.grad_accum * dcfg.seq_len * world_size))
     return tcfg.steps
 
 
@@ -109,10 +110,15 @@ def _autocast(device: torch.device):
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, eval_sets: dict, device: torch.device, batch_size: int) -> dict[str, float]:
     """Held-out LM loss/perplexity and exact-match / token accuracy per retrieval task."""
+    from .perplexity import lm_metrics
+
     was_training = model.training
     model.eval()
     out: dict[str, float] = {}
     for name, (inputs, targets) in eval_sets.items():
+        if name == "lm":  # chunked over the head: real vocabularies never materialise [B, T, V] logits
+            out.update(lm_metrics(model, eval_sets[name], device, batch_size))
+            continue
         total_loss, total_tok, preds = 0.0, 0, []
         for i in range(0, inputs.shape[0], batch_size):
             x = inputs[i : i + batch_size].to(device)
@@ -124,14 +130,10 @@ def evaluate(model: torch.nn.Module, eval_sets: dict, device: torch.device, batc
             total_tok += n
             preds.append(logits.argmax(-1).cpu())
         loss = total_loss / max(1, total_tok)
-        if name == "lm":
-            out["val_loss"] = loss
-            out["val_ppl"] = math.exp(min(loss, 50.0))
-        else:
-            scores = score_predictions(torch.cat(preds), targets)
-            out[f"{name}.exact_match"] = scores["exact_match"]
-            out[f"{name}.token_acc"] = scores["token_acc"]
-            out[f"{name}.loss"] = loss
+        scores = score_predictions(torch.cat(preds), targets)
+        out[f"{name}.exact_match"] = scores["exact_match"]
+        out[f"{name}.token_acc"] = scores["token_acc"]
+        out[f"{name}.loss"] = loss
     model.train(was_training)
     return out
 
@@ -250,7 +252,7 @@ def train(
         # buffers (the router bias) are kept equal by all-reducing the loads, not by broadcasting
         ddp_model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
 
-    tokens_per_step = tcfg.batch_size * data_cfg.seq_len * world
+    tokens_per_step = tcfg.batch_size * tcfg.grad_accum * data_cfg.seq_len * world
 
     def checkpoint(step: int) -> None:
         if rank == 0:
@@ -279,20 +281,22 @@ def train(
     with _StopFlag() as stop:
         for step in range(start_step, steps):
             t0 = time.perf_counter()
-            inputs, targets = train_batch(data_cfg, step, tcfg.batch_size, rank=rank, world_size=world)
-            inputs, targets = inputs.to(dev), targets.to(dev)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, tcfg, steps)
-            with _autocast(dev):
-                logits = ddp_model(inputs)
-            loss = lm_loss(logits, targets)
-            aux = model.aux_loss()
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(
-                    f"loss is {float(loss.detach())} at step {step}: training stopped; the last good checkpoint is kept"
-                )
             optimizer.zero_grad(set_to_none=True)
-            (loss + aux).backward()
+            for micro in range(tcfg.grad_accum):  # gradients of the mean over grad_accum micro-batches
+                index = step * tcfg.grad_accum + micro
+                inputs, targets = train_batch(data_cfg, index, tcfg.batch_size, rank=rank, world_size=world)
+                inputs, targets = inputs.to(dev), targets.to(dev)
+                with _autocast(dev):
+                    logits = ddp_model(inputs)
+                loss = lm_loss(logits, targets)
+                aux = model.aux_loss()
+                if not torch.isfinite(loss):
+                    raise NonFiniteLoss(
+                        f"loss is {float(loss.detach())} at step {step}: training stopped; the last good checkpoint is kept"
+                    )
+                ((loss + aux) / tcfg.grad_accum).backward()
             if tcfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
             optimizer.step()

@@ -13,6 +13,7 @@ from mla_analysis.data.mixture import (
     build_train_batches,
     language_optimal_loss,
     make_vocab,
+    prepare_data_config,
     resolve_eval_tasks,
     train_batch,
     validate_data_config,
@@ -38,6 +39,7 @@ from mla_analysis.data.tasks import (
     make_task,
     task_fits,
 )
+from mla_analysis.data.shakespeare import LabelledTokens, ShakespeareConfig, ShakespeareData, load_shakespeare
 from mla_analysis.data.text import HFConfig, TextCorpus, load_text_corpora
 from mla_analysis.data.vocab import Vocab
 
@@ -73,6 +75,11 @@ __all__ = [
     "make_passkey",
     "make_task",
     "make_vocab",
+    "prepare_data_config",
+    "LabelledTokens",
+    "ShakespeareConfig",
+    "ShakespeareData",
+    "load_shakespeare",
     "resolve_eval_tasks",
     "score_logits",
     "score_predictions",

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from mla_analysis.data.language import LanguageConfig, get_language
+from mla_analysis.data.text import TextCorpus
 from mla_analysis.data.tasks import (
     NIAH_PRESETS,
     TASK_FAMILY,
@@ -31,10 +32,12 @@ from mla_analysis.data.tasks import (
     make_task,
     task_fits,
 )
-from mla_analysis.data.text import TOKENIZERS, HFConfig, load_text_corpora
+from mla_analysis.data.shakespeare import ShakespeareConfig, split_tokens, tokenizer_of, validate_shakespeare_config
+from mla_analysis.data.text import TOKENIZERS, HFConfig, load_text_corpora, uses_hf_tokenizer
 from mla_analysis.data.vocab import Vocab
 
-SOURCES = ("synthetic", "text", "hf")
+SOURCES = ("synthetic", "text", "hf", "shakespeare")
+MODEL_TOKENIZER = "model"  # data.tokenizer: the tokenizer of train.init_from (resolved by prepare_data_config)
 _TRAIN_STREAM = 0x7A41  # arbitrary tags that separate the training and eval seed streams
 _EVAL_STREAM = 0xE7A1
 
@@ -52,7 +55,7 @@ DEFAULT_EVAL_TASKS = ("mqar", "passkey", *NIAH_PRESETS, "copy", "arithmetic")
 class DataConfig:
     """Where training/eval tokens come from (a Hydra structured config: simple types only)."""
 
-    source: str = "synthetic"  # synthetic | text | hf (language-model data; tasks are always procedural)
+    source: str = "synthetic"  # synthetic | text | hf | shakespeare (language-model data)
     vocab_size: int = 256  # ids the data uses; model.vocab_size must be >= this
     seq_len: int = 128
     seed: int = 0  # sample stream (training batches and eval sets)
@@ -75,10 +78,16 @@ class DataConfig:
     # source: text (local files) / hf (datasets.load_dataset)
     paths: List[str] = field(default_factory=list)  # files or globs; empty = the stdlib's *.py
     max_bytes: int = 2_000_000  # cap on the text read (files in sorted order / dataset rows in order)
-    tokenizer: str = "bpe"  # bytes (needs vocab_size >= 288) | bpe (trained on the corpus)
+    # bytes (needs vocab_size >= 288) | bpe (trained on the corpus) | model (train.init_from's) | an HF
+    # tokenizer dir or name: its ids as they are (no procedural vocabulary, no tasks; vocab_size = its size)
+    tokenizer: str = "bpe"
     bpe_vocab_size: Optional[int] = None  # None = vocab_size - 32 (all word ids)
     val_fraction: float = 0.05  # last fraction of the token stream held out for the "lm" eval set
     hf: HFConfig = field(default_factory=HFConfig)
+    # source: shakespeare (split by play, editions); "lm" eval = sliding windows over the evaluation
+    # plays every eval_stride tokens (None = seq_len), at most eval_examples windows (mla_analysis/perplexity.py)
+    shakespeare: ShakespeareConfig = field(default_factory=ShakespeareConfig)
+    eval_stride: Optional[int] = None
 
 
 def validate_data_config(cfg) -> None:
@@ -86,8 +95,22 @@ def validate_data_config(cfg) -> None:
     Vocab(cfg.vocab_size)
     if cfg.source not in SOURCES:
         raise ValueError(f"data.source={cfg.source!r} must be one of {SOURCES}")
-    if cfg.tokenizer not in TOKENIZERS:
-        raise ValueError(f"data.tokenizer={cfg.tokenizer!r} must be one of {TOKENIZERS}")
+    if not cfg.tokenizer:
+        raise ValueError(f"data.tokenizer={cfg.tokenizer!r} must be one of {TOKENIZERS}, model, or an HF tokenizer")
+    if cfg.source == "shakespeare":
+        if not uses_hf_tokenizer(cfg):
+            raise ValueError(
+                f"data.tokenizer={cfg.tokenizer} is invalid for data.source=shakespeare "
+                "(allowed: model = train.init_from's tokenizer, or an HF tokenizer dir or name)"
+            )
+        validate_shakespeare_config(cfg.shakespeare)
+    if cfg.eval_stride is not None and not 1 <= cfg.eval_stride <= cfg.seq_len:
+        raise ValueError(f"data.eval_stride={cfg.eval_stride} is invalid (allowed: 1..data.seq_len={cfg.seq_len}, or null)")
+    if uses_hf_tokenizer(cfg) and cfg.eval_tasks:
+        raise ValueError(
+            f"data.eval_tasks={list(cfg.eval_tasks)} is invalid with data.tokenizer={cfg.tokenizer} "
+            "(procedural tasks need the procedural vocabulary; allowed: [] or null)"
+        )
     if cfg.seq_len < 8:
         raise ValueError(f"data.seq_len={cfg.seq_len} must be >= 8")
     if not 0.0 <= cfg.lm_weight <= 1.0:
@@ -110,6 +133,8 @@ def resolve_eval_tasks(cfg) -> List[str]:
     """``cfg.eval_tasks``, or (when None) every default eval task whose knobs fit ``cfg.seq_len``."""
     if cfg.eval_tasks is not None:
         return list(cfg.eval_tasks)
+    if uses_hf_tokenizer(cfg):  # real-text ids: no procedural tasks
+        return []
     vocab = make_vocab(cfg)
     return [t for t in DEFAULT_EVAL_TASKS if task_fits(t, vocab, cfg.seq_len, _task_knobs(cfg, t))]
 
@@ -125,7 +150,56 @@ def _fillers(cfg):
     if cfg.source == "synthetic":
         lang = get_language(vocab, cfg.language, cfg.language_seed)
         return lang, lang
+    if cfg.source == "shakespeare":
+        _check_tokenizer_vocab(cfg)
+        return TextCorpus(split_tokens(cfg, "train").tokens), split_tokens(cfg, "evaluation")
+    if uses_hf_tokenizer(cfg):
+        _check_tokenizer_vocab(cfg)
     return load_text_corpora(cfg)
+
+
+def _check_tokenizer_vocab(cfg) -> None:
+    if cfg.tokenizer == MODEL_TOKENIZER:
+        raise ValueError(
+            "data.tokenizer=model: no model to take the tokenizer from "
+            "(set train.init_from, or data.tokenizer to an HF tokenizer dir or name)"
+        )
+    n = len(tokenizer_of(cfg.tokenizer))
+    if n > cfg.vocab_size:
+        raise ValueError(
+            f"data.vocab_size={cfg.vocab_size} is smaller than the {n} ids of data.tokenizer={cfg.tokenizer} "
+            f"(allowed: >= {n})"
+        )
+
+
+def prepare_data_config(cfg, init_from: Optional[str] = None, max_seq_len: Optional[int] = None):
+    """Resolve ``data.tokenizer=model`` to ``init_from`` and, for an HF tokenizer, set ``vocab_size`` to its size.
+
+    Also checks ``data.seq_len`` against the loaded model's context (``max_seq_len``). Raises
+    ConfigError naming the key; returns a new DataConfig (``cfg`` itself for procedural tokenizers).
+    """
+    from mla_analysis.config import ConfigError
+
+    if max_seq_len is not None and cfg.seq_len > max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={cfg.seq_len} is beyond the model's context (max_seq_len={max_seq_len} of "
+            f"train.init_from={init_from}; allowed: <= {max_seq_len})"
+        )
+    if not uses_hf_tokenizer(cfg):
+        return cfg
+    tokenizer = cfg.tokenizer
+    if tokenizer == MODEL_TOKENIZER:
+        if init_from is None:
+            raise ConfigError(
+                "data.tokenizer=model: no model to take the tokenizer from "
+                "(set train.init_from, or data.tokenizer to an HF tokenizer dir or name)"
+            )
+        tokenizer = str(init_from)
+    try:
+        n = len(tokenizer_of(tokenizer))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return dataclasses.replace(cfg, tokenizer=tokenizer, vocab_size=n)
 
 
 def _lm_batch(filler, n: int, seq_len: int, rng: np.random.Generator) -> Batch:
@@ -159,6 +233,8 @@ class TrainBatches:
         self.filler, _ = _fillers(cfg)
         # sorted names: the mixture must not depend on the YAML/dict order of `tasks`
         tasks = sorted((k, float(w)) for k, w in dict(cfg.tasks).items() if w > 0)
+        if uses_hf_tokenizer(cfg):  # real-text ids: pure language (tasks need the procedural vocabulary)
+            tasks = []
         total = sum(w for _, w in tasks)
         lm = cfg.lm_weight if tasks else 1.0
         self.kinds = ["lm"] + [k for k, _ in tasks]
@@ -218,7 +294,9 @@ def _eval_rng(cfg, name: str) -> np.random.Generator:
 
 
 def build_eval_sets(cfg) -> Dict[str, Batch]:
-    """Fixed eval sets: "lm" (held-out language / text val split) and one per ``cfg.eval_tasks``."""
+    """Fixed eval sets: "lm" (held-out language / text val split / evaluation plays) and one per ``cfg.eval_tasks``."""
+    from mla_analysis.perplexity import document_windows
+
     validate_data_config(cfg)
     vocab = make_vocab(cfg)
     _, filler = _fillers(cfg)
@@ -226,6 +304,8 @@ def build_eval_sets(cfg) -> Dict[str, Batch]:
     out: Dict[str, Batch] = {}
     if cfg.source == "synthetic":
         out["lm"] = _lm_batch(filler, n, L, _eval_rng(cfg, "lm"))
+    elif cfg.source == "shakespeare":  # sliding windows over the evaluation plays, per document
+        out["lm"] = document_windows(filler.document_tokens(), L, cfg.eval_stride, max_windows=n)
     else:  # consecutive chunks of the validation split: every held-out token at most once
         w = filler.chunks(n, L + 1)  # [<=n, L+1]
         out["lm"] = (torch.from_numpy(np.ascontiguousarray(w[:, :-1])), torch.from_numpy(np.ascontiguousarray(w[:, 1:])))

@@ -2,7 +2,9 @@
 
 Text is tokenised by bytes (ids 0..255) or by a byte-level BPE trained offline with ``tokenizers`` on
 the same capped corpus, then shifted into the word range of :class:`Vocab` (text id t -> vocab id
-``FIRST_WORD + t``); documents are joined with EOS. The stream is split deterministically: the last
+``FIRST_WORD + t``); documents are joined with EOS. With a Hugging Face tokenizer (``data.tokenizer``
+= an HF dir or name, e.g. the model's own) the ids are the tokenizer's, unshifted, documents joined
+with its EOS token, files read as strict UTF-8, and no retrieval tasks are mixed in. The stream is split deterministically: the last
 ``val_fraction`` of tokens is validation. Retrieval tasks keep their procedural ids (markers, digits,
 hex, word ids) in this mode; their haystacks/fillers are windows of this text, so word-typed keys and
 copy spans are ids that may or may not be frequent text tokens.
@@ -21,7 +23,12 @@ import numpy as np
 
 from mla_analysis.data.vocab import EOS, FIRST_WORD
 
-TOKENIZERS = ("bytes", "bpe")
+TOKENIZERS = ("bytes", "bpe")  # the procedural ones; any other data.tokenizer names a Hugging Face tokenizer
+
+
+def uses_hf_tokenizer(cfg) -> bool:
+    """Whether ``cfg.tokenizer`` names a Hugging Face tokenizer (or ``model``) rather than bytes / bpe."""
+    return cfg.tokenizer not in TOKENIZERS
 
 
 @dataclass
@@ -74,6 +81,30 @@ def resolve_paths(paths: Optional[List[str]]) -> List[str]:
             raise ValueError(f"data.paths: {pat!r} matches no file")
         files.update(hits)
     return sorted(files)
+
+
+def decode_utf8(docs: List[bytes], names: List[str]) -> List[str]:
+    """Strict UTF-8 decoding; ValueError naming the file (and byte) that is not UTF-8."""
+    out = []
+    for d, name in zip(docs, names):
+        try:
+            out.append(d.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            if e.start >= len(d) - 3 and e.reason == "unexpected end of data":  # the max_bytes cut split a character
+                out.append(d[: e.start].decode("utf-8"))
+                continue
+            raise ValueError(f"{name}: not UTF-8 text (byte {e.start}: {d[e.start:e.start + 1]!r}; data.tokenizer needs text)") from None
+    return out
+
+
+def tokenize_hf(texts: List[str], tokenizer: str) -> np.ndarray:
+    """Documents -> one stream of the HF tokenizer's own ids, its EOS token after each document (if any)."""
+    from mla_analysis.data.shakespeare import tokenizer_of
+
+    tok = tokenizer_of(tokenizer)
+    eos = [] if tok.eos_token_id is None else [tok.eos_token_id]
+    parts = [np.asarray(ids + eos, dtype=np.int64) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def read_files(files: List[str], max_bytes: int) -> List[bytes]:
@@ -178,14 +209,18 @@ def _load_text_corpora(key) -> Tuple[TextCorpus, TextCorpus]:
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"data.val_fraction={val_fraction} must be in (0, 1)")
     if source == "text":
-        docs, where = read_files(resolve_paths(paths), max_bytes), "data.paths"
+        files = resolve_paths(paths)
+        docs, where = read_files(files, max_bytes), "data.paths"
     elif source == "hf":
         path, name, split, column, files, cache_dir = hf_key
         docs = load_hf_texts(HFConfig(path, name, split, column, list(files) if files else None, cache_dir), max_bytes)
-        where = "data.hf"
+        files, where = [f"data.hf row {i}" for i in range(len(docs))], "data.hf"
     else:
         raise ValueError(f"data.source={source!r} is not a text source")
-    tokens = tokenize_docs(docs, tokenizer, vocab_size, bpe_vocab_size)
+    if tokenizer in TOKENIZERS:
+        tokens = tokenize_docs(docs, tokenizer, vocab_size, bpe_vocab_size)
+    else:
+        tokens = tokenize_hf(decode_utf8(docs, list(files)), tokenizer)
     cut = int(len(tokens) * (1.0 - val_fraction))
     train, val = tokens[:cut], tokens[cut:]
     if min(len(train), len(val)) < seq_len + 1:
