@@ -106,6 +106,16 @@ def _n_workers(n_jobs: Any, n: int) -> int:
     return max(1, min(k, n))
 
 
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+               "VECLIB_MAXIMUM_THREADS", "NUMBA_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def _worker_env(n_workers: int) -> dict[str, str]:
+    """Thread limits for the workers, as joblib's loky backend sets them (CPUs / workers, unless set already)."""
+    threads = max((os.cpu_count() or 1) // n_workers, 1)
+    return {var: os.environ.get(var, str(threads)) for var in THREAD_VARS}
+
+
 def _record_dead_job(task_cfg: DictConfig, job_dir: Path, reason: str) -> None:
     """A job whose worker died: keep its own record if it wrote one (interrupted), else record it failed."""
     from .results import RESULTS_FILE, ResultsError, atomic_write_json, load_record, make_record
@@ -146,10 +156,12 @@ def launch_isolated(launcher: Any, job_overrides: Sequence[Sequence[str]], initi
     Path(str(launcher.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
     jobs = prepare_jobs(launcher, job_overrides, initial_job_idx)
     state = Singleton.get_state()
+    n_workers = _n_workers(launcher.joblib.get("n_jobs"), len(jobs))
+    env = _worker_env(n_workers)
 
     def one(job: tuple) -> Any:
         idx, overrides, task_cfg, job_dir = job
-        with ProcessPoolExecutor(max_workers=1) as pool:
+        with ProcessPoolExecutor(max_workers=1, env=env) as pool:
             future = pool.submit(execute_job, idx, overrides, launcher.hydra_context, launcher.config,
                                  launcher.task_function, state)
             try:
@@ -161,5 +173,5 @@ def launch_isolated(launcher: Any, job_overrides: Sequence[Sequence[str]], initi
         # completed with no value, so the sweeper goes on to the other jobs (the record says what happened)
         return JobReturn(overrides=overrides, working_dir=str(job_dir), status=JobStatus.COMPLETED)
 
-    with ThreadPoolExecutor(max_workers=_n_workers(launcher.joblib.get("n_jobs"), len(jobs))) as threads:
+    with ThreadPoolExecutor(max_workers=n_workers) as threads:
         return list(threads.map(one, jobs))

@@ -353,7 +353,10 @@ def lock_output_dir(argv: list[str]) -> tuple[Optional[Any], list[str], Optional
     """
     from .lock import RunLock, launch_group
 
-    resolved = resolve_output_dir(argv)
+    try:
+        resolved = resolve_output_dir(argv)
+    except Exception:  # a command line only Hydra itself understands: it reports the problem
+        resolved = None
     if resolved is None:
         return None, argv, None, False
     directory, multirun, pin = resolved
