@@ -10,6 +10,7 @@ sweep a failing job records ``status: failed`` with the reason and the other job
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 import traceback
@@ -114,7 +115,12 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
         job_lock = RunLock(run_dir).acquire()
     try:
         with StopFlag.get() as stop:
-            return _run_job(cfg, run_dir, multirun, stop)
+            value = _run_job(cfg, run_dir, multirun, stop)
+        if stop.signum is not None:  # arrived while the record was written: it stands, and the process stops
+            print(f"[interrupted] signal {signal.Signals(stop.signum).name} after {run_dir} was recorded: stopping",
+                  file=sys.stderr)
+            sys.exit(128 + stop.signum)
+        return value
     finally:
         if job_lock is not None:
             job_lock.release()

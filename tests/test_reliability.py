@@ -359,3 +359,19 @@ def test_latent_larger_than_k_and_v_warns_in_one_line():
     msg = kv_cache_warning(big)
     assert msg.startswith("warning: model.kv_lora_rank=1000") and f"the {full} of caching K and V" in msg
     assert "\n" not in msg
+
+
+def test_text_source_rejects_utf16_and_binary_files(tmp_path):
+    from mla_analysis.data.text import read_files
+
+    utf16, binary, good = tmp_path / "u16.txt", tmp_path / "blob.bin", tmp_path / "ok.txt"
+    utf16.write_bytes("to be or not to be\n".encode("utf-16"))
+    binary.write_bytes(bytes(range(256)))
+    good.write_bytes("café, naïve — ok\n".encode("utf-8"))
+    assert read_files([str(good)], 4) == [good.read_bytes()[:4]]  # "caf" + half of "é": cut at max_bytes, fine
+    for path, what in ((utf16, "UTF-16"), (binary, "binary")):
+        with pytest.raises(ValueError, match=f"data.paths: {path} is {what}"):
+            read_files([str(good), str(path)], 10_000)
+    out = tmp_path / "run"
+    p = run(FAST + [f"hydra.run.dir={out}", "data=text", f"data.paths=[{utf16}]"], cwd=tmp_path)
+    assert p.returncode == 2 and "UTF-16" in _one_line(p.stderr) and not (out / "model_config.json").exists()
