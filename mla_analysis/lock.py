@@ -27,7 +27,7 @@ UNREADABLE_GRACE_S = 10.0  # a lock file without readable content older than thi
 RANK_WAIT_S = 60.0  # how long ranks > 0 wait for rank 0's lock
 
 
-def _process_start(pid: int) -> Optional[str]:
+def process_start(pid: int) -> Optional[str]:
     """The process's start time in clock ticks since boot (Linux /proc), to tell a reused pid apart."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -56,7 +56,7 @@ def launch_group() -> Optional[str]:
 
 def _holder() -> dict[str, Any]:
     pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid), "group": launch_group(),
+    return {"host": socket.gethostname(), "pid": pid, "start": process_start(pid), "group": launch_group(),
             "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": sys.argv}
 
 
@@ -92,7 +92,7 @@ class RunLock:
         if not isinstance(pid, int) or not _alive(pid):
             return True
         start = holder.get("start")
-        return start is not None and _process_start(pid) not in (None, start)
+        return start is not None and process_start(pid) not in (None, start)
 
     def _prepare_dir(self) -> None:
         if self.dir.exists() and not self.dir.is_dir():

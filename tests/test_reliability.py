@@ -141,10 +141,10 @@ def _write_lock(directory: Path, **holder) -> Path:
 
 def test_lock_names_holder_and_takes_over_only_stale_locks(tmp_path, capsys):
     from mla_analysis.config import ConfigError
-    from mla_analysis.lock import RunLock, _process_start
+    from mla_analysis.lock import RunLock, process_start
 
     d = tmp_path / "run"
-    path = _write_lock(d, start=_process_start(os.getpid()))  # a live holder on this host: this process
+    path = _write_lock(d, start=process_start(os.getpid()))  # a live holder on this host: this process
     with pytest.raises(ConfigError, match=f"{d}: in use by another run \\(pid {os.getpid()} on "):
         RunLock(d).acquire()
     _write_lock(d, host="elsewhere", pid=_dead_pid())  # another host: its pid means nothing here, never broken
@@ -170,10 +170,10 @@ def test_lock_ranks_above_zero_join_their_own_launch_only(tmp_path):
 
 
 def test_second_run_into_a_locked_dir_exits_2_and_touches_nothing(tmp_path):
-    from mla_analysis.lock import _process_start
+    from mla_analysis.lock import process_start
 
     out = tmp_path / "run"
-    lock = _write_lock(out, start=_process_start(os.getpid()))  # as if a first run were training in it
+    lock = _write_lock(out, start=process_start(os.getpid()))  # as if a first run were training in it
     before = lock.read_text()
     p = run(FAST + [f"hydra.run.dir={out}"], cwd=tmp_path)
     assert p.returncode == 2
