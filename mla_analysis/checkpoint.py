@@ -85,12 +85,18 @@ def save_checkpoint(
     tmp = root / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(_state_dict_for_save(model), str(tmp / "model.safetensors"))
-    meta: dict[str, Any] = {}
-    if optimizer is not None:
-        tensors, meta = _optimizer_to_flat(optimizer)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-    atomic_write_json(tmp / "state.json", {"step": step, "optimizer": meta, **state})
+    try:
+        save_file(_state_dict_for_save(model), str(tmp / "model.safetensors"))
+        meta: dict[str, Any] = {}
+        if optimizer is not None:
+            tensors, meta = _optimizer_to_flat(optimizer)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+        atomic_write_json(tmp / "state.json", {"step": step, "optimizer": meta, **state})
+    except BaseException as e:  # a full disk: give the partial folder's space back
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, SafetensorError):  # its I/O errors, as the OSError they are (callers catch OSError)
+            raise OSError(f"{tmp}: {e}") from None
+        raise
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
