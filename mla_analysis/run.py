@@ -4,7 +4,9 @@ Each job trains one model, evaluates it and writes ``results.json`` in its Hydra
 A sweep (``-m``, or an experiment declaring ``hydra.mode: MULTIRUN``) ends with ``comparison.md``
 and ``comparison.csv`` in the sweep directory (``mla_analysis.callbacks.ComparisonTables``).
 Errors: a bad config ends with one line naming the key and exit code 2, and no results file; in a
-sweep a failing job records ``status: failed`` with the reason and the other jobs go on.
+sweep every job's config is validated before the first job starts, a failing job records
+``status: failed`` with the reason, the other jobs go on, and the sweep exits 1 at the end.
+The run (or sweep) directory is locked before Hydra writes into it (``mla_analysis.lock``).
 """
 
 from __future__ import annotations
