@@ -75,11 +75,19 @@ def check_config(cfg: DictConfig) -> None:
     from .schema import validate_run
 
     try:
-        OmegaConf.to_container(cfg, resolve=True)
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # a ??? left unset
         model_cfg, data_cfg, tcfg = _objects(cfg)
+        search = OmegaConf.to_object(cfg.search) if cfg.get("search") is not None else None
+        convert = OmegaConf.to_object(cfg.convert) if cfg.get("convert") is not None else None
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "config"
         raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
+    if search is not None:
+        resolve_reference(search)
+    if convert is not None:
+        from .convert_job import validate_convert
+
+        validate_convert(convert, model_cfg)
     if tcfg.init_from is not None:
         from .schema import validate_train
 
