@@ -259,12 +259,24 @@ def test_every_numeric_train_option_is_validated(key, value):
     validate_train(TrainConfig())
 
 
-@pytest.mark.parametrize("override,key", [("train.lr=nan", "train.lr"), ("model.rope_theta=nan", "model.rope_theta"),
-                                          ("train.threads=-1", "train.threads")])
-def test_bad_train_option_is_one_line_before_compute(tmp_path, override, key):
+def test_nonfinite_model_and_data_values_are_rejected():
+    from mla_analysis.config import ConfigError, tiny
+    from mla_analysis.data import DataConfig
+    from mla_analysis.schema import validate_run
+    from mla_analysis.train import TrainConfig
+
+    data = DataConfig(vocab_size=128, seq_len=32)
+    validate_run(tiny(), data, TrainConfig(), "cpu")
+    with pytest.raises(ConfigError, match=r"^model.rope_theta=nan is invalid \(allowed: a finite number\)"):
+        validate_run(tiny(rope_theta=float("nan")), data, TrainConfig(), "cpu")
+    with pytest.raises(ConfigError, match=r"^data.lm_weight=inf"):
+        validate_run(tiny(), DataConfig(vocab_size=128, seq_len=32, lm_weight=float("inf")), TrainConfig(), "cpu")
+
+
+def test_bad_train_option_is_one_line_before_compute(tmp_path):
     out = tmp_path / "run"
-    p = run(FAST + [f"hydra.run.dir={out}", override], cwd=tmp_path)
-    assert p.returncode == 2 and _one_line(p.stderr).startswith(f"error: {key}=")
+    p = run(FAST + [f"hydra.run.dir={out}", "train.lr=nan"], cwd=tmp_path)
+    assert p.returncode == 2 and _one_line(p.stderr).startswith("error: train.lr=nan is invalid")
     assert not (out / "model_config.json").exists() and not (out / "results.json").exists()
 
 
