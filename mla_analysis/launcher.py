@@ -9,6 +9,8 @@ of ``-m``) and ``hydra/launcher=joblib`` (the studies' launcher) at the plugins 
 - ``launch_isolated``: like Hydra's joblib launcher (loky processes, ``n_jobs`` at a time), but each job
   gets its own worker process. A worker that dies (SIGKILL, OOM, a signal before the trainer's handler)
   then fails only its job, which is recorded ``failed`` with the reason; the other jobs run to the end.
+  A SIGINT/SIGTERM to the sweep process is passed on to the running jobs' workers (they checkpoint and
+  record ``interrupted``), no further job starts, and the sweep exits 128 + signal.
 Of the joblib options only ``n_jobs`` applies (loky is the backend, as in Hydra's launcher).
 """
 
@@ -16,14 +18,16 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Sequence
 
 from omegaconf import DictConfig, open_dict, read_write
 
 from .config import ConfigError
+from .train import StopFlag
 
 _PLUGIN_DIR = Path(__file__).resolve().parent.parent / "hydra_plugins"
 _LAUNCHED: list[Path] = []  # job directories launched by this process (read by run.cli for the exit code)
@@ -159,8 +163,12 @@ def launch_isolated(launcher: Any, job_overrides: Sequence[Sequence[str]], initi
     n_workers = _n_workers(launcher.joblib.get("n_jobs"), len(jobs))
     env = _worker_env(n_workers)
 
+    stop = StopFlag()  # a signal to the sweep: no new job starts, the running ones are told, then exit 128 + signal
+
     def one(job: tuple) -> Any:
         idx, overrides, task_cfg, job_dir = job
+        if stop.signum is not None:  # not started: a rerun of the sweep runs it
+            return JobReturn(overrides=overrides, working_dir=str(job_dir), status=JobStatus.COMPLETED)
         with ProcessPoolExecutor(max_workers=1, env=env) as pool:
             future = pool.submit(execute_job, idx, overrides, launcher.hydra_context, launcher.config,
                                  launcher.task_function, state)
@@ -173,5 +181,37 @@ def launch_isolated(launcher: Any, job_overrides: Sequence[Sequence[str]], initi
         # completed with no value, so the sweeper goes on to the other jobs (the record says what happened)
         return JobReturn(overrides=overrides, working_dir=str(job_dir), status=JobStatus.COMPLETED)
 
-    with ThreadPoolExecutor(max_workers=n_workers) as threads:
-        return list(threads.map(one, jobs))
+    with stop, ThreadPoolExecutor(max_workers=n_workers) as threads:
+        futures = [threads.submit(one, job) for job in jobs]
+        told = False
+        while not all(f.done() for f in futures):
+            wait(futures, timeout=0.5)
+            if stop.signum is not None and not told:
+                _forward(stop.signum, [job[3] for job in jobs])
+                told = True
+        runs = [f.result() for f in futures]
+    if stop.signum is not None:
+        print(f"[interrupted] signal {signal.Signals(stop.signum).name}: the sweep stopped; rerun it with "
+              "train.resume=true to continue", file=sys.stderr)
+        sys.exit(128 + stop.signum)
+    return runs
+
+
+def _forward(signum: int, job_dirs: list[Path]) -> None:
+    """Pass a signal the sweep received to the workers running its jobs (named by their job-dir locks)."""
+    import json
+    import socket
+
+    from .lock import LOCK_FILE
+
+    for d in job_dirs:
+        try:
+            holder = json.loads((d / LOCK_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not running (finished, or not started)
+        pid = holder.get("pid") if isinstance(holder, dict) else None
+        if isinstance(pid, int) and pid != os.getpid() and holder.get("host") == socket.gethostname():
+            try:
+                os.kill(pid, signum)
+            except OSError:
+                pass

@@ -387,3 +387,23 @@ def test_text_source_rejects_utf16_and_binary_files(tmp_path):
     out = tmp_path / "run"
     p = run(FAST + [f"hydra.run.dir={out}", "data=text", f"data.paths=[{utf16}]"], cwd=tmp_path)
     assert p.returncode == 2 and "UTF-16" in _one_line(p.stderr) and not (out / "model_config.json").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_joblib_sweep_interrupts_its_jobs_and_starts_no_more(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "train.steps=100000,100001,4",
+            f"hydra.sweep.dir={sweep}", *[a for a in FAST if not a.startswith("train.steps")]]
+    proc = subprocess.Popen([sys.executable, "-m", "mla_analysis.run", *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while len(list(sweep.glob("*/model_config.json"))) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)  # to the sweep process only: it passes the signal on to its workers
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err[-3000:]
+    recs = [load_record(p.parent) for p in sweep.glob("*/results.json")]
+    assert [r["status"] for r in recs] == ["interrupted", "interrupted"] and all("SIGTERM" in r["error"] for r in recs)
+    assert not list(sweep.glob("*train.steps=4"))  # never started: a rerun runs it
+    assert not list(sweep.rglob(".mla_analysis.lock"))
