@@ -14,11 +14,16 @@ class ComparisonTables(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from .report import write_tables
+        from .results import ResultsError
 
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.exists():
             return
-        written = write_tables([sweep_dir], sweep_dir)
+        try:
+            written = write_tables([sweep_dir], sweep_dir)
+        except ResultsError as e:  # e.g. no readable record: the jobs' own records say why
+            print(f"warning: no comparison tables: {e}")
+            return
         print("\n" + written["md"].read_text())
         for path in written.values():
             print(f"wrote {path.resolve()}")

@@ -12,6 +12,7 @@ Nothing here unpickles: tensors go through safetensors, everything else through 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -25,6 +26,7 @@ from .results import ResultsError, atomic_write_json, atomic_write_text, read_js
 
 MODEL_CONFIG_FILE = "model_config.json"
 CKPT_DIR = "checkpoints"
+STEP_NAME = re.compile(r"step-\d+")
 
 
 class CheckpointError(ResultsError):
@@ -83,20 +85,34 @@ def save_checkpoint(
     tmp = root / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(_state_dict_for_save(model), str(tmp / "model.safetensors"))
-    meta: dict[str, Any] = {}
-    if optimizer is not None:
-        tensors, meta = _optimizer_to_flat(optimizer)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-    atomic_write_json(tmp / "state.json", {"step": step, "optimizer": meta, **state})
+    try:
+        save_file(_state_dict_for_save(model), str(tmp / "model.safetensors"))
+        meta: dict[str, Any] = {}
+        if optimizer is not None:
+            tensors, meta = _optimizer_to_flat(optimizer)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+        atomic_write_json(tmp / "state.json", {"step": step, "optimizer": meta, **state})
+    except BaseException as e:  # a full disk: give the partial folder's space back
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, SafetensorError):  # its I/O errors, as the OSError they are (callers catch OSError)
+            raise OSError(f"{tmp}: {e}") from None
+        raise
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     atomic_write_text(root / "LATEST", name + "\n")
-    old = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != name)
+    old = [p for p in checkpoint_folders(run_dir) if p.name != name]
     for p in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
     return final
+
+
+def checkpoint_folders(run_dir: str | os.PathLike) -> list[Path]:
+    """The complete checkpoint folders (step-N, renamed into place only when written), oldest first."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and STEP_NAME.fullmatch(p.name)), key=lambda p: int(p.name[5:]))
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
@@ -104,10 +120,41 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
     pointer = Path(run_dir) / CKPT_DIR / "LATEST"
     if not pointer.exists():
         return None
-    folder = pointer.parent / pointer.read_text().strip()
+    try:
+        name = pointer.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{pointer}: not UTF-8 text (allowed: the name of a step-N folder)") from None
+    except OSError as e:
+        raise CheckpointError(f"{pointer}: cannot be read ({e.strerror})") from None
+    if not STEP_NAME.fullmatch(name):
+        shown = repr(name[:40]) if name else "empty"
+        raise CheckpointError(f"{pointer}: {shown} is not a checkpoint name (allowed: step-N, e.g. step-0000100)")
+    folder = pointer.parent / name
     if not folder.is_dir():
         raise CheckpointError(f"{pointer}: names {folder.name}, which does not exist")
     return folder
+
+
+def resume_checkpoint(run_dir: str | os.PathLike) -> tuple[Optional[Path], Optional[str]]:
+    """The checkpoint to resume from and a one-line note when LATEST was missing and the newest folder is used."""
+    folder = latest_checkpoint(run_dir)
+    if folder is not None:
+        return folder, None
+    folders = checkpoint_folders(run_dir)
+    if not folders:
+        return None, None
+    pointer = Path(run_dir) / CKPT_DIR / "LATEST"
+    return folders[-1], f"{pointer} is missing: resuming from {folders[-1].name}, the newest complete checkpoint"
+
+
+def check_fresh_start(run_dir: str | os.PathLike) -> None:
+    """Refuse a fresh run into a directory holding checkpoints, so pruning only ever sees one run's steps."""
+    folders = checkpoint_folders(run_dir)
+    if folders:
+        raise CheckpointError(
+            f"{Path(run_dir) / CKPT_DIR}: holds {folders[-1].name} of an earlier run "
+            "(allowed: train.resume=true to continue it, or another run directory)"
+        )
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ import csv
 import fnmatch
 import io
 import math
+import os
 import re
 import sys
 from collections import Counter
@@ -148,6 +149,7 @@ def aggregate(rows: list[dict[str, Any]], ignore: Sequence[str] = ()) -> tuple[l
             agg["model.kv_lora_rank"] = None  # not an MLA run: rank does not apply
         agg["n_ok"] = len(ok)
         agg["n_runs"] = len(members)
+        agg["run_dirs"] = [m["run_dir"] for m in members if m.get("run_dir")]
         counts = Counter(m.get("status", "missing") for m in members)
         agg["status"] = "ok" if set(counts) == {"ok"} else "; ".join(f"{n} {st}" for st, n in sorted(counts.items()))
         for mk in metric_keys:
@@ -205,6 +207,8 @@ def columns(keys: list[str], aggs: list[dict[str, Any]], extra: Sequence[str] = 
             cols.append((f"metrics.{t}.steps_to_solve", f"{t} steps to solve (solved seeds)"))
     cols += [(k, t) for k, t in TAIL if k in present]
     cols += [("n_ok", "seeds ok"), ("status", "status")]
+    if any(a.get("run_dirs") for a in aggs):
+        cols.append(("run_dirs", "run dirs"))
     return cols
 
 
@@ -213,6 +217,8 @@ def _fmt(v: Any, ci: Optional[tuple[float, float]] = None) -> str:
         return "—"
     if isinstance(v, bool):
         return "yes" if v else "no"
+    if isinstance(v, list):
+        return "; ".join(_fmt(x) for x in v)
     if isinstance(v, float):
         if v == int(v):
             s = f"{int(v):,}"
@@ -260,7 +266,8 @@ def to_csv(keys: list[str], aggs: list[dict[str, Any]], extra: Sequence[str] = (
     for a in aggs:
         row = []
         for k, _ in cols:
-            row.append("" if a.get(k) is None else a.get(k))
+            value = a.get(k)
+            row.append("" if value is None else "; ".join(map(str, value)) if isinstance(value, list) else value)
             if any(k + ".ci" in b for b in aggs):
                 ci = a.get(k + ".ci")
                 row += [ci[0], ci[1]] if ci else ["", ""]
@@ -287,11 +294,18 @@ def to_latex(keys: list[str], aggs: list[dict[str, Any]], extra: Sequence[str] =
 def write_tables(paths: Iterable[str | Path], out_dir: str | Path, formats=("md", "csv", "tex"),
                  extra: Sequence[str] = (), name: str = "comparison", ignore: Sequence[str] = ()) -> dict[str, Path]:
     """Build the comparison tables from run directories and write ``name``.{md,csv,tex} atomically."""
+    paths = list(paths)
     rows = load_rows(paths)
     if not rows:
         raise ResultsError(f"no run directories under {', '.join(map(str, paths))}")
+    corrupt = [r for r in rows if str(r.get("status", "")).startswith("corrupt")]
+    if len(corrupt) == len(rows):
+        raise ResultsError(f"no readable record under {', '.join(map(str, paths))}: all {len(rows)} are corrupt, "
+                           f"e.g. {corrupt[0]['status'][len('corrupt: '):]}")
     keys, aggs = aggregate(rows, ignore)
     out_dir = Path(out_dir)
+    for a in aggs:  # named relative to the tables, so they stay valid wherever the folder is moved
+        a["run_dirs"] = [os.path.relpath(d, out_dir) for d in a.get("run_dirs", [])]
     writers = {"md": to_markdown, "csv": to_csv, "tex": to_latex}
     written = {}
     for fmt in formats:

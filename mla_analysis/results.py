@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 RESULTS_FILE = "results.json"
+STATUSES = ("ok", "failed", "interrupted")
 
 
 class ResultsError(ValueError):
@@ -33,11 +34,25 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600: keep the mode a plain open() would give
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def current_umask() -> int:
+    """The process umask (read from /proc where possible: setting it to read it is not thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -125,8 +140,20 @@ def environment(device: str, seed: int) -> dict[str, Any]:
     return env
 
 
+def _keep_nonfinite(o: Any) -> Any:
+    """Config values inf/nan as the strings 'inf'/'nan' (JSON has no such numbers; null would hide them)."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return str(o)
+    if isinstance(o, Mapping):
+        return {k: _keep_nonfinite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_keep_nonfinite(v) for v in o]
+    return o
+
+
 def make_record(status: str, config: Mapping[str, Any], metrics: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
     """A results.json record with the flat view tables are built from."""
+    config = _keep_nonfinite(dict(config)) if config else {}
     flat = flatten({"config": dict(config)}) if config else {}
     flat = {k[len("config."):]: v for k, v in flat.items()}
     flat.update({f"metrics.{k}": v for k, v in flatten(dict(metrics)).items()})
@@ -140,6 +167,13 @@ def load_record(run_dir: str | os.PathLike) -> dict[str, Any]:
     rec = read_json(path)
     if not isinstance(rec, dict) or "status" not in rec or "flat" not in rec:
         raise ResultsError(f"{path}: not a results record (needs 'status' and 'flat')")
+    if rec["status"] not in STATUSES:
+        raise ResultsError(f"{path}: not a results record (status {rec['status']!r}, allowed: {', '.join(STATUSES)})")
+    for key in ("flat", "metrics", "config"):
+        if not isinstance(rec.get(key, {}), dict):
+            raise ResultsError(f"{path}: not a results record ('{key}' is {type(rec[key]).__name__}, not an object)")
+    if rec["status"] == "ok" and "metrics" not in rec:
+        raise ResultsError(f"{path}: not a results record (status ok without 'metrics')")
     rec["run_dir"] = str(Path(run_dir))
     return rec
 

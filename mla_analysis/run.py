@@ -4,12 +4,15 @@ Each job trains one model, evaluates it and writes ``results.json`` in its Hydra
 A sweep (``-m``, or an experiment declaring ``hydra.mode: MULTIRUN``) ends with ``comparison.md``
 and ``comparison.csv`` in the sweep directory (``mla_analysis.callbacks.ComparisonTables``).
 Errors: a bad config ends with one line naming the key and exit code 2, and no results file; in a
-sweep a failing job records ``status: failed`` with the reason and the other jobs go on.
+sweep every job's config is validated before the first job starts, a failing job records
+``status: failed`` with the reason, the other jobs go on, and the sweep exits 1 at the end.
+The run (or sweep) directory is locked before Hydra writes into it (``mla_analysis.lock``).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 import traceback
@@ -30,6 +33,7 @@ from .checkpoint import load_model
 from .probes import ProbeError, check_probes, run_probes
 from .results import (RESULTS_FILE, ResultsError, atomic_write_json, environment, flatten, is_finished, load_record,
                       make_record)
+from .launcher import launched_dirs, register_launchers
 from .search import objective, resolve_reference
 from .train import NonFiniteLoss, TrainConfig, TrainingInterrupted, train
 
@@ -67,16 +71,79 @@ def format_summary(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
-    """Validate, train, evaluate and record one job; returns the validation loss (or the search objective)."""
+def check_config(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first invalid key of a composed job config (no model built, no file read)."""
     from .schema import validate_run
 
-    results_path = run_dir / RESULTS_FILE
-    if multirun and cfg.skip_finished and is_finished(run_dir):
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # a ??? left unset
+        model_cfg, data_cfg, tcfg = _objects(cfg)
+        search = OmegaConf.to_object(cfg.search) if cfg.get("search") is not None else None
+        convert = OmegaConf.to_object(cfg.convert) if cfg.get("convert") is not None else None
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "config"
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
+    if search is not None:
+        resolve_reference(search)
+    if convert is not None:
+        from .convert_job import validate_convert
+
+        validate_convert(convert, model_cfg)
+    if tcfg.init_from is not None:
+        from .schema import validate_train
+
+        validate_train(tcfg)  # the model group is replaced by the loaded model's config: checked when loaded
+        return
+    validate_run(model_cfg, data_cfg, tcfg, cfg.device)
+    if cfg.get("claims") is None and cfg.get("convert") is None:
+        check_probes(OmegaConf.to_container(cfg.probe, resolve=True), model_cfg)
+
+
+def record_config(cfg: DictConfig) -> dict[str, Any]:
+    """The config for a record: resolved when it resolves (a failed row shows its actual values)."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException:
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
+def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
+    """Validate, train, evaluate and record one job; returns the validation loss (or the search objective).
+
+    Signals (SIGINT/SIGTERM) stay deferred until the record is written: a run stopped at any point
+    after start-up is recorded ``interrupted`` with a checkpoint to resume from, and exits 128 + signal.
+    """
+    from .train import StopFlag
+
+    if is_finished(run_dir) and ((multirun and cfg.skip_finished) or cfg.train.resume):
+        # a finished run is never rewritten: a sweep rerun skips it, train.resume=true leaves it as it is
         print(f"[skip] {run_dir} already has a complete {RESULTS_FILE}")
         return _return_value(cfg, load_record(run_dir)["metrics"])
+    job_lock = None
+    if multirun:  # a job dir names its worker (host, pid) while it runs; the sweep dir is locked by cli()
+        from .lock import RunLock
+
+        job_lock = RunLock(run_dir).acquire()
+    try:
+        with StopFlag.get() as stop:
+            value = _run_job(cfg, run_dir, multirun, stop)
+        if stop.signum is not None:  # arrived while the record was written: it stands, and the process stops
+            print(f"[interrupted] signal {signal.Signals(stop.signum).name} after {run_dir} was recorded: stopping",
+                  file=sys.stderr)
+            sys.exit(128 + stop.signum)
+        return value
+    finally:
+        if job_lock is not None:
+            job_lock.release()
+
+
+def _run_job(cfg: DictConfig, run_dir: Path, multirun: bool, stop: Any) -> Optional[float]:
+    from .schema import kv_cache_warning, validate_run
+
+    results_path = run_dir / RESULTS_FILE
     is_rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 probes and records
     t0 = time.time()
+    config = record_config(cfg)
     try:
         try:
             config = OmegaConf.to_container(cfg, resolve=True)
@@ -94,6 +161,9 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
         data_cfg = prepare_data_config(data_cfg, tcfg.init_from, init_model.cfg.max_seq_len if init_model else None)
         config["data"].update(tokenizer=data_cfg.tokenizer, vocab_size=data_cfg.vocab_size)
         validate_run(model_cfg, data_cfg, tcfg, cfg.device)
+        warning = kv_cache_warning(model_cfg)
+        if warning is not None and is_rank0:
+            print(warning, file=sys.stderr)
         check_probes(probe_cfg, None if cfg.get("convert") is not None else model_cfg)  # convert changes the model
         search = OmegaConf.to_object(cfg.search) if cfg.get("search") is not None else None
         reference = resolve_reference(search) if search is not None else None
@@ -118,25 +188,26 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
             out["timings"]["probe_s"] = time.time() - t_probe
         if search is not None:
             out["metrics"].update(objective(search, reference, flatten(config), out["metrics"]))
+        if stop.signum is not None:  # during the probes: the final checkpoint is saved, a resume redoes them
+            raise stop.interrupted("after training: checkpoint saved; rerun with train.resume=true to finish")
     except (ConfigError, ResultsError, AssetError) as e:  # AssetError: e.g. train.init_from=smollm2-135m not installed
         if multirun:
-            config = OmegaConf.to_container(cfg, resolve=False)
-            atomic_write_json(results_path, make_record("failed", config, {}, error=f"{type(e).__name__}: {e}"))
+            _write_record(results_path, make_record("failed", config, {}, error=f"{type(e).__name__}: {e}"))
             print(f"[failed] {run_dir}: {e}", file=sys.stderr)
             return None
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except (TrainingInterrupted, NonFiniteLoss, ProbeError) as e:
         status = "interrupted" if isinstance(e, TrainingInterrupted) else "failed"
-        atomic_write_json(results_path, make_record(status, config, {}, error=str(e)))
+        _write_record(results_path, make_record(status, config, {}, error=str(e)))
         print(f"[{status}] {e}", file=sys.stderr)
         if multirun and status == "failed":
             return None
-        sys.exit(130 if status == "interrupted" else 1)
+        sys.exit(e.exit_code if status == "interrupted" else 1)
     except Exception as e:  # a crash in one job of a sweep must not stop the others
         if not multirun:
             raise
-        atomic_write_json(
+        _write_record(
             results_path,
             make_record("failed", config, {}, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()),
         )
@@ -144,17 +215,34 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
         return None
     if not is_rank0:
         return _primary_metric(out["metrics"])
+    failure = out.get("checkpoint_error")  # the metrics are kept, but the model is not saved: not a finished run
     record = make_record(
-        "ok",
+        "failed" if failure else "ok",
         config,
         out["metrics"],
         timings={**out["timings"], "wall_s": time.time() - t0},
         env=environment(out["device"], cfg.seed),
         history=out["history"],
+        **({"error": failure} if failure else {}),
     )
-    atomic_write_json(results_path, record)
+    _write_record(results_path, record)
+    if failure:
+        print(f"[failed] {failure}; metrics recorded in {results_path}", file=sys.stderr)
+        if multirun:
+            return None
+        sys.exit(1)
     print(f"\n{cfg.model.name} done -> {results_path}\n{format_summary(out['metrics'])}")
     return _return_value(cfg, out["metrics"])
+
+
+def _write_record(path: Path, record: dict[str, Any]) -> None:
+    """Write results.json; a failed write is one line and exit 1 (nothing else is left to record it)."""
+    try:
+        atomic_write_json(path, record)
+    except OSError as e:
+        print(f"error: {path}: results not written ({type(e).__name__}: {e}); status was {record['status']}",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -242,6 +330,80 @@ def precheck(argv: list[str]) -> Optional[str]:
     return None
 
 
+def _override_key(arg: str) -> str:
+    return arg.split("=", 1)[0].lstrip("+~")
+
+
+def resolve_output_dir(argv: list[str]) -> Optional[tuple[Path, bool, Optional[str]]]:
+    """(directory, multirun, pin) for the command line, before Hydra runs; None for Hydra's own modes.
+
+    The directory is the run dir (``hydra.run.dir``) or, for a sweep, the sweep dir. ``pin`` is an
+    override fixing a time-stamped default (``${now:...}``) to the value resolved here, so the directory
+    locked is the one Hydra writes; None when the command line sets the directory itself.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
+        return None
+    overrides = [a for a in argv if not a.startswith("-")]
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    single = [o.input_line if not o.is_sweep_override() else None for o in parsed]
+    for i, o in enumerate(parsed):  # a sweep: its first value stands for it (the directories do not depend on it)
+        if single[i] is None:
+            try:
+                single[i] = f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}"
+            except Exception:
+                single[i] = ""  # an interval (Optuna): left to the sweeper
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[o for o in single if o], return_hydra_config=True)
+    multirun = "-m" in argv or "--multirun" in argv or str(cfg.hydra.mode).endswith("MULTIRUN")
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    directory = str(OmegaConf.select(cfg, key))
+    given = any(_override_key(a) == key for a in overrides)
+    pin = None if given else f"{key}='" + directory.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return Path(directory), multirun, pin
+
+
+def lock_output_dir(argv: list[str]) -> tuple[Optional[Any], list[str], Optional[Path], bool]:
+    """Lock the run (or sweep) directory before Hydra writes into it; (lock, argv to run, directory, multirun).
+
+    Raises ConfigError naming the directory and the holder when another run holds it, or when the
+    directory cannot be written. Under torchrun, ranks > 0 only check that rank 0 holds it for them.
+    """
+    from .lock import RunLock, launch_group
+
+    try:
+        resolved = resolve_output_dir(argv)
+    except Exception:  # a command line only Hydra itself understands: it reports the problem
+        resolved = None
+    if resolved is None:
+        return None, argv, None, False
+    directory, multirun, pin = resolved
+    argv = argv + [pin] if pin is not None else argv
+    lock = RunLock(directory)
+    if int(os.environ.get("RANK", "0")) != 0:
+        lock.wait_for_group(launch_group() or "")
+        return None, argv, directory, multirun
+    return lock.acquire(), argv, directory, multirun
+
+
+def sweep_failures(sweep_dir: Path) -> list[str]:
+    """'DIR: status' for each job of a sweep whose record is not ok (the jobs the launchers ran, else all found)."""
+    from .results import find_run_dirs
+
+    dirs = launched_dirs() or [d for d in find_run_dirs([sweep_dir]) if d != sweep_dir]
+    bad = []
+    for d in dirs:
+        try:
+            status = load_record(d)["status"]
+        except ResultsError as e:
+            status = "no record" if "file not found" in str(e) else "corrupt record"
+        if status != "ok":
+            bad.append(f"{d} ({status})")
+    return bad
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> Optional[float]:
     """Hydra task function."""
@@ -250,12 +412,34 @@ def main(cfg: DictConfig) -> Optional[float]:
 
 
 def cli() -> None:
-    """Console entry: one-line errors for bad overrides, then the Hydra app."""
+    """Console entry: one-line errors for bad overrides, the output directory locked, then the Hydra app.
+
+    Exit codes: 0 ok; 2 bad config or unusable directory (nothing written); 1 a failed run, or a sweep
+    with failed or interrupted jobs (after all jobs ran and the tables are written); 130 / 143 an
+    interrupted run (SIGINT / SIGTERM), recorded as interrupted and resumable.
+    """
     error = precheck(sys.argv[1:])
     if error is not None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    main()
+    try:
+        lock, argv, directory, multirun = lock_output_dir(sys.argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.argv[1:] = argv
+    register_launchers()
+    try:
+        main()
+        if multirun and directory is not None:
+            failures = sweep_failures(directory)
+            if failures:
+                print(f"error: {len(failures)} job(s) of the sweep did not finish: {', '.join(failures)}",
+                      file=sys.stderr)
+                sys.exit(1)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ is merged onto these dataclasses: unknown keys and wrong types fail at start-up.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -64,8 +66,72 @@ class RunConfig:
     convert: Optional[ConvertConfig] = None  # set by +experiment=convert_mha: convert + heal instead of train
 
 
+def check_finite(obj: Any, prefix: str) -> None:
+    """Raise ConfigError naming the first NaN/inf number anywhere in a config (dataclass, dict or list)."""
+    if dataclasses.is_dataclass(obj):
+        items = ((f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    elif isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = ((str(i), v) for i, v in enumerate(obj))
+    else:
+        if isinstance(obj, float) and not math.isfinite(obj):
+            raise ConfigError(f"{prefix}={obj} is invalid (allowed: a finite number)")
+        return
+    for name, value in items:
+        check_finite(value, f"{prefix}.{name}" if prefix else str(name))
+
+
+def _range_error(key: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"train.{key}={value!r} is invalid (allowed: {allowed})")
+
+
+def validate_train(train: TrainConfig) -> None:
+    """Raise ConfigError naming the first training option out of its range (run before any compute)."""
+    check_finite(train, "train")
+    if train.steps < 0 or (train.steps == 0 and train.init_from is None):
+        raise ConfigError(
+            f"train.steps={train.steps} is invalid (allowed: an integer > 0, or 0 with train.init_from to evaluate only)"
+        )
+    positive = ("batch_size", "eval_batch_size", "grad_accum", "keep_checkpoints", "lr")
+    non_negative = ("warmup_steps", "eval_every", "checkpoint_every", "weight_decay", "grad_clip")
+    unit = {"min_lr_ratio": "0..1", "solve_threshold": "0..1"}
+    for key in positive:
+        if getattr(train, key) <= 0:
+            raise _range_error(key, getattr(train, key), "a number > 0" if key == "lr" else "an integer > 0")
+    for key in non_negative:
+        if getattr(train, key) < 0:
+            raise _range_error(key, getattr(train, key), "a number >= 0")
+    for key, allowed in unit.items():
+        if not 0 <= getattr(train, key) <= 1:
+            raise _range_error(key, getattr(train, key), allowed)
+    for key in ("beta1", "beta2"):  # torch's AdamW takes [0, 1)
+        if not 0 <= getattr(train, key) < 1:
+            raise _range_error(key, getattr(train, key), "0 <= beta < 1")
+    if train.threads is not None and train.threads < 1:
+        raise _range_error("threads", train.threads, "null (torch's default) or an integer >= 1")
+    if train.tokens is not None and train.tokens <= 0:
+        raise _range_error("tokens", train.tokens, "null or an integer > 0")
+
+
+def kv_cache_warning(model: ModelConfig) -> Optional[str]:
+    """A one-line warning when an MLA latent caches more per token than its K and V would (it compresses nothing)."""
+    from .accounting import kv_elements_per_token_layer
+
+    if not model.is_mla:
+        return None
+    full = model.n_heads * (model.qk_head_dim + model.v_head_dim)  # K [heads, qk dim] + V [heads, v dim], per layer
+    latent = max(kv_elements_per_token_layer(model, i) for i in range(model.n_layers))
+    if latent <= full:
+        return None
+    return (f"warning: model.kv_lora_rank={model.kv_lora_rank} caches {latent} values per token and layer, more than "
+            f"the {full} of caching K and V ({model.n_heads} heads): the latent compresses nothing")
+
+
 def validate_run(model: ModelConfig, data: DataConfig, train: TrainConfig, device: str) -> None:
-    """Raise ConfigError for impossible combinations across groups."""
+    """Raise ConfigError for impossible combinations across groups and out-of-range options."""
+    check_finite(model, "model")
+    check_finite(data, "data")
     try:
         validate_data_config(data)
     except ValueError as e:
@@ -78,23 +144,11 @@ def validate_run(model: ModelConfig, data: DataConfig, train: TrainConfig, devic
         )
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
         raise ConfigError(f"device={device!r} is invalid (allowed: auto, cpu, cuda, cuda:N)")
-    if train.steps < 0 or (train.steps == 0 and train.init_from is None):
-        raise ConfigError(
-            f"train.steps={train.steps} is invalid (allowed: an integer > 0, or 0 with train.init_from to evaluate only)"
-        )
-    for key in ("batch_size", "eval_batch_size", "grad_accum"):
-        if getattr(train, key) <= 0:
-            raise ConfigError(f"train.{key}={getattr(train, key)} is invalid (allowed: an integer > 0)")
+    validate_train(train)
     if train.tokens is not None and train.tokens < train.batch_size * data.seq_len:
         raise ConfigError(
             f"train.tokens={train.tokens} is invalid (allowed: >= one batch = {train.batch_size * data.seq_len})"
         )
-    if train.lr <= 0:
-        raise ConfigError(f"train.lr={train.lr} is invalid (allowed: a number > 0)")
-    if not 0 <= train.min_lr_ratio <= 1:
-        raise ConfigError(f"train.min_lr_ratio={train.min_lr_ratio} is invalid (allowed: 0..1)")
-    if train.warmup_steps < 0 or train.eval_every < 0 or train.checkpoint_every < 0:
-        raise ConfigError("train.warmup_steps/eval_every/checkpoint_every must be >= 0")
 
 
 def _idiv(a: Any, b: Any) -> int:

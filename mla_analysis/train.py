@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .accounting import count_params, kv_bytes_per_token, train_flops_per_token
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model_config
+from .checkpoint import check_fresh_start, load_checkpoint, resume_checkpoint, save_checkpoint, save_model_config
 from .config import ConfigError, ModelConfig
 from .data import DataConfig, build_eval_sets, language_optimal_loss, score_predictions, train_batch
 from .models.transformer import Transformer
@@ -56,6 +57,15 @@ class TrainConfig:
 
 class TrainingInterrupted(RuntimeError):
     """SIGINT/SIGTERM arrived; a checkpoint was saved and the run can be resumed."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = int(signum)
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number: 130 for SIGINT, 143 for SIGTERM (the shell's convention)."""
+        return 128 + self.signum
 
 
 class NonFiniteLoss(RuntimeError):
@@ -138,27 +148,50 @@ def evaluate(model: torch.nn.Module, eval_sets: dict, device: torch.device, batc
     return out
 
 
-class _StopFlag:
-    """Turns SIGINT/SIGTERM into a flag checked between steps, so a checkpoint can be written."""
+class StopFlag:
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so a checkpoint can be written.
+
+    Nested ``with StopFlag.get()`` blocks share one flag: run.py holds it until the run's record is
+    written, so a signal during the final evaluation or the probes is still recorded, not lost.
+    """
+
+    _active: Optional["StopFlag"] = None
 
     def __init__(self):
         self.signum: Optional[int] = None
         self._old: dict[int, Any] = {}
+        self._depth = 0
+
+    @classmethod
+    def get(cls) -> "StopFlag":
+        """The flag installed by an enclosing block, or a new one."""
+        return cls._active if cls._active is not None else cls()
 
     def __enter__(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread
-                pass
+        if self._depth == 0:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    self._old[s] = signal.signal(s, self._handle)
+                except ValueError:  # not the main thread
+                    pass
+            StopFlag._active = self
+        self._depth += 1
         return self
 
     def _handle(self, signum, frame):
         self.signum = signum
 
+    def interrupted(self, what: str) -> TrainingInterrupted:
+        """The exception that reports the pending signal (``what``: where it arrived, what was saved)."""
+        return TrainingInterrupted(f"signal {signal.Signals(self.signum).name} {what}", signum=self.signum)
+
     def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
+        self._depth -= 1
+        if self._depth == 0:
+            for s, h in self._old.items():
+                signal.signal(s, h)
+            self._old.clear()
+            StopFlag._active = None
         return False
 
 
@@ -232,18 +265,19 @@ def train(
     model = model.to(dev)
     optimizer = make_optimizer(model, tcfg)
     steps = total_steps(tcfg, data_cfg, world)
+    folder = resume_folder(run_dir, tcfg.resume, rank)  # before anything is written: a refusal leaves the dir as it was
     if rank == 0:
         save_model_config(run_dir, model_cfg)
 
     start_step, history, solved_at, train_time = 0, [], {}, 0.0
-    if tcfg.resume:
-        folder = latest_checkpoint(run_dir)
-        if folder is not None:
-            state = load_checkpoint(folder, model, optimizer)
-            start_step = int(state["step"])
-            history = state.get("history", [])
-            solved_at = state.get("solved_at", {})
-            train_time = float(state.get("train_time", 0.0))
+    last_loss = float("nan")
+    if folder is not None:
+        state = load_checkpoint(folder, model, optimizer)
+        start_step = int(state["step"])
+        history = state.get("history", [])
+        solved_at = state.get("solved_at", {})
+        train_time = float(state.get("train_time", 0.0))
+        last_loss = float(state["train_loss"]) if state.get("train_loss") is not None else last_loss
 
     ddp_model = model
     if world > 1:
@@ -254,13 +288,24 @@ def train(
 
     tokens_per_step = tcfg.batch_size * tcfg.grad_accum * data_cfg.seq_len * world
 
-    def checkpoint(step: int) -> None:
-        if rank == 0:
+    checkpoint_errors: dict[int, str] = {}
+
+    def checkpoint(step: int) -> bool:
+        """Save (rank 0); a failed write (full disk, permissions) is reported and recorded, training goes on."""
+        if rank != 0:
+            return True
+        try:
             save_checkpoint(
                 run_dir, model, optimizer, step,
-                {"history": history, "solved_at": solved_at, "train_time": train_time},
+                {"history": history, "solved_at": solved_at, "train_time": train_time, "train_loss": last_loss},
                 keep=tcfg.keep_checkpoints,
             )
+        except OSError as e:
+            checkpoint_errors[step] = f"checkpoint of step {step} not saved in {run_dir / 'checkpoints'}: " \
+                                      f"{type(e).__name__}: {e}"
+            print(f"warning: {checkpoint_errors[step]}", file=sys.stderr)
+            return False
+        return True
 
     def run_eval(step: int) -> dict[str, float]:
         metrics = evaluate(model, eval_sets, dev, tcfg.eval_batch_size)
@@ -277,8 +322,7 @@ def train(
     model.train()
     bar = tqdm(total=steps, initial=start_step, desc=f"train {model_cfg.name}", disable=not tcfg.progress or rank != 0,
                dynamic_ncols=True, leave=False, mininterval=1.0)
-    last_loss = float("nan")
-    with _StopFlag() as stop:
+    with StopFlag.get() as stop:
         for step in range(start_step, steps):
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
@@ -312,15 +356,14 @@ def train(
             if tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0 and done < steps:
                 checkpoint(done)
             if stop.signum is not None:
-                checkpoint(done)
+                saved = checkpoint(done)
                 bar.close()
-                raise TrainingInterrupted(
-                    f"signal {signal.Signals(stop.signum).name} at step {done}: checkpoint saved in {run_dir}; "
-                    "rerun with train.resume=true to continue"
-                )
-    bar.close()
-    final = history[-1] if history and history[-1]["step"] == steps else run_eval(steps)
-    checkpoint(steps)
+                raise stop.interrupted(f"at step {done}: " + _resume_hint(run_dir, saved, checkpoint_errors.get(done)))
+        bar.close()
+        final = history[-1] if history and history[-1]["step"] == steps else run_eval(steps)
+        saved = checkpoint(steps)
+        if stop.signum is not None:  # arrived during the final evaluation
+            raise stop.interrupted(f"during the final evaluation: " + _resume_hint(run_dir, saved, checkpoint_errors.get(steps)))
     metrics: dict[str, Any] = {k: v for k, v in final.items() if k not in ("step", "tokens")}
     if world > 1:
         metrics["ddp_world_size"] = world
@@ -330,7 +373,8 @@ def train(
     metrics["train_loss"] = last_loss
     metrics["tokens_seen"] = steps * tokens_per_step
     metrics["steps"] = steps
-    metrics["tokens_per_s"] = (steps - start_step) * tokens_per_step / train_time if train_time and steps > start_step else None
+    # train_time is cumulative over resumed segments, so the rate covers all steps
+    metrics["tokens_per_s"] = steps * tokens_per_step / train_time if train_time and steps else None
     metrics["params"] = count_params(model_cfg)
     metrics["params_active"] = count_params(model_cfg, active=True)
     metrics["kv_bytes_per_token"] = kv_bytes_per_token(model_cfg, "bf16")
@@ -342,4 +386,22 @@ def train(
         metrics[f"{task}.solved"] = task in solved_at
         metrics[f"{task}.steps_to_solve"] = solved_at.get(task)
     return {"metrics": metrics, "history": history, "timings": {"train_s": train_time}, "device": str(dev),
-            "model": model}
+            "model": model, "checkpoint_error": checkpoint_errors.get(steps)}
+
+
+def _resume_hint(run_dir: Path, saved: bool, error: Optional[str]) -> str:
+    if saved:
+        return f"checkpoint saved in {run_dir}; rerun with train.resume=true to continue"
+    return f"{error}; a rerun with train.resume=true continues from the last checkpoint saved"
+
+
+def resume_folder(run_dir: Path, resume: bool, rank: int = 0) -> Optional[Path]:
+    """The checkpoint to continue from (resume), or None; a fresh run into a directory with checkpoints is refused."""
+    if not resume:
+        if rank == 0:
+            check_fresh_start(run_dir)
+        return None
+    folder, note = resume_checkpoint(run_dir)
+    if note is not None and rank == 0:
+        print(f"warning: {note}", file=sys.stderr)
+    return folder

@@ -103,14 +103,19 @@ def test_sweep_writes_comparison_tables_and_report_rebuilds_them(tmp_path):
 @pytest.mark.slow
 def test_sweep_records_failed_job_and_continues(tmp_path):
     sweep = tmp_path / "sweep"
-    p = run(["-m", "model=gqa", "model.n_kv_heads=2,3", f"hydra.sweep.dir={sweep}", *FAST], cwd=tmp_path)
-    assert p.returncode == 0, p.stderr[-2000:]
+    missing = "no_such_run"  # a valid config that fails when the job loads it: recorded, the other job goes on
+    p = run(["-m", f"train.init_from=null,{missing}", f"hydra.sweep.dir={sweep}", *FAST], cwd=tmp_path)
+    assert p.returncode == 1, p.stderr[-2000:]  # after all jobs ran and the tables were written
+    assert "1 job(s) of the sweep did not finish" in p.stderr.strip().splitlines()[-1]
     recs = [json.loads(f.read_text()) for f in sweep.glob("*/results.json")]
     assert sorted(r["status"] for r in recs) == ["failed", "ok"]
     failed = next(r for r in recs if r["status"] == "failed")
-    assert "model.n_kv_heads" in failed["error"]
+    assert missing in failed["error"]
     table = (sweep / "comparison.md").read_text()
-    assert "failed" in table and "model.n_kv_heads" in table
+    assert "failed" in table and missing in table
+    rows = list(csv.DictReader((sweep / "comparison.csv").open()))
+    dirs = sorted(d for r in rows for d in r["run_dirs"].split("; "))
+    assert dirs == sorted(d.name for d in sweep.iterdir() if d.is_dir() and d.name != "figures")
 
 
 @pytest.mark.parametrize("override,key", [("data=hf", "data.hf.path"), ("data.paths=[/nonexistent/x.py]", "data.paths")])

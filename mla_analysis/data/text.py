@@ -107,6 +107,20 @@ def tokenize_hf(texts: List[str], tokenizer: str) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
+def check_utf8_text(path: str, data: bytes) -> None:
+    """Raise ValueError naming the file when it is not UTF-8 text (UTF-16, binary): its bytes would train noise."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise ValueError(f"data.paths: {path} is UTF-16 text (byte-order mark) (allowed: UTF-8 text files)")
+    if b"\x00" in data:
+        raise ValueError(f"data.paths: {path} is binary (NUL byte at offset {data.index(0)}) (allowed: UTF-8 text files)")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(data) - 3:  # not just a character cut at the max_bytes boundary
+            raise ValueError(f"data.paths: {path} is not UTF-8 (invalid byte at offset {e.start}) "
+                             "(allowed: UTF-8 text files)") from None
+
+
 def read_files(files: List[str], max_bytes: int) -> List[bytes]:
     """Raw bytes of each file in order, the last one truncated so the total is at most ``max_bytes``."""
     out, total = [], 0
@@ -115,6 +129,7 @@ def read_files(files: List[str], max_bytes: int) -> List[bytes]:
             break
         with open(f, "rb") as fh:
             data = fh.read(max_bytes - total)
+        check_utf8_text(f, data)
         out.append(data)
         total += len(data)
     return out
