@@ -26,6 +26,7 @@ from . import schema  # noqa: F401  (registers the structured configs)
 from .config import ConfigError, ModelConfig
 from .data import DataConfig
 from .checkpoint import load_model
+from .loggers import Tracker, start_tracking
 from .probes import ProbeError, check_probes, run_probes
 from .results import (RESULTS_FILE, ResultsError, atomic_write_json, environment, flatten, is_finished, load_record,
                       make_record)
@@ -76,6 +77,7 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
         return _return_value(cfg, load_record(run_dir)["metrics"])
     is_rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 probes and records
     t0 = time.time()
+    tracker = Tracker()  # the experiment trackers (logger=...), started once the config is valid
     try:
         try:
             config = OmegaConf.to_container(cfg, resolve=True)
@@ -93,6 +95,7 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
         check_probes(probe_cfg, None if cfg.get("convert") is not None else model_cfg)  # convert changes the model
         search = OmegaConf.to_object(cfg.search) if cfg.get("search") is not None else None
         reference = resolve_reference(search) if search is not None else None
+        tracker = start_tracking(cfg, config, run_dir, multirun)
         if cfg.get("claims") is not None:  # the claims audit: arithmetic, a timing and the studies' records
             from .claims import run_claims
 
@@ -106,7 +109,8 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
             out = run_convert(OmegaConf.to_object(cfg.convert), model_cfg, data_cfg, tcfg, run_dir, cfg.seed, cfg.device)
             config["model"] = out["model"].cfg.to_dict()
         else:
-            out = train(model_cfg, data_cfg, tcfg, run_dir, seed=cfg.seed, device=cfg.device, model=init_model)
+            out = train(model_cfg, data_cfg, tcfg, run_dir, seed=cfg.seed, device=cfg.device, model=init_model,
+                        on_eval=tracker.on_eval, on_step=tracker.on_step)
         if probe_cfg and is_rank0:
             t_probe = time.time()
             model = out["model"].eval()
@@ -115,6 +119,7 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
         if search is not None:
             out["metrics"].update(objective(search, reference, flatten(config), out["metrics"]))
     except (ConfigError, ResultsError) as e:
+        tracker.close("failed")
         if multirun:
             config = OmegaConf.to_container(cfg, resolve=False)
             atomic_write_json(results_path, make_record("failed", config, {}, error=f"{type(e).__name__}: {e}"))
@@ -124,12 +129,14 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
         sys.exit(2)
     except (TrainingInterrupted, NonFiniteLoss, ProbeError) as e:
         status = "interrupted" if isinstance(e, TrainingInterrupted) else "failed"
+        tracker.close(status)
         atomic_write_json(results_path, make_record(status, config, {}, error=str(e)))
         print(f"[{status}] {e}", file=sys.stderr)
         if multirun and status == "failed":
             return None
         sys.exit(130 if status == "interrupted" else 1)
     except Exception as e:  # a crash in one job of a sweep must not stop the others
+        tracker.close("failed")
         if not multirun:
             raise
         atomic_write_json(
@@ -148,7 +155,7 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
         env=environment(out["device"], cfg.seed),
         history=out["history"],
     )
-    atomic_write_json(results_path, record)
+    tracker.finish(record, results_path)  # writes results.json (with logging_errors, if any), then closes the trackers
     print(f"\n{cfg.model.name} done -> {results_path}\n{format_summary(out['metrics'])}")
     return _return_value(cfg, out["metrics"])
 
