@@ -18,7 +18,7 @@ import pytest
 from mla_analysis.results import load_record
 
 FAST = ["train.steps=4", "train.eval_every=2", "data.eval_examples=8", "train.progress=false", "train.batch_size=4",
-        "device=cpu"]
+        "device=cpu", "data.eval_tasks=[mqar]", "train.threads=1"]
 
 
 def run_inprocess(overrides: list[str], run_dir: Path) -> None:
@@ -100,7 +100,7 @@ def test_sweep_is_one_mlflow_experiment_with_a_run_per_job(tmp_path, monkeypatch
     mlflow = pytest.importorskip("mlflow")
     sweep = tmp_path / "sweep"
     p = subprocess.run([sys.executable, "-m", "mla_analysis.run", "-m", "model=mha,mla_r8", "logger=mlflow",
-                        f"hydra.sweep.dir={sweep}", *FAST], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                        f"hydra.sweep.dir={sweep}", "~hydra.callbacks.comparison", *FAST], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     job_dirs = sorted(sweep.glob("[0-9]_*"))
     assert len(job_dirs) == 2
