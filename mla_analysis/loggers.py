@@ -40,11 +40,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from .config import ConfigError
-from .results import atomic_write_json, flatten, git_commit, read_json
+from .results import TRACKER_DIRS, atomic_write_json, flatten, git_commit, read_json
 
 RUN_ID_FILE = "mlflow_run.json"
 STORE_FILE = "mlflow.db"
-ARTIFACTS_DIR = "mlartifacts"
+ARTIFACTS_DIR = TRACKER_DIRS[0]  # next to a local store; find_run_dirs skips it (its results.json copies are no runs)
 
 
 @dataclass

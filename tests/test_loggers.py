@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mla_analysis.results import load_record
+from mla_analysis.results import find_run_dirs, load_record
 
 FAST = ["train.steps=4", "train.eval_every=2", "data.eval_examples=8", "train.progress=false", "train.batch_size=4",
         "device=cpu", "data.eval_tasks=[mqar]", "train.threads=1"]
@@ -104,6 +104,7 @@ def test_sweep_is_one_mlflow_experiment_with_a_run_per_job(tmp_path, monkeypatch
     assert p.returncode == 0, p.stderr[-3000:]
     job_dirs = sorted(sweep.glob("[0-9]_*"))
     assert len(job_dirs) == 2
+    assert find_run_dirs([sweep]) == job_dirs  # the store's results.json copies (mlartifacts/) are not runs
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{sweep / 'mlflow.db'}")
     experiments = [e.name for e in mlflow.search_experiments() if e.name != "Default"]
     assert experiments == [str(sweep)]  # an ad-hoc sweep: named by its directory
