@@ -297,7 +297,7 @@ def train(
             (loss + aux).backward()
             grad_norm = None
             if tcfg.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)  # the norm before clipping
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)  # norm before clipping
             optimizer.step()
             for moe in model.moe_layers():
                 moe.update_bias(all_reduce=_all_reduce if world > 1 else None)
@@ -308,7 +308,8 @@ def train(
             bar.set_postfix(loss=f"{last_loss:.3f}")
             done = step + 1
             if on_step is not None and rank == 0:
-                logged = {"loss": last_loss, "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tokens_per_step / step_s}
+                logged = {"loss": last_loss, "lr": optimizer.param_groups[0]["lr"],
+                          "tokens_per_s": tokens_per_step / step_s}
                 if grad_norm is not None:
                     logged["grad_norm"] = float(grad_norm)
                 on_step(done, logged)

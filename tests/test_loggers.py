@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mla_analysis.results import find_run_dirs, load_record
 
@@ -29,7 +30,11 @@ def run_inprocess(overrides: list[str], run_dir: Path) -> None:
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=FAST + overrides)
-    run_job(cfg, run_dir, multirun=False)
+    threads = torch.get_num_threads()
+    try:
+        run_job(cfg, run_dir, multirun=False)
+    finally:  # train.threads=1 must not slow down the tests that follow in this process
+        torch.set_num_threads(threads)
 
 
 def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
@@ -100,7 +105,8 @@ def test_sweep_is_one_mlflow_experiment_with_a_run_per_job(tmp_path, monkeypatch
     mlflow = pytest.importorskip("mlflow")
     sweep = tmp_path / "sweep"
     p = subprocess.run([sys.executable, "-m", "mla_analysis.run", "-m", "model=mha,mla_r8", "logger=mlflow",
-                        f"hydra.sweep.dir={sweep}", "~hydra.callbacks.comparison", *FAST], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                        f"hydra.sweep.dir={sweep}", "~hydra.callbacks.comparison", *FAST],  # tables: test_run.py
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     job_dirs = sorted(sweep.glob("[0-9]_*"))
     assert len(job_dirs) == 2
@@ -209,6 +215,13 @@ def test_store_failing_mid_run_is_noted_and_the_run_finishes(tmp_path, blank_sto
     assert [s for s, _ in scalars(run_dir, "eval/val_loss")] == [2, 4]
 
 
+def test_default_logger_none_writes_no_tracker_files(tmp_path):
+    run_dir = tmp_path / "run"
+    run_inprocess([], run_dir)
+    assert load_record(run_dir)["status"] == "ok"
+    assert not list(run_dir.glob("events.out.tfevents.*")) and not list(run_dir.glob("mlflow*"))
+
+
 @pytest.mark.parametrize("name", ["tensorboard", "mlflow"])
 def test_absent_package_is_one_line_naming_the_extra(tmp_path, monkeypatch, capsys, name):
     from omegaconf import OmegaConf
@@ -224,7 +237,8 @@ def test_absent_package_is_one_line_naming_the_extra(tmp_path, monkeypatch, caps
     assert len(err.splitlines()) == 1 and f'pip install "mla-analysis[{name}]"' in err and f"logger={name}" in err
     assert not (run_dir / "results.json").exists()
     # a sweep stops before its first job
-    sweep_cfg = OmegaConf.create({"logger": {name: {}}, "experiment": "none", "hydra": {"sweep": {"dir": str(tmp_path)}}})
+    sweep_cfg = OmegaConf.create({"logger": {name: {}}, "experiment": "none",
+                                  "hydra": {"sweep": {"dir": str(tmp_path)}}})
     with pytest.raises(SystemExit) as exit_:
         prepare_sweep(sweep_cfg)
     assert exit_.value.code == 2 and f"mla-analysis[{name}]" in capsys.readouterr().err
