@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import re
 import sys
@@ -71,7 +72,7 @@ class LoggerConfig:
     mlflow: Optional[MLflowConfig] = None
 
 
-EXTRAS = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # logger -> (module to import, extra of the same name)
+EXTRAS = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # logger -> the pyproject extra that installs it
 
 
 def require(name: str) -> None:
@@ -177,7 +178,7 @@ def _number(value: Any) -> Optional[float]:
     """A loggable scalar (bools as 0/1), or None for non-numbers and NaN/inf."""
     if isinstance(value, bool):
         return float(value)
-    if isinstance(value, (int, float)) and math.isfinite(value):
+    if isinstance(value, numbers.Real) and math.isfinite(value):  # numpy scalars too
         return float(value)
     return None
 
