@@ -1,4 +1,4 @@
-"""Hydra callbacks: at the end of a sweep, write and print the comparison tables and draw the figures."""
+"""Hydra callbacks: before a sweep, prepare its tracking store; at its end, write the comparison tables and figures."""
 
 from __future__ import annotations
 
@@ -35,3 +35,12 @@ class ComparisonTables(Callback):
         except Exception as e:
             print(f"warning: figures not drawn: {type(e).__name__}: {e}")
         print(f"sweep directory: {sweep_dir.resolve()}")
+
+
+class TrackingStore(Callback):
+    """Before a sweep's jobs start: checks the loggers' packages and creates the MLflow store once (loggers.py)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from .loggers import prepare_sweep
+
+        prepare_sweep(config)

@@ -108,7 +108,7 @@ def varying_keys(rows: list[dict[str, Any]], ignore: Sequence[str] = ()) -> list
         keys.update(k for k in r if not k.startswith("metrics.") and k not in ("status", "run_dir", "kv_ratio_to_mha"))
     out = []
     for k in sorted(keys):
-        if k in IGNORED_KEYS or k.startswith("hydra") or any(fnmatch.fnmatchcase(k, pat) for pat in ignore):
+        if k in IGNORED_KEYS or k.startswith(("hydra", "logger.")) or any(fnmatch.fnmatchcase(k, pat) for pat in ignore):
             continue
         values = {repr(r.get(k)) for r in rows}
         if len(values) > 1:

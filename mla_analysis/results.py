@@ -18,6 +18,8 @@ from typing import Any, Iterable, Mapping
 
 RESULTS_FILE = "results.json"
 STATUSES = ("ok", "failed", "interrupted")
+# folders where a tracker keeps copies of records (MLflow artifact stores): those copies are not run directories
+TRACKER_DIRS = ("mlartifacts", "mlruns")
 
 
 class ResultsError(ValueError):
@@ -194,6 +196,8 @@ def find_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
             raise ResultsError(f"{p}: no such directory")
         candidates = [p] + [q.parent for q in p.rglob(RESULTS_FILE)] + [q.parent for q in p.rglob(".hydra")]
         for c in candidates:
+            if set(c.relative_to(p).parts) & set(TRACKER_DIRS):
+                continue
             if (c / RESULTS_FILE).exists() or (c / ".hydra" / "config.yaml").exists():
                 found.add(c)
     return sorted(found)

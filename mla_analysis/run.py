@@ -30,6 +30,7 @@ from .assets import AssetError
 from .config import ConfigError, ModelConfig
 from .data import DataConfig, prepare_data_config
 from .checkpoint import load_model
+from .loggers import Tracker, start_tracking
 from .probes import ProbeError, check_probes, run_probes
 from .results import (RESULTS_FILE, ResultsError, atomic_write_json, environment, flatten, is_finished, load_record,
                       make_record)
@@ -144,6 +145,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, multirun: bool, stop: Any) -> Optio
     is_rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 probes and records
     t0 = time.time()
     config = record_config(cfg)
+    tracker = Tracker()  # the experiment trackers (logger=...), started once the config is valid
     try:
         try:
             config = OmegaConf.to_container(cfg, resolve=True)
@@ -167,6 +169,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, multirun: bool, stop: Any) -> Optio
         check_probes(probe_cfg, None if cfg.get("convert") is not None else model_cfg)  # convert changes the model
         search = OmegaConf.to_object(cfg.search) if cfg.get("search") is not None else None
         reference = resolve_reference(search) if search is not None else None
+        tracker = start_tracking(cfg, config, run_dir, multirun)
         if cfg.get("claims") is not None:  # the claims audit: arithmetic, a timing and the studies' records
             from .claims import run_claims
 
@@ -180,7 +183,8 @@ def _run_job(cfg: DictConfig, run_dir: Path, multirun: bool, stop: Any) -> Optio
             out = run_convert(OmegaConf.to_object(cfg.convert), model_cfg, data_cfg, tcfg, run_dir, cfg.seed, cfg.device)
             config["model"] = out["model"].cfg.to_dict()
         else:
-            out = train(model_cfg, data_cfg, tcfg, run_dir, seed=cfg.seed, device=cfg.device, model=init_model)
+            out = train(model_cfg, data_cfg, tcfg, run_dir, seed=cfg.seed, device=cfg.device, model=init_model,
+                        on_eval=tracker.on_eval, on_step=tracker.on_step)
         if probe_cfg and is_rank0:
             t_probe = time.time()
             model = out["model"].eval()
@@ -191,6 +195,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, multirun: bool, stop: Any) -> Optio
         if stop.signum is not None:  # during the probes: the final checkpoint is saved, a resume redoes them
             raise stop.interrupted("after training: checkpoint saved; rerun with train.resume=true to finish")
     except (ConfigError, ResultsError, AssetError) as e:  # AssetError: e.g. train.init_from=smollm2-135m not installed
+        tracker.close("failed")
         if multirun:
             _write_record(results_path, make_record("failed", config, {}, error=f"{type(e).__name__}: {e}"))
             print(f"[failed] {run_dir}: {e}", file=sys.stderr)
@@ -199,12 +204,14 @@ def _run_job(cfg: DictConfig, run_dir: Path, multirun: bool, stop: Any) -> Optio
         sys.exit(2)
     except (TrainingInterrupted, NonFiniteLoss, ProbeError) as e:
         status = "interrupted" if isinstance(e, TrainingInterrupted) else "failed"
+        tracker.close(status)
         _write_record(results_path, make_record(status, config, {}, error=str(e)))
         print(f"[{status}] {e}", file=sys.stderr)
         if multirun and status == "failed":
             return None
         sys.exit(e.exit_code if status == "interrupted" else 1)
     except Exception as e:  # a crash in one job of a sweep must not stop the others
+        tracker.close("failed")
         if not multirun:
             raise
         _write_record(
@@ -225,7 +232,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, multirun: bool, stop: Any) -> Optio
         history=out["history"],
         **({"error": failure} if failure else {}),
     )
-    _write_record(results_path, record)
+    tracker.finish(record, results_path, write=_write_record)  # results.json (+ logging_errors), trackers closed
     if failure:
         print(f"[failed] {failure}; metrics recorded in {results_path}", file=sys.stderr)
         if multirun:

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from .claims import ClaimsConfig
 from .config import ConfigError, ModelConfig, validate_model_config
 from .data import DataConfig, validate_data_config
+from .loggers import LoggerConfig
 from .search import SearchConfig
 from .train import TrainConfig
 
@@ -56,6 +57,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     probe: Dict[str, Any] = field(default_factory=dict)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # experiment trackers (conf/logger/)
     experiment: str = "none"
     scale: str = "tiny"
     seed: int = 0

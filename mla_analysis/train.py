@@ -231,10 +231,12 @@ def train(
     device: str = "auto",
     on_eval: Optional[Callable[[int, dict[str, float]], None]] = None,
     model: Optional[Transformer] = None,
+    on_step: Optional[Callable[[int, dict[str, float]], None]] = None,
 ) -> dict[str, Any]:
     """Train from scratch, from ``model`` (its config replaces model_cfg) or resume; evaluate, checkpoint.
 
     Returns metrics, timings, history and the trained model. ``steps=0`` with a given model evaluates only.
+    ``on_step(steps_done, {loss, lr, grad_norm, tokens_per_s})`` runs on rank 0 after each step (the trackers).
     """
     run_dir = Path(run_dir)
     rank, world, local_rank = _dist_info()
@@ -328,6 +330,7 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, tcfg, steps)
             optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0  # the mean LM loss over the step's micro-batches
             for micro in range(tcfg.grad_accum):  # gradients of the mean over grad_accum micro-batches
                 index = step * tcfg.grad_accum + micro
                 inputs, targets = train_batch(data_cfg, index, tcfg.batch_size, rank=rank, world_size=world)
@@ -341,16 +344,25 @@ def train(
                         f"loss is {float(loss.detach())} at step {step}: training stopped; the last good checkpoint is kept"
                     )
                 ((loss + aux) / tcfg.grad_accum).backward()
+                step_loss += float(loss.detach()) / tcfg.grad_accum
+            grad_norm = None
             if tcfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)  # norm before clipping
             optimizer.step()
             for moe in model.moe_layers():
                 moe.update_bias(all_reduce=_all_reduce if world > 1 else None)
-            train_time += time.perf_counter() - t0
-            last_loss = float(loss.detach())
+            step_s = time.perf_counter() - t0
+            train_time += step_s
+            last_loss = step_loss
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.3f}")
             done = step + 1
+            if on_step is not None and rank == 0:
+                logged = {"loss": last_loss, "lr": optimizer.param_groups[0]["lr"],
+                          "tokens_per_s": tokens_per_step / step_s}
+                if grad_norm is not None:
+                    logged["grad_norm"] = float(grad_norm)
+                on_step(done, logged)
             if tcfg.eval_every and done % tcfg.eval_every == 0 and done < steps:
                 run_eval(done)
             if tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0 and done < steps:
