@@ -30,6 +30,7 @@ from .assets import AssetError
 from .config import ConfigError, ModelConfig
 from .data import DataConfig, prepare_data_config
 from .checkpoint import load_model
+from .convert import save_tokenizer
 from .loggers import Tracker, start_tracking
 from .probes import ProbeError, check_probes, run_probes
 from .results import (RESULTS_FILE, ResultsError, atomic_write_json, environment, flatten, is_finished, load_record,
@@ -185,6 +186,8 @@ def _run_job(cfg: DictConfig, run_dir: Path, multirun: bool, stop: Any) -> Optio
         else:
             out = train(model_cfg, data_cfg, tcfg, run_dir, seed=cfg.seed, device=cfg.device, model=init_model,
                         on_eval=tracker.on_eval, on_step=tracker.on_step)
+        if tcfg.init_from is not None and is_rank0:
+            save_tokenizer(tcfg.init_from, run_dir)  # a run made from a tokenised source carries its tokenizer
         if probe_cfg and is_rank0:
             t_probe = time.time()
             model = out["model"].eval()

@@ -283,6 +283,13 @@ def test_probes_and_healing_on_a_real_model_with_real_text(hf_dir, cache, tmp_pa
         for t in ("k_pre", "k", "v"):
             assert f"probe.spectra.L{layer}.{t}.erank" in m
     assert (out / "spectra_normalised.png").is_file() and (out / "cost.json").is_file()
+    # the run dir carries the source's tokenizer, and is itself a source a later run or lm-eval can load
+    from mla_analysis.convert import load_tokenizer
+
+    text = "Now is the winter of our discontent"
+    import transformers
+
+    assert load_tokenizer(out)(text).input_ids == transformers.AutoTokenizer.from_pretrained(hf_dir)(text).input_ids
 
 
 def test_grad_accum_is_the_mean_gradient_of_its_micro_batches(tmp_path):
