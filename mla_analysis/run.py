@@ -241,7 +241,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, multirun: bool, stop: Any) -> Optio
         if multirun:
             return None
         sys.exit(1)
-    print(f"\n{cfg.model.name} done -> {results_path}\n{format_summary(out['metrics'])}")
+    print(f"\n{config['model']['name']} done -> {results_path}\n{format_summary(out['metrics'])}")
     return _return_value(cfg, out["metrics"])
 
 
