@@ -255,7 +255,14 @@ def _write_record(path: Path, record: dict[str, Any]) -> None:
         sys.exit(1)
 
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+def conf_dir() -> Path:
+    """The config folder: ``mla_analysis/conf`` in an installed copy (package data), else the checkout's ``conf/``."""
+    here = Path(__file__).resolve().parent
+    installed = here / "conf"  # pyproject maps the top-level conf/ to the package mla_analysis.conf
+    return installed if (installed / "config.yaml").is_file() else here.parent / "conf"
+
+
+CONF_DIR = conf_dir()
 
 
 def _one_line(exc: BaseException, overrides: list[str]) -> str:
@@ -414,7 +421,7 @@ def sweep_failures(sweep_dir: Path) -> list[str]:
     return bad
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> Optional[float]:
     """Hydra task function."""
     hc = HydraConfig.get()

@@ -88,6 +88,19 @@ def total_steps(tcfg: TrainConfig, dcfg: DataConfig, world_size: int = 1) -> int
     return tcfg.steps
 
 
+LOG_REDRAW_S = 30.0  # seconds between progress lines when stderr is not a terminal (a log file)
+
+
+def progress_bar(total: int, initial: int, desc: str, disable: bool = False, file: Any = None) -> tqdm:
+    """A tqdm bar: redrawn each second on a terminal, every LOG_REDRAW_S seconds in a log (``make run > log``)."""
+    file = sys.stderr if file is None else file
+    tty = bool(getattr(file, "isatty", lambda: False)())
+    interval = 1.0 if tty else LOG_REDRAW_S
+    # maxinterval too: tqdm's monitor thread would otherwise force a redraw every 10 s
+    return tqdm(total=total, initial=initial, desc=desc, disable=disable, file=file, dynamic_ncols=tty, leave=False,
+                mininterval=interval, maxinterval=max(interval, 10.0))
+
+
 def lr_at(step: int, tcfg: TrainConfig, steps: int) -> float:
     """Linear warmup to lr, then cosine decay to lr * min_lr_ratio."""
     if step < tcfg.warmup_steps:
@@ -322,8 +335,7 @@ def train(
         return metrics
 
     model.train()
-    bar = tqdm(total=steps, initial=start_step, desc=f"train {model_cfg.name}", disable=not tcfg.progress or rank != 0,
-               dynamic_ncols=True, leave=False, mininterval=1.0)
+    bar = progress_bar(steps, start_step, f"train {model_cfg.name}", disable=not tcfg.progress or rank != 0)
     with StopFlag.get() as stop:
         for step in range(start_step, steps):
             t0 = time.perf_counter()
@@ -355,7 +367,7 @@ def train(
             train_time += step_s
             last_loss = step_loss
             bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.3f}")
+            bar.set_postfix(loss=f"{last_loss:.3f}", refresh=False)  # redrawn at the bar's interval, not per step
             done = step + 1
             if on_step is not None and rank == 0:
                 logged = {"loss": last_loss, "lr": optimizer.param_groups[0]["lr"],
