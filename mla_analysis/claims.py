@@ -165,7 +165,7 @@ def decode_timing(cfg: ClaimsConfig, device: torch.device) -> dict[str, Any]:
     """Per-step decode seconds at ``cfg.context`` (batch 1) for MHA, GQA and MLA naive / absorbed."""
     from .bench import decode_config, decode_shape
     from .models.transformer import Transformer
-    from .probes.cost import _time_decode
+    from .probes.cost import time_decode
 
     shape = decode_shape(cfg.quick)
     context = min(cfg.context, 128) if cfg.quick else cfg.context
@@ -175,8 +175,8 @@ def decode_timing(cfg: ClaimsConfig, device: torch.device) -> dict[str, Any]:
         for name, variant, path in (("mha", "mha", "absorb"), ("gqa", "gqa", "absorb"),
                                     ("mla_naive", "mla", "naive"), ("mla_absorb", "mla", "absorb")):
             model = Transformer(decode_config(variant, shape, context + cfg.decode_steps + 1, path)).to(device).eval()
-            _time_decode(model, min(context, 64), 1, 2, shape["vocab_size"], device)  # warm-up
-            _, lat, _ = _time_decode(model, context, 1, cfg.decode_steps, shape["vocab_size"], device)
+            time_decode(model, min(context, 64), 1, 2, shape["vocab_size"], device)  # warm-up
+            _, lat, _ = time_decode(model, context, 1, cfg.decode_steps, shape["vocab_size"], device)
             out[name] = statistics.median(lat)
     out["context"] = context
     out["device"] = device.type

@@ -40,7 +40,7 @@ from typing import Any, Optional
 
 import torch
 
-from .checkpoint import load_model
+from .hf_io import load_model
 from .config import ConfigError, ModelConfig
 from .data import DataConfig, build_eval_sets, train_batch
 from .models.transformer import Transformer

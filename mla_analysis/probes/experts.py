@@ -46,7 +46,7 @@ paper's Pile loss.
 - ``redundancy.base.loss`` (and ``.base.<set>.loss``): unmasked; ``redundancy.r<r>.fraction`` = r/E, the
   paper's x-axis (its denominator is all routed experts); ``redundancy.r<r>.loss_delta`` on "lm",
   ``redundancy.r<r>.<set>.loss_delta`` and ``.<task>.exact_match_delta`` per eval set.
-- ``dense_baseline`` (a run dir loadable by ``checkpoint.load_model``; meant to be a dense model with the
+- ``dense_baseline`` (a run dir loadable by ``hf_io.load_model``; meant to be a dense model with the
   same active parameters, both counts reported as ``redundancy.active_params`` /
   ``redundancy.dense.active_params`` and NOT enforced): in every layer that is MoE in the probed model, its
   dense FFN's round(f * d_ff) hidden units (inputs of w2) with the largest mean |activation| over the eval
@@ -705,7 +705,7 @@ def _redundancy_section(model: torch.nn.Module, eval_xy: dict, p: dict, device: 
     if p["dense_baseline"] is None:
         return metrics, record
 
-    from ..checkpoint import load_model
+    from ..hf_io import load_model
 
     path = str(p["dense_baseline"])
     dense = load_model(path, device)
@@ -815,7 +815,7 @@ def run(model: torch.nn.Module, params: dict, data_cfg: Any, run_dir: Path, devi
     got = _collect(model, sets, p, device)
     other = None
     if p["compare_to"] is not None:
-        from ..checkpoint import load_model
+        from ..hf_io import load_model
 
         cmp_model = load_model(p["compare_to"], device)
         cmp_blocks = _moe_blocks(cmp_model)
