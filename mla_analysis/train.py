@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -24,35 +23,9 @@ from tqdm.auto import tqdm
 
 from .accounting import count_params, kv_bytes_per_token, train_flops_per_token
 from .checkpoint import check_fresh_start, load_checkpoint, resume_checkpoint, save_checkpoint, save_model_config
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, TrainConfig  # TrainConfig: importable from here as before
 from .data import DataConfig, build_eval_sets, language_optimal_loss, score_predictions, train_batch
 from .models.transformer import Transformer
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation and evaluation schedule."""
-
-    steps: int = 1200
-    tokens: Optional[int] = None  # if set, steps = tokens // (batch_size * seq_len): equal-token budgets
-    batch_size: int = 64
-    grad_accum: int = 1  # micro-batches of batch_size per optimizer step (step k uses batches k*grad_accum + j)
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 1.0
-    eval_every: int = 200
-    eval_batch_size: int = 128
-    checkpoint_every: int = 0  # 0 = only at the end (and on interruption)
-    keep_checkpoints: int = 2
-    resume: bool = False
-    init_from: Optional[str] = None  # run dir or HF checkpoint dir: start from its model (and its config)
-    solve_threshold: float = 0.99  # a task counts as solved from the first eval at or above this
-    threads: Optional[int] = None  # torch intra-op threads (None = torch's default)
-    progress: bool = True
 
 
 class TrainingInterrupted(RuntimeError):
