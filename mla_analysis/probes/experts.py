@@ -2,7 +2,8 @@
 
 Every eval set built by ``build_eval_sets`` ("lm" and each task) is a *domain*; its first
 ``max_examples`` sequences are fed through the model with ``record_routing`` on, and every position of
-every sequence is a token. Definitions: ``analysis-definitions.md`` sections 1 (OLMoE) and 2.4 (MaxVio).
+every sequence is a token. Definitions: the OLMoE paper (Muennighoff et al. 2024, arXiv:2409.02060) for the
+routing analyses, Wang et al. 2024 (arXiv:2408.15664, auxiliary-loss-free balancing) for MaxVio.
 Notation: N tokens, E routed experts, k experts per token, S_t the set of experts chosen for token t
 (the routing decision actually taken, i.e. after the aux-loss-free bias and the group limit).
 
