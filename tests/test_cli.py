@@ -3,25 +3,12 @@
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from mla_analysis import cli
-from mla_analysis.config import tiny
 from mla_analysis.data import DataConfig
 from mla_analysis.train import TrainConfig, progress_bar, train
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "mla_analysis.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
 
 
 def test_usage_lists_every_subcommand(capsys):
@@ -47,30 +34,28 @@ def test_unknown_subcommand_is_one_line_and_exit_2(capsys):
     assert err.count("\n") == 0 and "'reprot'" in err and "report" in err
 
 
-def test_report_subcommand_matches_the_module(tmp_path):
+def test_report_subcommand_matches_the_module(tmp_path, run_module):
     """``mla-analysis report DIR`` and ``python -m mla_analysis.report DIR`` give the same answer (here: an error)."""
     missing = str(tmp_path / "nothing")
-    via_cli = _cli("report", missing)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    direct = subprocess.run([sys.executable, "-m", "mla_analysis.report", missing], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=120)
+    via_cli = run_module("cli", "report", missing)
+    direct = run_module("report", missing)
     assert via_cli.returncode == direct.returncode != 0
     assert via_cli.stderr == direct.stderr
 
 
-def test_run_and_claims_reach_hydra_with_their_overrides():
-    run = _cli("run", "model=mqa", "--cfg", "job")  # Hydra prints the composed job config and exits
+def test_run_and_claims_reach_hydra_with_their_overrides(run_module):
+    run = run_module("cli", "run", "model=mqa", "--cfg", "job")  # Hydra prints the composed job config and exits
     assert run.returncode == 0, run.stderr
     assert "attention: mqa" in run.stdout
-    bare = _cli("model=mqa", "--cfg", "job")  # overrides without a subcommand: a run, as before subcommands
+    bare = run_module("cli", "model=mqa", "--cfg", "job")  # overrides without a subcommand: a run, as before subcommands
     assert bare.returncode == 0 and bare.stdout == run.stdout
-    claims = _cli("claims", "--cfg", "job")  # claims = run +experiment=claims
+    claims = run_module("cli", "claims", "--cfg", "job")  # claims = run +experiment=claims
     assert claims.returncode == 0, claims.stderr
     assert "\nclaims: null" in run.stdout and "\nclaims:\n  " in claims.stdout  # the claims node is set
 
 
-def test_run_subcommand_bad_override_is_one_line_exit_2():
-    done = _cli("run", "model=nosuch")
+def test_run_subcommand_bad_override_is_one_line_exit_2(run_module):
+    done = run_module("cli", "run", "model=nosuch")
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "model" in done.stderr
 
@@ -91,11 +76,11 @@ def test_progress_bar_redraws_rarely_without_a_terminal():
     assert log.getvalue().count("\r") <= 3  # the first draw and the close, not one per step
 
 
-def test_training_log_without_a_terminal_is_a_few_lines(tmp_path, capsys):
+def test_training_log_without_a_terminal_is_a_few_lines(tmp_path, capsys, tiny_cfg):
     """train() with progress on, stderr captured (not a terminal): a handful of redraws, not one per step."""
     data = DataConfig(vocab_size=128, seq_len=16, lm_weight=1.0, tasks={}, eval_tasks=[], eval_examples=8)
     tcfg = TrainConfig(steps=60, batch_size=2, eval_every=0, eval_batch_size=8, warmup_steps=1, progress=True)
-    train(tiny(), data, tcfg, tmp_path, seed=0, device="cpu")
+    train(tiny_cfg, data, tcfg, tmp_path, seed=0, device="cpu")
     err = capsys.readouterr().err
     assert "train" in err  # the bar was drawn
     assert err.count("\r") <= 4, err[:500]
