@@ -41,11 +41,10 @@ from typing import Any, Optional
 import torch
 
 from .config import ConfigError, ModelConfig
-from .config.convert import DIRECTIONS, FACTORIZATIONS, MOE_METHODS, STRATEGIES, TARGETS, ConvertConfig
+from .config.convert import ALLOCATIONS, DIRECTIONS, FACTORIZATIONS, MOE_METHODS, STRATEGIES, TARGETS, ConvertConfig
 from .hf_io import load_model
 from .data import DataConfig, build_eval_sets, train_batch
 from .models.transformer import Transformer
-from .rank_allocation import METHODS as ALLOCATIONS
 from .rank_allocation import allocate_ranks
 from .results import RESULTS_FILE, atomic_write_json, environment, is_finished, load_record, make_record
 from .train import TrainConfig, evaluate, resolve_device, total_steps, train

@@ -237,8 +237,14 @@ def _one_line(exc: BaseException, overrides: list[str]) -> str:
                     break
                 opts.append(ln.strip())
         return f"{head} (allowed: {', '.join(opts) if opts else 'see conf/'})"
+    from omegaconf.nodes import EnumNode
+
     cause = exc.__cause__ or exc
     key = getattr(cause, "full_key", None)
+    node = getattr(cause, "child_node", None)
+    if key is not None and isinstance(node, EnumNode):  # a closed choice (mla_analysis.config.checks.Choice)
+        allowed = " | ".join(str(m.value) for m in node.enum_type)
+        return f"{key}={getattr(cause, 'value', None)!r} is invalid (allowed: {allowed})"
     msg = str(getattr(cause, "msg", None) or cause).splitlines()[0]
     if key is None:
         return msg

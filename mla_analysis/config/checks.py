@@ -1,12 +1,29 @@
-"""Checks shared by every config group: no NaN or infinity anywhere in a config."""
+"""Shared by every config group: closed choices (``Choice``), and no NaN or infinity anywhere in a config."""
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from typing import Any
 
 from .model import ConfigError
+
+
+class Choice(str, enum.Enum):
+    """A closed set of strings for a config field: OmegaConf rejects any other value when the config is composed.
+
+    Members are named by their values (YAML and the command line give the name), compare equal to them,
+    and print and serialise (JSON, YAML, records) as them.
+    """
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        """The allowed strings, in declaration order."""
+        return tuple(m.value for m in cls)
 
 
 def check_finite(obj: Any, prefix: str) -> None:
