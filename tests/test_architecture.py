@@ -120,3 +120,11 @@ def test_no_private_name_is_imported_from_another_module():
     bad = [f"{name}: {m}.{what}" for name, (p, pkg) in modules.items()
            for m, what in _imports(name, p, pkg, modules) if what.startswith("_") and not what.startswith("__")]
     assert bad == []
+
+
+def test_every_subpackage_says_what_it_owns():
+    for init in sorted(PKG.rglob("__init__.py")):
+        if "__pycache__" in init.parts:
+            continue
+        doc = ast.get_docstring(ast.parse(init.read_text()))
+        assert doc and len(doc.split()) >= 10, f"{init.relative_to(PKG.parent)}: no module docstring"
