@@ -15,7 +15,7 @@ _install_lm_eval_hook()
 def __getattr__(name: str):
     # lazy imports keep `import mla_analysis` cheap (the lm-eval registration is imported on demand too)
     if name == "load_model":
-        from .checkpoint import load_model
+        from .hf_io import load_model
 
         return load_model
     if name == "ModelConfig":

@@ -1,4 +1,4 @@
-"""Checkpoints in safetensors (model and optimizer state), written atomically, and ``load_model``.
+"""Checkpoints in safetensors (model and optimizer state), written atomically (``hf_io.load_model`` reads any model source).
 
 Layout of a run directory:
     model_config.json                  the ModelConfig (written before training starts)
@@ -189,24 +189,3 @@ def load_checkpoint(
 def save_model_config(run_dir: str | os.PathLike, cfg: ModelConfig) -> None:
     """Write model_config.json so the run directory can rebuild its model."""
     atomic_write_json(Path(run_dir) / MODEL_CONFIG_FILE, cfg.to_dict())
-
-
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The model of a run directory (its last checkpoint), a Hugging Face checkpoint dir, a .gguf file or a model name."""
-    from .models.transformer import Transformer
-
-    path = Path(path)
-    if (path / MODEL_CONFIG_FILE).exists():
-        cfg = ModelConfig.from_dict(read_json(path / MODEL_CONFIG_FILE))
-        model = Transformer(cfg)
-        folder = latest_checkpoint(path)
-        if folder is None:
-            raise CheckpointError(f"{path / CKPT_DIR / 'LATEST'}: run has no checkpoint")
-        load_checkpoint(folder, model)
-        return model.to(device).eval()
-    from .convert import from_hf, resolve_hf_dir
-
-    hf_dir = resolve_hf_dir(path)  # a .gguf file or a named model -> its cached HF dir
-    if (hf_dir / "config.json").exists():
-        return from_hf(hf_dir).to(device).eval()
-    raise CheckpointError(f"{path}: neither a run directory ({MODEL_CONFIG_FILE}) nor a Hugging Face checkpoint (config.json)")

@@ -19,33 +19,14 @@ import dataclasses
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 import torch
 
 from . import accounting
-from .config import ConfigError
+from .config import ClaimsConfig, ConfigError  # ClaimsConfig: importable from here as before
 
 VERDICTS = ("holds", "holds only under stated conditions", "does not hold", "not testable at this scale", "not measured")
-
-
-@dataclass
-class ClaimsConfig:
-    """``claims`` node: where the studies are and how the arithmetic and the timing are done."""
-
-    studies: Dict[str, Optional[str]] = field(default_factory=lambda: {
-        "rank_sweep": "experiments/rank_sweep/run",
-        "attention_variants": "experiments/attention_variants/run",
-        "long_context": "experiments/long_context/run",
-        "moe_study": "experiments/moe_study/run",
-        "moe_probes": "experiments/moe_study/probes",
-    })
-    out: Optional[str] = "CLAIMS.md"  # also written here (relative to the working directory); null = run dir only
-    cache_bits: float = 6.0  # bits per cached element of DeepSeek-V2's deployment (its paper's KV quantisation)
-    context: int = 4096  # decode timing context and the arithmetic's reference context
-    decode_steps: int = 8
-    quick: bool = False  # tiny decode shape (tests)
-    tolerance: float = 0.01  # "performance loss under 1%": relative
 
 
 @dataclass
@@ -165,7 +146,7 @@ def decode_timing(cfg: ClaimsConfig, device: torch.device) -> dict[str, Any]:
     """Per-step decode seconds at ``cfg.context`` (batch 1) for MHA, GQA and MLA naive / absorbed."""
     from .bench import decode_config, decode_shape
     from .models.transformer import Transformer
-    from .probes.cost import _time_decode
+    from .probes.cost import time_decode
 
     shape = decode_shape(cfg.quick)
     context = min(cfg.context, 128) if cfg.quick else cfg.context
@@ -175,8 +156,8 @@ def decode_timing(cfg: ClaimsConfig, device: torch.device) -> dict[str, Any]:
         for name, variant, path in (("mha", "mha", "absorb"), ("gqa", "gqa", "absorb"),
                                     ("mla_naive", "mla", "naive"), ("mla_absorb", "mla", "absorb")):
             model = Transformer(decode_config(variant, shape, context + cfg.decode_steps + 1, path)).to(device).eval()
-            _time_decode(model, min(context, 64), 1, 2, shape["vocab_size"], device)  # warm-up
-            _, lat, _ = _time_decode(model, context, 1, cfg.decode_steps, shape["vocab_size"], device)
+            time_decode(model, min(context, 64), 1, 2, shape["vocab_size"], device)  # warm-up
+            _, lat, _ = time_decode(model, context, 1, cfg.decode_steps, shape["vocab_size"], device)
             out[name] = statistics.median(lat)
     out["context"] = context
     out["device"] = device.type

@@ -159,7 +159,8 @@ def pair_norm_scores(
 # ---------------------------------------------------------------------------------------------
 # Factorisation
 # ---------------------------------------------------------------------------------------------
-def _sym_sqrt(cov: torch.Tensor, ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+def sym_sqrt(cov: torch.Tensor, ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C^{1/2}, C^{-1/2}) of a symmetric PSD matrix, with a relative ridge."""
     # ridge keeps C^{-1/2} finite when calibration does not span every direction
     D = cov.shape[0]
     cov = cov + ridge * (cov.trace() / D).clamp_min(1e-30) * torch.eye(D, dtype=cov.dtype)
@@ -188,7 +189,7 @@ def factorize(
     k = min(rank, m, D)
     if k > 0 and m > 0:
         if whiten:
-            half, inv_half = _sym_sqrt(cov_d)
+            half, inv_half = sym_sqrt(cov_d)
             _, s, vh = torch.linalg.svd(w @ half, full_matrices=False)
             dirs = inv_half @ vh[:k].T  # (D, k): un-whitened row space of the rank-k approximation
         else:
@@ -225,7 +226,7 @@ def _rank1_shared_key(
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
         beta = vh[0]  # (D,)
     else:
-        half, inv_half = _sym_sqrt(cov)
+        half, inv_half = sym_sqrt(cov)
         u, s, vh = torch.linalg.svd(m @ half.to(m.dtype), full_matrices=False)
         beta = vh[0] @ inv_half.to(m.dtype)  # (D,)
     # scale so that mean |alpha_h|^2 = 1: the shared key has the heads' typical magnitude
@@ -236,7 +237,8 @@ def _rank1_shared_key(
 # ---------------------------------------------------------------------------------------------
 # Calibration
 # ---------------------------------------------------------------------------------------------
-def _safe_inv(g: torch.Tensor) -> torch.Tensor:
+def safe_inv(g: torch.Tensor) -> torch.Tensor:
+    """Elementwise 1/g, 0 where g is 0 (an RMSNorm gain folded out of a projection)."""
     return torch.where(g.abs() > 1e-12, 1.0 / g, torch.zeros_like(g))
 
 
@@ -248,7 +250,7 @@ def collect_attention_covariances(model: Transformer, calib: torch.Tensor, batch
     counts = [0 for _ in model.layers]
     hooks = []
     for i, block in enumerate(model.layers):
-        g_inv = _safe_inv(block.attn_norm.weight.detach().double().cpu())
+        g_inv = safe_inv(block.attn_norm.weight.detach().double().cpu())
 
         def hook(_mod, args, i=i, g_inv=g_inv):
             u = args[0].detach().double().cpu().reshape(-1, D) * g_inv  # (B*T, D)
@@ -401,7 +403,7 @@ def mha_to_mla(
     info_layers = []
     for layer, blk, cov in zip(layers, new.layers, covs):
         kv_lora_rank = blk.attn.kv_lora_rank  # this layer's rank (cfg.kv_lora_ranks when given)
-        g_inv = _safe_inv(layer["g"])
+        g_inv = safe_inv(layer["g"])
         wq, wk_rep, wv_rep = layer["wq"], layer["wk_rep"], layer["wv_rep"]
         q_rope = wq[:, rope_src] * q_scale  # (H, d_rope, D), target rope order
         q_nope = wq[:, nope_src] * nope_q_scale  # (H, d_nope, D)

@@ -40,17 +40,15 @@ from typing import Any, Optional
 
 import torch
 
-from .checkpoint import load_model
 from .config import ConfigError, ModelConfig
+from .config.convert import ALLOCATIONS, DIRECTIONS, FACTORIZATIONS, MOE_METHODS, STRATEGIES, TARGETS, ConvertConfig
+from .hf_io import load_model
 from .data import DataConfig, build_eval_sets, train_batch
 from .models.transformer import Transformer
-from .rank_allocation import METHODS as ALLOCATIONS
 from .rank_allocation import allocate_ranks
 from .results import RESULTS_FILE, atomic_write_json, environment, is_finished, load_record, make_record
 from .train import TrainConfig, evaluate, resolve_device, total_steps, train
 
-DIRECTIONS = ("mla", "moe")
-MOE_METHODS = ("kmeans", "upcycle")
 
 
 def heal(
@@ -70,14 +68,14 @@ def heal(
     return {"before": before, "after": out["metrics"], **out}
 
 
-def validate_convert(c: Any, model_cfg: ModelConfig) -> None:
+def validate_convert(c: ConvertConfig, model_cfg: ModelConfig) -> None:
     """Raise ConfigError naming the first invalid ``convert.*`` value (before anything is trained)."""
 
     def bad(key: str, allowed: str) -> ConfigError:
         return ConfigError(f"convert.{key}={getattr(c, key)!r} is invalid (allowed: {allowed})")
 
-    choices = {"direction": DIRECTIONS, "allocation": ALLOCATIONS, "strategy": ("high", "low", "uniform", "norm"),
-               "target": ("auto", "mla", "mla_coupled_rope"), "factorization": ("joint", "split"),
+    choices = {"direction": DIRECTIONS, "allocation": ALLOCATIONS, "strategy": STRATEGIES,
+               "target": TARGETS, "factorization": FACTORIZATIONS,
                "moe_method": MOE_METHODS}
     for key, allowed in choices.items():
         if getattr(c, key) not in allowed:
@@ -154,7 +152,7 @@ def _prefixed(prefix: str, metrics: dict[str, Any]) -> dict[str, Any]:
     return {f"{prefix}.{k}": v for k, v in metrics.items() if k not in ("step", "tokens")}
 
 
-def convert_model(c: Any, source: Transformer, calib: tuple[torch.Tensor, torch.Tensor], seed: int = 0) -> Transformer:
+def convert_model(c: ConvertConfig, source: Transformer, calib: tuple[torch.Tensor, torch.Tensor], seed: int = 0) -> Transformer:
     """The converted (unhealed) model the ``convert`` node describes."""
     from .conversion import mha_to_mla
     from .moefy import dense_to_moe
@@ -177,7 +175,7 @@ def convert_model(c: Any, source: Transformer, calib: tuple[torch.Tensor, torch.
                           factorization=c.factorization, target=c.target, whiten=c.whiten, kv_lora_ranks=ranks)
 
 
-def run_convert(c: Any, model_cfg: ModelConfig, data_cfg: DataConfig, tcfg: TrainConfig, run_dir: str | Path,
+def run_convert(c: ConvertConfig, model_cfg: ModelConfig, data_cfg: DataConfig, tcfg: TrainConfig, run_dir: str | Path,
                 seed: int = 0, device: str = "auto") -> dict[str, Any]:
     """Source (trained+cached or loaded) -> convert -> heal [-> scratch baseline]; train()-shaped result."""
     validate_convert(c, model_cfg)

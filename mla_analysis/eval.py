@@ -314,7 +314,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not tasks:
         return fail("--tasks is empty (allowed: comma-separated task names)")
 
-    from .checkpoint import load_model
+    from .hf_io import load_model
     from .results import ResultsError, atomic_write_json
     try:
         model = load_model(path, device=args.device or "cpu")

@@ -3,7 +3,7 @@
 ``register_launchers()`` (called by ``mla_analysis.run.cli``) points ``hydra/launcher=basic`` (the default
 of ``-m``) and ``hydra/launcher=joblib`` (the studies' launcher) at the plugins in
 ``hydra_plugins/mla_analysis_launchers``, which call into this module:
-- ``prepare_jobs``: compose and validate each job of a batch (``run.check_config``); the first invalid one
+- ``prepare_jobs``: compose and validate each job of a batch (``job_config.check_config``); the first invalid one
   ends the sweep with one line naming the job and the key, exit code 2, before any job runs. The basic
   sweeper hands over all jobs at once; Optuna hands over each batch of trials.
 - ``launch_isolated``: like Hydra's joblib launcher (loky processes, ``n_jobs`` at a time), but each job
@@ -81,7 +81,7 @@ def prepare_jobs(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.utils import filter_overrides
 
-    from .run import check_config
+    from .job_config import check_config
 
     jobs = []
     for i, overrides in enumerate(job_overrides):
@@ -123,7 +123,7 @@ def _worker_env(n_workers: int) -> dict[str, str]:
 def _record_dead_job(task_cfg: DictConfig, job_dir: Path, reason: str) -> None:
     """A job whose worker died: keep its own record if it wrote one (interrupted), else record it failed."""
     from .results import RESULTS_FILE, ResultsError, atomic_write_json, load_record, make_record
-    from .run import record_config
+    from .job_config import record_config
 
     from .lock import RunLock
 

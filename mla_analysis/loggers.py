@@ -40,36 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from .config import ConfigError
+from .config import ConfigError, LoggerConfig, MLflowConfig, TensorBoardConfig  # noqa: F401  (importable from here)
 from .results import TRACKER_DIRS, atomic_write_json, flatten, git_commit, read_json
 
 RUN_ID_FILE = "mlflow_run.json"
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = TRACKER_DIRS[0]  # next to a local store; find_run_dirs skips it (its results.json copies are no runs)
-
-
-@dataclass
-class TensorBoardConfig:
-    """``logger=tensorboard``: event files in the run directory."""
-
-    log_every: int = 10  # train scalars every N optimizer steps (eval metrics at every eval)
-
-
-@dataclass
-class MLflowConfig:
-    """``logger=mlflow``: one MLflow run per job."""
-
-    tracking_uri: Optional[str] = None  # null = sqlite:///<sweep dir (multirun) or run dir>/mlflow.db
-    experiment_name: Optional[str] = None  # null = `experiment`, or the sweep / run directory when it is none
-    log_every: int = 10  # train scalars every N optimizer steps (eval metrics at every eval)
-
-
-@dataclass
-class LoggerConfig:
-    """``logger`` node: the selected trackers (``logger=none`` selects none)."""
-
-    tensorboard: Optional[TensorBoardConfig] = None
-    mlflow: Optional[MLflowConfig] = None
 
 
 EXTRAS = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # logger -> the pyproject extra that installs it

@@ -62,10 +62,11 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .conversion import _safe_inv, _sym_sqrt, collect_attention_covariances, pair_dims, pair_norm_scores, select_rope_pairs
+from .config.convert import ALLOCATIONS
+from .conversion import collect_attention_covariances, pair_dims, pair_norm_scores, safe_inv, select_rope_pairs, sym_sqrt
 from .models.transformer import Transformer
 
-METHODS = ("uniform", "energy", "fisher", "whitened")
+METHODS = ALLOCATIONS  # the convert.allocation choices (mla_analysis.config.convert.Allocation)
 
 Calib = Union[torch.Tensor, tuple]
 
@@ -129,7 +130,7 @@ def whitened_spectra(weights: Sequence[torch.Tensor], covs: Optional[Sequence[to
     out = []
     for i, w in enumerate(weights):
         if covs is not None:
-            w = w @ _sym_sqrt(covs[i])[0]  # (m, D): whitened
+            w = w @ sym_sqrt(covs[i])[0]  # (m, D): whitened
         out.append(torch.linalg.svdvals(w))
     return out
 
@@ -157,7 +158,7 @@ def fisher_rows(model: Transformer, calib: Calib, rows: torch.Tensor, batch_size
                 for k, (gr, block) in enumerate(zip(grads, [b for b in model.layers for _ in range(2)])):
                     if gr is None:
                         continue
-                    g_inv = _safe_inv(block.attn_norm.weight.detach().double().cpu())
+                    g_inv = safe_inv(block.attn_norm.weight.detach().double().cpu())
                     acc[k] += (gr.detach().double().cpu() * g_inv).pow(2).sum(1)  # dL/dW_u = dL/dW_x / g
                 n_batches += 1
     finally:

@@ -27,24 +27,17 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import schema  # noqa: F401  (registers the structured configs)
 from .assets import AssetError
-from .config import ConfigError, ModelConfig
-from .data import DataConfig, prepare_data_config
-from .checkpoint import load_model
-from .convert import save_tokenizer
+from .config import ConfigError
+from .data import prepare_data_config
+from .hf_io import load_model, save_tokenizer
 from .loggers import Tracker, start_tracking
 from .probes import ProbeError, check_probes, run_probes
 from .results import (RESULTS_FILE, ResultsError, atomic_write_json, environment, flatten, is_finished, load_record,
                       make_record)
+from .job_config import check_config, job_objects, record_config  # noqa: F401  (check_config: run's API)
 from .launcher import launched_dirs, register_launchers
 from .search import objective, resolve_reference
-from .train import NonFiniteLoss, TrainConfig, TrainingInterrupted, train
-
-
-def _objects(cfg: DictConfig) -> tuple[ModelConfig, DataConfig, TrainConfig]:
-    model = OmegaConf.to_object(cfg.model)
-    data = OmegaConf.to_object(cfg.data)
-    tcfg = OmegaConf.to_object(cfg.train)
-    return model, data, tcfg
+from .train import NonFiniteLoss, TrainingInterrupted, train
 
 
 def _primary_metric(metrics: dict[str, Any]) -> Optional[float]:
@@ -71,42 +64,6 @@ def format_summary(metrics: dict[str, Any]) -> str:
         v = metrics[k]
         lines.append(f"  {k:32s} {v:.4g}" if isinstance(v, float) else f"  {k:32s} {v}")
     return "\n".join(lines)
-
-
-def check_config(cfg: DictConfig) -> None:
-    """Raise ConfigError naming the first invalid key of a composed job config (no model built, no file read)."""
-    from .schema import validate_run
-
-    try:
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # a ??? left unset
-        model_cfg, data_cfg, tcfg = _objects(cfg)
-        search = OmegaConf.to_object(cfg.search) if cfg.get("search") is not None else None
-        convert = OmegaConf.to_object(cfg.convert) if cfg.get("convert") is not None else None
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "config"
-        raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
-    if search is not None:
-        resolve_reference(search)
-    if convert is not None:
-        from .convert_job import validate_convert
-
-        validate_convert(convert, model_cfg)
-    if tcfg.init_from is not None:
-        from .schema import validate_train
-
-        validate_train(tcfg)  # the model group is replaced by the loaded model's config: checked when loaded
-        return
-    validate_run(model_cfg, data_cfg, tcfg, cfg.device)
-    if cfg.get("claims") is None and cfg.get("convert") is None:
-        check_probes(OmegaConf.to_container(cfg.probe, resolve=True), model_cfg)
-
-
-def record_config(cfg: DictConfig) -> dict[str, Any]:
-    """The config for a record: resolved when it resolves (a failed row shows its actual values)."""
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException:
-        return OmegaConf.to_container(cfg, resolve=False)
 
 
 def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
@@ -150,7 +107,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, multirun: bool, stop: Any) -> Optio
     try:
         try:
             config = OmegaConf.to_container(cfg, resolve=True)
-            model_cfg, data_cfg, tcfg = _objects(cfg)
+            model_cfg, data_cfg, tcfg = job_objects(cfg)
         except OmegaConfBaseException as e:  # e.g. a mandatory value (???) left unset
             key = getattr(e, "full_key", None) or "config"
             raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
@@ -255,7 +212,14 @@ def _write_record(path: Path, record: dict[str, Any]) -> None:
         sys.exit(1)
 
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+def conf_dir() -> Path:
+    """The config folder: ``mla_analysis/conf`` in an installed copy (package data), else the checkout's ``conf/``."""
+    here = Path(__file__).resolve().parent
+    installed = here / "conf"  # pyproject maps the top-level conf/ to the package mla_analysis.conf
+    return installed if (installed / "config.yaml").is_file() else here.parent / "conf"
+
+
+CONF_DIR = conf_dir()
 
 
 def _one_line(exc: BaseException, overrides: list[str]) -> str:
@@ -273,8 +237,14 @@ def _one_line(exc: BaseException, overrides: list[str]) -> str:
                     break
                 opts.append(ln.strip())
         return f"{head} (allowed: {', '.join(opts) if opts else 'see conf/'})"
+    from omegaconf.nodes import EnumNode
+
     cause = exc.__cause__ or exc
     key = getattr(cause, "full_key", None)
+    node = getattr(cause, "child_node", None)
+    if key is not None and isinstance(node, EnumNode):  # a closed choice (mla_analysis.config.checks.Choice)
+        allowed = " | ".join(str(m.value) for m in node.enum_type)
+        return f"{key}={getattr(cause, 'value', None)!r} is invalid (allowed: {allowed})"
     msg = str(getattr(cause, "msg", None) or cause).splitlines()[0]
     if key is None:
         return msg
@@ -414,7 +384,7 @@ def sweep_failures(sweep_dir: Path) -> list[str]:
     return bad
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> Optional[float]:
     """Hydra task function."""
     hc = HydraConfig.get()

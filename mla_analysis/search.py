@@ -13,26 +13,13 @@ a fraction of the reference with ``relative=true``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
-from .config import ConfigError
+from .config import ConfigError, SearchConfig  # SearchConfig: importable from here as before
+from .config.search import MODES
 
 PENALTY = 1e6
-MODES = ("min", "max")
-
-
-@dataclass
-class SearchConfig:
-    """What a sweeper minimises: ``cost`` subject to ``metric`` within ``tolerance`` of ``reference``."""
-
-    metric: str = "val_loss"
-    mode: str = "min"  # min: lower metric is better (a loss); max: higher is better (an accuracy)
-    reference: Optional[str] = None  # a number, or a run directory whose results.json holds ``metric``
-    tolerance: float = 0.01
-    relative: bool = False  # tolerance as a fraction of |reference|
-    cost: str = "model.kv_lora_rank"  # dotted config key minimised among feasible runs
 
 
 def resolve_reference(search: SearchConfig) -> float:

@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -24,35 +23,9 @@ from tqdm.auto import tqdm
 
 from .accounting import count_params, kv_bytes_per_token, train_flops_per_token
 from .checkpoint import check_fresh_start, load_checkpoint, resume_checkpoint, save_checkpoint, save_model_config
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, TrainConfig  # TrainConfig: importable from here as before
 from .data import DataConfig, build_eval_sets, language_optimal_loss, score_predictions, train_batch
 from .models.transformer import Transformer
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation and evaluation schedule."""
-
-    steps: int = 1200
-    tokens: Optional[int] = None  # if set, steps = tokens // (batch_size * seq_len): equal-token budgets
-    batch_size: int = 64
-    grad_accum: int = 1  # micro-batches of batch_size per optimizer step (step k uses batches k*grad_accum + j)
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 1.0
-    eval_every: int = 200
-    eval_batch_size: int = 128
-    checkpoint_every: int = 0  # 0 = only at the end (and on interruption)
-    keep_checkpoints: int = 2
-    resume: bool = False
-    init_from: Optional[str] = None  # run dir or HF checkpoint dir: start from its model (and its config)
-    solve_threshold: float = 0.99  # a task counts as solved from the first eval at or above this
-    threads: Optional[int] = None  # torch intra-op threads (None = torch's default)
-    progress: bool = True
 
 
 class TrainingInterrupted(RuntimeError):
@@ -86,6 +59,19 @@ def total_steps(tcfg: TrainConfig, dcfg: DataConfig, world_size: int = 1) -> int
     if tcfg.tokens is not None:
         return max(1, tcfg.tokens // (tcfg.batch_size * tcfg.grad_accum * dcfg.seq_len * world_size))
     return tcfg.steps
+
+
+LOG_REDRAW_S = 30.0  # seconds between progress lines when stderr is not a terminal (a log file)
+
+
+def progress_bar(total: int, initial: int, desc: str, disable: bool = False, file: Any = None) -> tqdm:
+    """A tqdm bar: redrawn each second on a terminal, every LOG_REDRAW_S seconds in a log (``make run > log``)."""
+    file = sys.stderr if file is None else file
+    tty = bool(getattr(file, "isatty", lambda: False)())
+    interval = 1.0 if tty else LOG_REDRAW_S
+    # maxinterval too: tqdm's monitor thread would otherwise force a redraw every 10 s
+    return tqdm(total=total, initial=initial, desc=desc, disable=disable, file=file, dynamic_ncols=tty, leave=False,
+                mininterval=interval, maxinterval=max(interval, 10.0))
 
 
 def lr_at(step: int, tcfg: TrainConfig, steps: int) -> float:
@@ -322,8 +308,7 @@ def train(
         return metrics
 
     model.train()
-    bar = tqdm(total=steps, initial=start_step, desc=f"train {model_cfg.name}", disable=not tcfg.progress or rank != 0,
-               dynamic_ncols=True, leave=False, mininterval=1.0)
+    bar = progress_bar(steps, start_step, f"train {model_cfg.name}", disable=not tcfg.progress or rank != 0)
     with StopFlag.get() as stop:
         for step in range(start_step, steps):
             t0 = time.perf_counter()
@@ -355,7 +340,7 @@ def train(
             train_time += step_s
             last_loss = step_loss
             bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.3f}")
+            bar.set_postfix(loss=f"{last_loss:.3f}", refresh=False)  # redrawn at the bar's interval, not per step
             done = step + 1
             if on_step is not None and rank == 0:
                 logged = {"loss": last_loss, "lr": optimizer.param_groups[0]["lr"],

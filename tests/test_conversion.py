@@ -8,7 +8,8 @@ import dataclasses
 import pytest
 import torch
 
-from mla_analysis.checkpoint import load_model, save_checkpoint, save_model_config
+from mla_analysis.checkpoint import save_checkpoint, save_model_config
+from mla_analysis.hf_io import load_model
 from mla_analysis.config import RopeScaling, tiny
 from mla_analysis.conversion import factorize, mha_to_mla, pair_dims, pair_norm_scores, select_rope_pairs
 from mla_analysis.models.transformer import Transformer

@@ -371,7 +371,7 @@ def tokenizer_of(tokenizer: Any):
     if not isinstance(tokenizer, (str, Path)):
         return tokenizer
     from mla_analysis.checkpoint import CheckpointError
-    from mla_analysis.convert import load_tokenizer
+    from mla_analysis.hf_io import load_tokenizer
 
     try:
         return _load_tokenizer_cached(str(tokenizer), load_tokenizer)

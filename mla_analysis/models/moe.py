@@ -3,7 +3,8 @@
 Layout follows DeepSeek-V3 ``inference/model.py`` (``Gate``, ``MoE``, ``w1``/``w3``/``w2``); routing matches
 the Hugging Face references ``DeepseekV2TopkRouter`` (softmax, greedy / group_limited_greedy) and
 ``DeepseekV3TopkRouter`` (sigmoid, group score = sum of the top-2 biased scores). Definitions of the
-balance losses, the auxiliary-loss-free bias and MaxVio: ``analysis-definitions.md`` section 2.
+balance losses: DeepSeek-V2 (arXiv:2405.04434); the auxiliary-loss-free bias: DeepSeek-V3 (arXiv:2412.19437)
+and Wang et al. 2024 (arXiv:2408.15664), which also defines MaxVio.
 
 Notation (paper): N tokens (= B*T), E routed experts, k = experts per token, I = expert hidden size,
 s [N, E] affinities, b [E] the aux-loss-free bias, D devices (``n_devices`` groups of E/D experts).

@@ -154,7 +154,7 @@ def _set_path(core: torch.nn.Module, path: str) -> None:
             block.attn.decode = path
 
 
-def _time_decode(core, S: int, B: int, steps: int, vocab: int, device: torch.device):
+def time_decode(core, S: int, B: int, steps: int, vocab: int, device: torch.device):
     """(prefill seconds, per-step seconds, first decode logits [B, V]) for one cache."""
     g = torch.Generator().manual_seed(1234 + S + B)
     prompt = torch.randint(0, vocab, (B, S), generator=g).to(device)
@@ -189,13 +189,13 @@ def decode_costs(model: torch.nn.Module, cfg: ModelConfig, p: dict, device: torc
     try:
         with torch.inference_mode():
             if p["warmup"]:
-                _time_decode(core, min(p["contexts"]), 1, 2, cfg.vocab_size, device)
+                time_decode(core, min(p["contexts"]), 1, 2, cfg.vocab_size, device)
             for path in paths:
                 _set_path(core, path)
                 for S in p["contexts"]:
                     flops = accounting.decode_flops_per_token(cfg, S, None if path == "cached" else path)
                     for B in p["batch_sizes"]:
-                        prefill, lat, logits = _time_decode(core, S, B, p["decode_steps"], cfg.vocab_size, device)
+                        prefill, lat, logits = time_decode(core, S, B, p["decode_steps"], cfg.vocab_size, device)
                         step = statistics.median(lat)
                         first_logits.setdefault(path, logits)
                         rows.append({

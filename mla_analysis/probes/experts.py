@@ -2,7 +2,8 @@
 
 Every eval set built by ``build_eval_sets`` ("lm" and each task) is a *domain*; its first
 ``max_examples`` sequences are fed through the model with ``record_routing`` on, and every position of
-every sequence is a token. Definitions: ``analysis-definitions.md`` sections 1 (OLMoE) and 2.4 (MaxVio).
+every sequence is a token. Definitions: the OLMoE paper (Muennighoff et al. 2024, arXiv:2409.02060) for the
+routing analyses, Wang et al. 2024 (arXiv:2408.15664, auxiliary-loss-free balancing) for MaxVio.
 Notation: N tokens, E routed experts, k experts per token, S_t the set of experts chosen for token t
 (the routing decision actually taken, i.e. after the aux-loss-free bias and the group limit).
 
@@ -46,7 +47,7 @@ paper's Pile loss.
 - ``redundancy.base.loss`` (and ``.base.<set>.loss``): unmasked; ``redundancy.r<r>.fraction`` = r/E, the
   paper's x-axis (its denominator is all routed experts); ``redundancy.r<r>.loss_delta`` on "lm",
   ``redundancy.r<r>.<set>.loss_delta`` and ``.<task>.exact_match_delta`` per eval set.
-- ``dense_baseline`` (a run dir loadable by ``checkpoint.load_model``; meant to be a dense model with the
+- ``dense_baseline`` (a run dir loadable by ``hf_io.load_model``; meant to be a dense model with the
   same active parameters, both counts reported as ``redundancy.active_params`` /
   ``redundancy.dense.active_params`` and NOT enforced): in every layer that is MoE in the probed model, its
   dense FFN's round(f * d_ff) hidden units (inputs of w2) with the largest mean |activation| over the eval
@@ -705,7 +706,7 @@ def _redundancy_section(model: torch.nn.Module, eval_xy: dict, p: dict, device: 
     if p["dense_baseline"] is None:
         return metrics, record
 
-    from ..checkpoint import load_model
+    from ..hf_io import load_model
 
     path = str(p["dense_baseline"])
     dense = load_model(path, device)
@@ -815,7 +816,7 @@ def run(model: torch.nn.Module, params: dict, data_cfg: Any, run_dir: Path, devi
     got = _collect(model, sets, p, device)
     other = None
     if p["compare_to"] is not None:
-        from ..checkpoint import load_model
+        from ..hf_io import load_model
 
         cmp_model = load_model(p["compare_to"], device)
         cmp_blocks = _moe_blocks(cmp_model)

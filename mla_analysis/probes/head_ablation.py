@@ -15,8 +15,8 @@ For every attention layer l and head h (``layers``: null = all):
   share it, so they get identical spectra). MLA: k_h = [W^UK_h c_kv ; k_rope] (the head's content key
   up-projected from the latent, concatenated with the decoupled RoPE key shared by all heads) --
   exactly the key the head's query meets. MLA with coupled RoPE: the up-projected key after RoPE.
-  ``ner`` = Roy-Vetterli effective rank / key width (analysis-definitions.md section 5: the KV-CoRE
-  normaliser d, here the head's key width, unconfirmed there); ``energy_dropped`` = 1 - (energy of the
+  ``ner`` = Roy-Vetterli effective rank / key width (Roy & Vetterli 2007; normalised as
+  KV-CoRE normalises it, by a width d, here the head's key width); ``energy_dropped`` = 1 - (energy of the
   top ``rank`` singular values) / total, what a rank-r truncation of these keys drops.
 - Correlation over heads: ``spearman.<metric>.<effect>.rho`` / ``.p_value`` (scipy.stats.spearmanr) and a
   paired bootstrap confidence interval ``.ci_low`` / ``.ci_high`` (scipy.stats.bootstrap, BCa,

@@ -15,8 +15,8 @@ Activations (per layer; "per head" = one spectrum per K/V head):
 Weights: MLA ``w_dkv`` (the W^DKV rows of wkv_a), ``w_kr`` (its W^KR rows), per head ``w_uk``,
 ``w_uv``; MHA family per head ``wk``, ``wv``.
 
-Measures (analysis-definitions.md section 5): effective rank (Roy & Vetterli, l1-normalised singular
-values), stable rank, energy rank r_tau, energy captured by the top r. Rows are mean-centred only when
+Measures: effective rank (Roy & Vetterli 2007, "The effective rank", EUSIPCO; l1-normalised singular
+values), stable rank (Rudelson & Vershynin 2007), energy rank r_tau, energy captured by the top r. Rows are mean-centred only when
 ``center`` is true (recorded in the output). Across layers: principal angles between the dominant
 r-dim right singular subspaces of consecutive layers' keys, as the mean cosine.
 """

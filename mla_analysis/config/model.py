@@ -1,4 +1,4 @@
-"""Model configuration: one dataclass describes every attention/FFN variant the toolkit builds.
+"""Model configuration (``mla_analysis.config.model``): one dataclass describes every attention/FFN variant the toolkit builds.
 
 The attention variant is named by a string (``attention``) and mapped to a class in
 ``mla_analysis.models.transformer``, so old configs keep loading when classes move.

@@ -1,0 +1,25 @@
+"""The ``claims`` group (+experiment=claims): where the studies' records are and how the audit measures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+
+@dataclass
+class ClaimsConfig:
+    """``claims`` node: where the studies are and how the arithmetic and the timing are done."""
+
+    studies: Dict[str, Optional[str]] = field(default_factory=lambda: {
+        "rank_sweep": "experiments/rank_sweep/run",
+        "attention_variants": "experiments/attention_variants/run",
+        "long_context": "experiments/long_context/run",
+        "moe_study": "experiments/moe_study/run",
+        "moe_probes": "experiments/moe_study/probes",
+    })
+    out: Optional[str] = "CLAIMS.md"  # also written here (relative to the working directory); null = run dir only
+    cache_bits: float = 6.0  # bits per cached element of DeepSeek-V2's deployment (its paper's KV quantisation)
+    context: int = 4096  # decode timing context and the arithmetic's reference context
+    decode_steps: int = 8
+    quick: bool = False  # tiny decode shape (tests)
+    tolerance: float = 0.01  # "performance loss under 1%": relative

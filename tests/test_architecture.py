@@ -1,0 +1,130 @@
+"""The package's import graph, read from the source with ``ast`` (imports inside functions count too).
+
+A lazy import that breaks a cycle at run time is still a cycle in the design, so every ``import`` and
+``from ... import`` anywhere in a module is an edge. The graph must have no cycle, the config modules
+(``mla_analysis.config``) must import nothing else of the package, and no private name (``_x``) may be
+imported from another module.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parent.parent / "mla_analysis"
+
+
+def _modules() -> dict[str, tuple[Path, bool]]:
+    """module name -> (file, is a package's __init__)."""
+    out = {}
+    for path in PKG.rglob("*.py"):
+        if "__pycache__" in path.parts:
+            continue
+        parts = list(path.relative_to(PKG.parent).with_suffix("").parts)
+        is_pkg = parts[-1] == "__init__"
+        out[".".join(parts[:-1] if is_pkg else parts)] = (path, is_pkg)
+    return out
+
+
+def _imports(name: str, path: Path, is_pkg: bool, modules: dict) -> list[tuple[str, str]]:
+    """(imported module of this package, imported name or '') for every import statement in the file."""
+    package = name if is_pkg else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(a.name, "") for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            for a in node.names:  # `from pkg import submodule` is an import of the submodule
+                sub = f"{module}.{a.name}"
+                found.append((sub, "") if sub in modules else (module, a.name))
+    out = []
+    for module, what in found:
+        while module and module not in modules:
+            module = module.rpartition(".")[0]
+        if module and module != name:
+            out.append((module, what))
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: {m for m, _ in _imports(name, p, pkg, modules)} for name, (p, pkg) in modules.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_graph_reader_sees_lazy_imports_and_cycles():
+    """The reader itself: an import inside a function is an edge, and a two-module loop is a cycle."""
+    graph = _graph()
+    assert "mla_analysis.hf_io" in graph["mla_analysis.run"]  # a top-level import
+    assert "mla_analysis.claims" in graph["mla_analysis.run"]  # imported inside _run_job only
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_import_graph_has_no_cycle():
+    assert _cycles(_graph()) == []
+
+
+def test_config_imports_nothing_above_it():
+    graph = _graph()
+    config = [m for m in graph if m == "mla_analysis.config" or m.startswith("mla_analysis.config.")]
+    assert config
+    for m in config:
+        above = sorted(d for d in graph[m] if not (d == "mla_analysis.config" or d.startswith("mla_analysis.config.")))
+        assert above == [], f"{m} imports {above}"
+
+
+def test_models_import_only_config_and_models():
+    graph = _graph()
+    for m in (m for m in graph if m.startswith("mla_analysis.models")):
+        bad = sorted(d for d in graph[m] if not d.startswith(("mla_analysis.models", "mla_analysis.config")))
+        assert bad == [], f"{m} imports {bad}"
+
+
+def test_no_private_name_is_imported_from_another_module():
+    modules = _modules()
+    bad = [f"{name}: {m}.{what}" for name, (p, pkg) in modules.items()
+           for m, what in _imports(name, p, pkg, modules) if what.startswith("_") and not what.startswith("__")]
+    assert bad == []
+
+
+def test_every_subpackage_says_what_it_owns():
+    for init in sorted(PKG.rglob("__init__.py")):
+        if "__pycache__" in init.parts:
+            continue
+        doc = ast.get_docstring(ast.parse(init.read_text()))
+        assert doc and len(doc.split()) >= 10, f"{init.relative_to(PKG.parent)}: no module docstring"
