@@ -7,7 +7,7 @@ bad input ends with one line on stderr and exit code 2)::
     python -m mla_analysis.convert to-hf RUN_DIR OUT_HF_DIR [--arch llama|qwen2|gpt2|deepseek_v3|deepseek_v2]
     python -m mla_analysis.convert mha-to-mla RUN_DIR OUT_RUN_DIR --kv-lora-rank R [--rope-dims N]
         [--strategy high|low|uniform|norm] [--factorization joint|split] [--target auto|mla|mla_coupled_rope]
-        [--calib-examples N]
+        [--calib-examples N] [--no-kv-norm]
 
 A run directory (``model_config.json`` + ``checkpoints/``) is what ``hf_io.load_model`` reads.
 ``--calib-examples N`` calibrates on the first N training sequences of the run's data config
@@ -120,6 +120,7 @@ def _cmd_mha_to_mla(args: argparse.Namespace) -> Path:
         calib=calib,
         factorization=args.factorization,
         target=args.target,
+        kv_norm=not args.no_kv_norm,
     )
     info = dict(source=str(run.resolve()), args={k: v for k, v in vars(args).items() if k != "func"})
     info.update(new.conversion_info)
@@ -153,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--factorization", default="joint", help="joint | split")
     p.add_argument("--target", default="auto", help="auto | mla | mla_coupled_rope")
     p.add_argument("--calib-examples", type=int, default=None, help="training sequences for whitening")
+    p.add_argument("--no-kv-norm", action="store_true",
+                   help="no latent RMSNorm: exact at the source's K/V rank (not exportable as DeepSeek)")
     p.set_defaults(func=_cmd_mha_to_mla)
     return parser
 

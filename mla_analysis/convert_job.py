@@ -172,7 +172,8 @@ def convert_model(c: ConvertConfig, source: Transformer, calib: tuple[torch.Tens
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # frequencies outside the config are reported in conversion_info
         return mha_to_mla(source, rank, rope_dims=c.rope_dims, strategy=c.strategy, calib=inputs,
-                          factorization=c.factorization, target=c.target, whiten=c.whiten, kv_lora_ranks=ranks)
+                          factorization=c.factorization, target=c.target, whiten=c.whiten, kv_lora_ranks=ranks,
+                          kv_norm=c.kv_norm)
 
 
 def run_convert(c: ConvertConfig, model_cfg: ModelConfig, data_cfg: DataConfig, tcfg: TrainConfig, run_dir: str | Path,

@@ -319,3 +319,23 @@ def test_from_hf_reads_configs_written_without_the_newer_fields(tmp_path):
     ids = _ids(128)
     with torch.no_grad():
         torch.testing.assert_close(back(ids), model(ids), atol=0, rtol=0)
+
+
+def test_cli_mha_to_mla_without_the_latent_norm_is_exact_at_the_kv_rank(tmp_path, capsys):
+    """--no-kv-norm at the rank of the source's K/V maps (2 x 2 kv heads x 8 = 32 < d_model 64) reproduces its logits."""
+    from mla_analysis.checkpoint import save_checkpoint, save_model_config
+
+    torch.manual_seed(0)
+    src = Transformer(tiny(d_model=64, n_heads=4, head_dim=8, attention="gqa", n_kv_heads=2, init_std=0.2)).eval()
+    save_model_config(tmp_path / "run", src.cfg)
+    save_checkpoint(tmp_path / "run", src, None, step=0, state={})
+    ids = torch.randint(0, src.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    for flag, exact in (["--no-kv-norm"], True), ([], False):
+        out = tmp_path / f"mla{len(flag)}"
+        rc, _, err = _cli(["mha-to-mla", tmp_path / "run", out, "--kv-lora-rank", 32, *flag], capsys)
+        assert rc == 0, err
+        assert json.loads((out / "conversion.json").read_text())["kv_norm"] is (not flag)
+        new = load_model(out)
+        with torch.no_grad():
+            rel = float((new(ids) - src(ids)).norm() / src(ids).norm())
+        assert (rel < 1e-5) is exact, rel

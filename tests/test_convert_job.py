@@ -62,3 +62,23 @@ def test_bad_convert_keys_exit_2_with_one_line(tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("error: convert.allocation='magic' is invalid")
     assert not (tmp_path / "run" / "results.json").exists()
     assert not list(tmp_path.glob("**/source-*"))  # nothing trained before the check
+
+
+def test_convert_node_kv_norm_false_reaches_the_converted_model():
+    """convert.kv_norm=false: the converted model has no latent norm and is exact at the source's K/V rank."""
+    import torch
+
+    from mla_analysis.config import ConvertConfig, tiny
+    from mla_analysis.convert_job import convert_model
+    from mla_analysis.models.transformer import Transformer
+
+    torch.manual_seed(0)
+    src = Transformer(tiny(d_model=64, n_heads=4, head_dim=8, attention="gqa", n_kv_heads=2, init_std=0.2)).eval()
+    ids = torch.randint(0, src.cfg.vocab_size, (4, 24), generator=torch.Generator().manual_seed(1))
+    calib = (ids, ids)
+    for kv_norm in (False, True):
+        new = convert_model(ConvertConfig(kv_lora_rank=32, kv_norm=kv_norm), src, calib)
+        assert new.cfg.kv_norm is kv_norm
+        with torch.no_grad():
+            rel = float((new(ids) - src(ids)).norm() / src(ids).norm())
+        assert (rel < 1e-5) is (not kv_norm), rel

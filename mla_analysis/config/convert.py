@@ -70,6 +70,7 @@ class ConvertConfig:
     target: Target = Target.auto  # auto | mla | mla_coupled_rope
     factorization: Factorization = Factorization.joint  # joint | split
     whiten: bool = True  # activation-whitened SVD (calibration covariance)
+    kv_norm: bool = True  # keep DeepSeek's latent RMSNorm; false = none (exact at the source's K/V rank, not exportable)
     calib_examples: int = 64  # calibration sequences (training batch 0 of this size)
     heal_steps: int = 200
     heal_lr: Optional[float] = None  # null = train.lr
