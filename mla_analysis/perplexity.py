@@ -114,26 +114,44 @@ def _scored_hidden(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
     return h[mask], y[mask], mask
 
 
+def _scatter_scored(models: Sequence[torch.nn.Module], inputs: torch.Tensor, targets: torch.Tensor,
+                    device: torch.device, batch_size: int, per_rows) -> torch.Tensor:
+    """[n, L] fp32 (CPU) of ``per_rows(x, y) -> (values at scored positions, mask [b, L])`` per batch, 0 elsewhere.
+
+    The models run in eval mode (their training flags are restored after).
+    """
+    states = [(m, m.training) for m in models]
+    for m, _ in states:
+        m.eval()
+    out = torch.zeros(inputs.shape, dtype=torch.float32)
+    try:
+        for i in range(0, inputs.shape[0], batch_size):
+            x = inputs[i: i + batch_size].to(device)
+            y = targets[i: i + batch_size].to(device)
+            with _autocast(device):
+                values, mask = per_rows(x, y)
+            block = torch.zeros(x.shape, dtype=torch.float32, device=device)
+            block[mask] = values
+            out[i: i + batch_size] = block.cpu()
+    finally:
+        for m, was in states:
+            m.train(was)
+    return out
+
+
 @torch.no_grad()
 def scored_nll(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, device: torch.device,
                batch_size: int, max_logits: int = MAX_LOGITS) -> torch.Tensor:
     """Next-token negative log-likelihood (nats) [n, L] fp32 at scored positions, 0 elsewhere (CPU)."""
-    was_training = model.training
-    model.eval()
-    out = torch.zeros(inputs.shape, dtype=torch.float32)
-    for i in range(0, inputs.shape[0], batch_size):
-        x = inputs[i: i + batch_size].to(device)
-        y = targets[i: i + batch_size].to(device)
-        with _autocast(device):
-            h, t, mask = _scored_hidden(model, x, y)
-            nll = torch.empty(t.shape[0], dtype=torch.float32, device=device)
-            for sl, logits in _head_chunks(model, h, max_logits):
-                nll[sl] = torch.logsumexp(logits, -1) - logits.gather(-1, t[sl, None]).squeeze(-1)
-        block = torch.zeros(x.shape, dtype=torch.float32, device=device)
-        block[mask] = nll
-        out[i: i + batch_size] = block.cpu()
-    model.train(was_training)
-    return out
+
+    def nll_rows(x: torch.Tensor, y: torch.Tensor):
+        h, t, mask = _scored_hidden(model, x, y)
+        nll = torch.empty(t.shape[0], dtype=torch.float32, device=device)
+        for sl, logits in _head_chunks(model, h, max_logits):
+            nll[sl] = torch.logsumexp(logits, -1) - logits.gather(-1, t[sl, None]).squeeze(-1)
+        return nll, mask
+
+    return _scatter_scored([model], inputs, targets, device, batch_size, nll_rows)
 
 
 @torch.no_grad()
@@ -148,26 +166,17 @@ def token_kl(model: torch.nn.Module, reference: torch.nn.Module, inputs: torch.T
         raise ValueError(
             f"token_kl: vocabularies differ ({model.head.out_features} vs reference {reference.head.out_features})"
         )
-    states = [(m, m.training) for m in (model, reference)]
-    for m, _ in states:
-        m.eval()
-    out = torch.zeros(inputs.shape, dtype=torch.float32)
-    for i in range(0, inputs.shape[0], batch_size):
-        x = inputs[i: i + batch_size].to(device)
-        y = targets[i: i + batch_size].to(device)
-        with _autocast(device):
-            h, _, mask = _scored_hidden(model, x, y)
-            h_ref, _, _ = _scored_hidden(reference, x, y)
-            kl = torch.empty(h.shape[0], dtype=torch.float32, device=device)
-            for (sl, logits), (_, ref) in zip(_head_chunks(model, h, max_logits), _head_chunks(reference, h_ref, max_logits)):
-                logp, logq = torch.log_softmax(ref, -1), torch.log_softmax(logits, -1)  # (rows, V)
-                kl[sl] = (logp.exp() * (logp - logq)).sum(-1)
-        block = torch.zeros(x.shape, dtype=torch.float32, device=device)
-        block[mask] = kl
-        out[i: i + batch_size] = block.cpu()
-    for m, was in states:
-        m.train(was)
-    return out
+
+    def kl_rows(x: torch.Tensor, y: torch.Tensor):
+        h, _, mask = _scored_hidden(model, x, y)
+        h_ref, _, _ = _scored_hidden(reference, x, y)
+        kl = torch.empty(h.shape[0], dtype=torch.float32, device=device)
+        for (sl, logits), (_, ref) in zip(_head_chunks(model, h, max_logits), _head_chunks(reference, h_ref, max_logits)):
+            logp, logq = torch.log_softmax(ref, -1), torch.log_softmax(logits, -1)  # (rows, V)
+            kl[sl] = (logp.exp() * (logp - logq)).sum(-1)
+        return kl, mask
+
+    return _scatter_scored([model, reference], inputs, targets, device, batch_size, kl_rows)
 
 
 def _per_doc(values: torch.Tensor, targets: torch.Tensor, doc: np.ndarray, names: Sequence[str]) -> Dict[str, Tuple[float, int]]:
