@@ -20,6 +20,8 @@ from mla_analysis.config import tiny
 from mla_analysis.convert import from_hf, main, to_hf
 from mla_analysis.models.transformer import Transformer
 
+from .helpers import randomise
+
 transformers = pytest.importorskip("transformers")
 
 SMALL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64,
@@ -49,21 +51,6 @@ HF_CONFIGS = {
 }
 
 
-def _randomise(model: torch.nn.Module, seed: int = 0) -> None:
-    """Every parameter and float buffer random (transformers inits routers and biases to zero, norms to one)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-            if not p.is_floating_point() or "inv_freq" in name or name.endswith("attn.bias"):
-                continue
-            if "norm" in name or ".ln_" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            elif "e_score_correction_bias" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.08 * torch.randn(p.shape, generator=g))
-
-
 def _ids(vocab: int = 96, shape=(2, 17), seed: int = 1) -> torch.Tensor:
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
 
@@ -72,7 +59,7 @@ def _saved_by_transformers(kind: str, path, **save_kw):
     """A random transformers model of ``kind`` written with save_pretrained, and the model read back from it."""
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(HF_CONFIGS[kind]())
-    _randomise(model)
+    randomise(model)
     dtype = save_kw.pop("dtype", None)
     if dtype is not None:
         model = model.to(dtype)
@@ -121,7 +108,7 @@ EXPORTS = {
 def test_to_hf_then_from_pretrained_reproduces_ours_and_saves_back_identically(tmp_path, arch):
     torch.manual_seed(0)
     model = Transformer(tiny(**EXPORTS[arch])).eval()
-    _randomise(model, seed=3)
+    randomise(model, seed=3)
     if arch == "deepseek_v2":  # V2 has no routing bias: a nonzero one is refused (test below)
         for name, b in model.named_buffers():
             if "e_score_correction_bias" in name:
@@ -145,7 +132,7 @@ def test_to_hf_then_from_pretrained_reproduces_ours_and_saves_back_identically(t
 
 def test_to_hf_refuses_to_drop_a_routing_bias(tmp_path):
     model = Transformer(tiny(**EXPORTS["deepseek_v2"]))
-    _randomise(model, seed=3)  # e_score_correction_bias nonzero: routing DeepseekV2 cannot express
+    randomise(model, seed=3)  # e_score_correction_bias nonzero: routing DeepseekV2 cannot express
     with pytest.raises(ValueError, match="e_score_correction_bias"):
         to_hf(model, tmp_path / "out", arch="deepseek_v2")
     assert not (tmp_path / "out").exists()

@@ -12,30 +12,16 @@ from mla_analysis.convert import from_hf
 from mla_analysis.hf import to_hf_config
 from mla_analysis.models.transformer import Transformer
 
+from .helpers import randomise
 from .test_gpt2_qwen import VARIANTS as KNOB_VARIANTS
 
 transformers = pytest.importorskip("transformers")
 
 
-def _randomise(model: torch.nn.Module, seed: int = 0) -> None:
-    """Fill every parameter and float buffer with random values (HF inits routers to zeros)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-            if not p.is_floating_point() or "inv_freq" in name:
-                continue
-            if "norm" in name or "layernorm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            elif "e_score_correction_bias" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.08 * torch.randn(p.shape, generator=g))
-
-
 def _hf_and_ours(cfg: ModelConfig, arch: str, path):
     """A random transformers model written with save_pretrained, read back by transformers and by from_hf."""
     hf = transformers.AutoModelForCausalLM.from_config(to_hf_config(cfg, arch))
-    _randomise(hf)
+    randomise(hf)
     hf.save_pretrained(path)  # the on-disk layout (per-expert keys), as published checkpoints are
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
     ours = from_hf(path)
@@ -116,7 +102,7 @@ def test_cached_decoding_vs_full_forward(overrides):
     torch.manual_seed(0)
     cfg = tiny(**overrides)
     model = Transformer(cfg).eval()
-    _randomise(model, seed=3)
+    randomise(model, seed=3)
     ids = torch.randint(0, cfg.vocab_size, (2, 20))
     with torch.no_grad():
         full = model(ids)
@@ -133,7 +119,7 @@ def test_mla_absorbed_equals_naive_decode():
     torch.manual_seed(0)
     cfg = tiny(attention="mla", mla_decode="naive")
     naive = Transformer(cfg).eval()
-    _randomise(naive, seed=5)
+    randomise(naive, seed=5)
     absorbed = Transformer(tiny(attention="mla", mla_decode="absorb")).eval()
     absorbed.load_state_dict(naive.state_dict())
     ids = torch.randint(0, cfg.vocab_size, (1, 12))
