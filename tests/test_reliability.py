@@ -289,13 +289,19 @@ def test_sweep_validates_every_job_before_the_first_starts(tmp_path):
     assert not [d for d in sweep.iterdir() if d.is_dir()]  # no job ran, not even the valid one
 
 
-@pytest.mark.slow
-def test_dying_joblib_worker_fails_only_its_job(tmp_path):
+def _start_joblib_sweep(tmp_path) -> tuple[Path, subprocess.Popen]:
+    """A 2-worker joblib sweep of three jobs: two that run until stopped (steps 100000, 100001), then one of 4 steps."""
     sweep = tmp_path / "sweep"
     args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "train.steps=100000,100001,4",
             f"hydra.sweep.dir={sweep}", *[a for a in FAST if not a.startswith("train.steps")]]
     proc = subprocess.Popen([sys.executable, "-m", "mla_analysis.run", *args], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return sweep, proc
+
+
+@pytest.mark.slow
+def test_dying_joblib_worker_fails_only_its_job(tmp_path):
+    sweep, proc = _start_joblib_sweep(tmp_path)
     from mla_analysis.lock import LOCK_FILE
 
     pids, deadline = {}, time.time() + 180
@@ -391,11 +397,7 @@ def test_text_source_rejects_utf16_and_binary_files(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_to_a_joblib_sweep_interrupts_its_jobs_and_starts_no_more(tmp_path):
-    sweep = tmp_path / "sweep"
-    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "train.steps=100000,100001,4",
-            f"hydra.sweep.dir={sweep}", *[a for a in FAST if not a.startswith("train.steps")]]
-    proc = subprocess.Popen([sys.executable, "-m", "mla_analysis.run", *args], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sweep, proc = _start_joblib_sweep(tmp_path)
     deadline = time.time() + 180
     while len(list(sweep.glob("*/model_config.json"))) < 2 and time.time() < deadline:
         time.sleep(0.2)
