@@ -315,7 +315,7 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, tcfg, steps)
             optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0  # the mean LM loss over the step's micro-batches
+            step_loss = torch.zeros((), device=dev)  # the mean LM loss over the step's micro-batches
             for micro in range(tcfg.grad_accum):  # gradients of the mean over grad_accum micro-batches
                 index = step * tcfg.grad_accum + micro
                 inputs, targets = train_batch(data_cfg, index, tcfg.batch_size, rank=rank, world_size=world)
@@ -329,7 +329,7 @@ def train(
                         f"loss is {float(loss.detach())} at step {step}: training stopped; the last good checkpoint is kept"
                     )
                 ((loss + aux) / tcfg.grad_accum).backward()
-                step_loss += float(loss.detach()) / tcfg.grad_accum
+                step_loss += loss.detach() / tcfg.grad_accum  # a device tensor: one host sync per step, not per micro-batch
             grad_norm = None
             if tcfg.grad_clip > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)  # norm before clipping
@@ -338,7 +338,7 @@ def train(
                 moe.update_bias(all_reduce=_all_reduce if world > 1 else None)
             step_s = time.perf_counter() - t0
             train_time += step_s
-            last_loss = step_loss
+            last_loss = float(step_loss)
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.3f}", refresh=False)  # redrawn at the bar's interval, not per step
             done = step + 1
