@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from omegaconf import OmegaConf
 
-from mla_analysis.config import ConvertConfig, SearchConfig
+from mla_analysis.config import ConfigError, ConvertConfig, SearchConfig
 from mla_analysis.config.convert import Allocation, Strategy
 from mla_analysis.run import precheck
 
@@ -41,3 +43,68 @@ def test_old_import_paths_name_the_same_classes():
     assert (validate_train, check_finite) == (config.validate_train, config.check_finite)
     assert (convert.from_hf, convert.to_hf, convert.load_model) == (hf_io.from_hf, hf_io.to_hf, hf_io.load_model)
     assert rank_allocation.METHODS == Allocation.values() == ("uniform", "energy", "fisher", "whitened")
+
+
+# ---- ModelConfig's closed choices ------------------------------------------------------------------
+
+from mla_analysis.config import Attention, ModelConfig  # noqa: E402
+from mla_analysis.config.checks import Choice, choice_fields  # noqa: E402
+
+MODEL_CHOICES = sorted(choice_fields(ModelConfig).items())
+
+
+def test_every_closed_string_field_of_the_model_is_a_choice():
+    # the fields listed by hand: a new closed str field must become a Choice too (or be added here as free)
+    assert [name for name, _ in MODEL_CHOICES] == sorted(
+        ["attention", "ffn", "mla_decode", "mlp", "norm", "pos_emb", "score_func"])
+    assert all(issubclass(c, Choice) and not many for _, (c, many) in MODEL_CHOICES)
+
+
+@pytest.mark.parametrize("key", [name for name, _ in MODEL_CHOICES])
+def test_a_bad_model_choice_is_rejected_when_the_config_composes(key):
+    choice = choice_fields(ModelConfig)[key][0]
+    assert precheck([f"model.{key}=bogus"]) == (
+        f"model.{key}='bogus' is invalid (allowed: {' | '.join(m.value for m in choice)})")
+
+
+def test_a_bad_choice_on_the_command_line_exits_2_with_one_line(run_module, tmp_path):
+    out = tmp_path / "run"
+    p = run_module("run", "model.attention=bogus", f"hydra.run.dir={out}", "train.steps=1")
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [
+        "error: model.attention='bogus' is invalid (allowed: mha | gqa | mqa | mla | mla_coupled_rope)"]
+    assert not out.exists()  # before any compute or output
+
+
+def test_model_choices_are_members_in_python_and_plain_strings_in_records():
+    cfg = ModelConfig(attention="mla", ffn="moe", score_func="sigmoid")  # as Python callers and records build it
+    assert cfg.attention is Attention.mla and cfg.is_mla
+    d = cfg.to_dict()
+    assert {type(d[k]) for k, _ in MODEL_CHOICES} == {str}
+    assert (d["attention"], d["ffn"], d["score_func"]) == ("mla", "moe", "sigmoid")
+    assert ModelConfig.from_dict(d) == cfg
+    with pytest.raises(ConfigError, match=r"^model\.attention='mhla' is invalid \(allowed: mha \| gqa"):
+        ModelConfig.from_dict({**d, "attention": "mhla"})
+
+
+def test_records_written_with_choices_group_with_old_records(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from mla_analysis.report import aggregate, load_rows
+    from mla_analysis.results import atomic_write_json, make_record
+    from mla_analysis.run import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["model=mla", "seed=1"])
+    new = OmegaConf.to_container(cfg, resolve=True)  # as run.py records the composed config
+    assert new["model"]["attention"] is Attention.mla
+    old = json.loads(json.dumps(new))  # a record of before the Enums: the same values, plain strings
+    old["seed"] = 0
+    assert type(old["model"]["attention"]) is str
+    for i, config in enumerate((old, new)):
+        (tmp_path / str(i)).mkdir()
+        atomic_write_json(tmp_path / str(i) / "results.json", make_record("ok", config, {"val_loss": 1.0 + i}))
+    text = (tmp_path / "1" / "results.json").read_text()
+    assert '"attention": "mla"' in text and '"mlp": "swiglu"' in text
+    keys, aggs = aggregate(load_rows([tmp_path]))
+    assert len(aggs) == 1 and aggs[0]["n_ok"] == 2 and aggs[0]["metrics.val_loss"] == 1.5

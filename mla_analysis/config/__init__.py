@@ -12,13 +12,14 @@ from .claims import ClaimsConfig
 from .convert import ConvertConfig
 from .logger import LoggerConfig, MLflowConfig, TensorBoardConfig
 from .model import (ATTENTION_VARIANTS, FFN_KINDS, MLA_DECODE_PATHS, MLA_VARIANTS, MLP_KINDS, NORMS, POS_EMBS,
-                    SCORE_FUNCS, ConfigError, ModelConfig, RopeScaling, tiny, validate_model_config)
+                    SCORE_FUNCS, Attention, ConfigError, Ffn, MlaDecode, Mlp, ModelConfig, Norm, PosEmb, RopeScaling,
+                    RopeType, ScoreFunc, tiny, validate_model_config)
 from .search import SearchConfig
 from .train import TrainConfig, validate_train
 
 __all__ = [
     "ATTENTION_VARIANTS", "FFN_KINDS", "MLA_DECODE_PATHS", "MLA_VARIANTS", "MLP_KINDS", "NORMS", "POS_EMBS",
-    "SCORE_FUNCS", "ClaimsConfig", "ConfigError", "ConvertConfig", "LoggerConfig", "MLflowConfig", "ModelConfig",
-    "RopeScaling", "SearchConfig", "TensorBoardConfig", "TrainConfig", "check_finite", "tiny", "validate_model_config",
-    "validate_train",
+    "SCORE_FUNCS", "Attention", "ClaimsConfig", "ConfigError", "ConvertConfig", "Ffn", "LoggerConfig", "MLflowConfig",
+    "MlaDecode", "Mlp", "ModelConfig", "Norm", "PosEmb", "RopeScaling", "RopeType", "ScoreFunc", "SearchConfig",
+    "TensorBoardConfig", "TrainConfig", "check_finite", "tiny", "validate_model_config", "validate_train",
 ]

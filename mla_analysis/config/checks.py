@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
+import typing
 from typing import Any
 
-from .model import ConfigError
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and the allowed values."""
 
 
 class Choice(str, enum.Enum):
@@ -24,6 +28,75 @@ class Choice(str, enum.Enum):
     def values(cls) -> tuple[str, ...]:
         """The allowed strings, in declaration order."""
         return tuple(m.value for m in cls)
+
+    @classmethod
+    def parse(cls, value: Any, key: str) -> "Choice":
+        """The member named ``value``, else ConfigError naming ``key`` and the allowed values."""
+        try:
+            return cls(value.value if isinstance(value, enum.Enum) else value)
+        except (ValueError, TypeError):
+            raise ConfigError(f"{key}={value!r} is invalid (allowed: {' | '.join(cls.values())})") from None
+
+
+def _choice_of(hint: Any) -> tuple[Any, bool]:
+    """(the Choice class in a field's type hint or None, whether the field is a list of them)."""
+    if isinstance(hint, type) and issubclass(hint, Choice):
+        return hint, False
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (list, tuple, typing.List, typing.Tuple) and args:
+        inner, _ = _choice_of(args[0])
+        return inner, inner is not None
+    if typing.get_origin(hint) is typing.Union:  # Optional[X]
+        for a in args:
+            if a is not type(None):
+                return _choice_of(a)
+    return None, False
+
+
+@functools.lru_cache(maxsize=None)
+def choice_fields(cls: type) -> dict[str, tuple[type, bool]]:
+    """Field name -> (its Choice class, is a list) for every closed-choice field of a config dataclass."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        choice, many = _choice_of(hints[f.name])
+        if choice is not None:
+            out[f.name] = (choice, many)
+    return out
+
+
+def coerce_choices(obj: Any, prefix: str, strict: bool = True) -> None:
+    """Turn the plain strings a config was built from (Python, records) into its Choice members, in place.
+
+    ``strict``: a value outside its choice raises ConfigError naming ``prefix.field`` (the validators);
+    otherwise it is left as it is for them to report (``__post_init__``: building a config never raises,
+    and a dataclass built in Python holds the same members as one OmegaConf composed).
+    """
+    for name, (choice, many) in choice_fields(type(obj)).items():
+        value = getattr(obj, name)
+        if value is None or (many and not isinstance(value, (list, tuple))):
+            continue  # a list field given one value: its validator says what is allowed
+        try:
+            if many:
+                value = [choice.parse(v, f"{prefix}.{name}") for v in value]
+            else:
+                value = choice.parse(value, f"{prefix}.{name}")
+        except ConfigError:
+            if strict:
+                raise
+            continue
+        object.__setattr__(obj, name, value)
+
+
+def plain(obj: Any) -> Any:
+    """A copy of a nested dict/list with every Enum member replaced by its value (records hold plain strings)."""
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v) for v in obj)
+    return obj
 
 
 def check_finite(obj: Any, prefix: str) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .. import accounting
-from ..config import ConfigError, ModelConfig
+from ..config import Attention, ConfigError, MlaDecode, ModelConfig
 from ..models.mla import MLA, MLACoupledRoPE
 from ..published_configs import load_all
 from ..results import atomic_write_json
@@ -143,9 +143,9 @@ def _sync(device: torch.device) -> None:
 
 
 def _decode_paths(cfg: ModelConfig) -> list[str]:
-    if cfg.attention == "mla":
-        return ["naive", "absorb"]
-    return ["naive"] if cfg.attention == "mla_coupled_rope" else ["cached"]
+    if cfg.attention == Attention.mla:
+        return list(MlaDecode.values())
+    return [MlaDecode.naive.value] if cfg.attention == Attention.mla_coupled_rope else ["cached"]
 
 
 def _set_path(core: torch.nn.Module, path: str) -> None:
@@ -182,7 +182,7 @@ def decode_costs(model: torch.nn.Module, cfg: ModelConfig, p: dict, device: torc
     """Prefill / per-step decode timings and decode FLOPs per path, context and batch size."""
     core = unwrap(model)
     paths = _decode_paths(cfg)
-    configured = cfg.mla_decode if cfg.attention == "mla" else paths[0]
+    configured = str(cfg.mla_decode) if cfg.attention == Attention.mla else paths[0]
     rows, first_logits = [], {}
     was_training = core.training
     core.eval()

@@ -91,7 +91,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, Ffn
 from ..models.attention import Attention
 from ..models.mla import MLA
 from ..models.moe import MoE, max_vio, routing_load
@@ -118,7 +118,7 @@ DEFAULTS: dict[str, Any] = {
 
 def check_model(cfg: Any) -> None:
     """ConfigError before training when the model has no DeepSeekMoE layer to probe."""
-    if cfg.ffn != "moe" or cfg.first_k_dense_replace >= cfg.n_layers:
+    if cfg.ffn != Ffn.moe or cfg.first_k_dense_replace >= cfg.n_layers:
         raise ConfigError(
             f"probe.experts: model.ffn={cfg.ffn} with first_k_dense_replace={cfg.first_k_dense_replace} of "
             f"{cfg.n_layers} layers has no MoE layers (allowed: model.ffn=moe)"
