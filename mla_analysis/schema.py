@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 
 from .config import (ClaimsConfig, ConfigError, ConvertConfig, LoggerConfig, ModelConfig, SearchConfig,  # noqa: F401
                      TrainConfig, check_finite, validate_model_config, validate_train)  # importable from here as before
-from .data import DataConfig, validate_data_config
+from .config.data import DataConfig
+from .data import validate_data_config
 
 
 @dataclass

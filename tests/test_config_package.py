@@ -60,11 +60,17 @@ def test_every_closed_string_field_of_the_model_is_a_choice():
     assert all(issubclass(c, Choice) and not many for _, (c, many) in MODEL_CHOICES)
 
 
-@pytest.mark.parametrize("key", [name for name, _ in MODEL_CHOICES])
-def test_a_bad_model_choice_is_rejected_when_the_config_composes(key):
-    choice = choice_fields(ModelConfig)[key][0]
-    assert precheck([f"model.{key}=bogus"]) == (
-        f"model.{key}='bogus' is invalid (allowed: {' | '.join(m.value for m in choice)})")
+def _choice_keys():
+    from mla_analysis.config.data import DataConfig, NIAHConfig, ShakespeareConfig
+
+    groups = [("model", ModelConfig), ("data", DataConfig), ("data.shakespeare", ShakespeareConfig),
+              ("data.niah", NIAHConfig)]
+    return [(f"{prefix}.{name}", choice) for prefix, cls in groups for name, (choice, _) in choice_fields(cls).items()]
+
+
+@pytest.mark.parametrize("key,choice", _choice_keys(), ids=[k for k, _ in _choice_keys()])
+def test_a_bad_choice_is_rejected_when_the_config_composes(key, choice):
+    assert precheck([f"{key}=bogus"]) == f"{key}='bogus' is invalid (allowed: {' | '.join(m.value for m in choice)})"
 
 
 def test_a_bad_choice_on_the_command_line_exits_2_with_one_line(run_module, tmp_path):
@@ -83,6 +89,7 @@ def test_model_choices_are_members_in_python_and_plain_strings_in_records():
     assert {type(d[k]) for k, _ in MODEL_CHOICES} == {str}
     assert (d["attention"], d["ffn"], d["score_func"]) == ("mla", "moe", "sigmoid")
     assert ModelConfig.from_dict(d) == cfg
+    assert ModelConfig(attention="mhla").attention == "mhla"  # building never raises: validation names the key
     with pytest.raises(ConfigError, match=r"^model\.attention='mhla' is invalid \(allowed: mha \| gqa"):
         ModelConfig.from_dict({**d, "attention": "mhla"})
 
@@ -108,3 +115,19 @@ def test_records_written_with_choices_group_with_old_records(tmp_path):
     assert '"attention": "mla"' in text and '"mlp": "swiglu"' in text
     keys, aggs = aggregate(load_rows([tmp_path]))
     assert len(aggs) == 1 and aggs[0]["n_ok"] == 2 and aggs[0]["metrics.val_loss"] == 1.5
+
+
+def test_data_config_lives_in_the_config_package_and_keeps_its_old_paths():
+    from mla_analysis import data
+    from mla_analysis.config import DataConfig, Source
+    from mla_analysis.data import mixture, shakespeare, tasks, text
+
+    assert data.DataConfig is mixture.DataConfig is DataConfig
+    assert (tasks.NIAHConfig, text.HFConfig, shakespeare.ShakespeareConfig) == (
+        DataConfig().niah.__class__, DataConfig().hf.__class__, DataConfig().shakespeare.__class__)
+    c = DataConfig(source="shakespeare")
+    assert c.source is Source.shakespeare and c.shakespeare.train_edition == "both"
+    assert shakespeare.EDITION_CHOICES == ("modern", "folio", "both") and mixture.SOURCES == (
+        "synthetic", "text", "hf", "shakespeare")
+    with pytest.raises(ConfigError, match=r"^data\.source='web' is invalid \(allowed: synthetic \| text"):
+        data.validate_data_config(DataConfig(source="web"))

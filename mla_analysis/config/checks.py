@@ -72,6 +72,8 @@ def coerce_choices(obj: Any, prefix: str, strict: bool = True) -> None:
     otherwise it is left as it is for them to report (``__post_init__``: building a config never raises,
     and a dataclass built in Python holds the same members as one OmegaConf composed).
     """
+    if not dataclasses.is_dataclass(obj):
+        return  # a DictConfig of the dataclass: OmegaConf already holds its choices as members
     for name, (choice, many) in choice_fields(type(obj)).items():
         value = getattr(obj, name)
         if value is None or (many and not isinstance(value, (list, tuple))):
