@@ -1,7 +1,8 @@
 """Hydra structured-config schemas, registered in the ConfigStore.
 
-``conf/config.yaml`` starts its defaults list with ``run_schema``, so every YAML file in ``conf/``
-is merged onto these dataclasses: unknown keys and wrong types fail at start-up. Semantic checks
+``conf/config.yaml`` starts its defaults list with ``run_schema``, and each ``conf/probe/<name>.yaml``
+with ``<name>_schema``, so every YAML file in ``conf/`` is merged onto the dataclasses of
+``mla_analysis.config``: unknown keys, wrong types and values outside a choice fail at start-up. Semantic checks
 (impossible combinations) live in ``config.validate_model_config`` and ``validate_run``.
 """
 
@@ -16,6 +17,7 @@ from omegaconf import OmegaConf
 from .config import (ClaimsConfig, ConfigError, ConvertConfig, LoggerConfig, ModelConfig, SearchConfig,  # noqa: F401
                      TrainConfig, check_finite, validate_model_config, validate_train)  # importable from here as before
 from .config.data import DataConfig
+from .config.probes import PROBE_CONFIGS
 from .data import validate_data_config
 
 
@@ -26,6 +28,8 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # probe name -> its options: conf/probe/<name>.yaml starts from <name>_schema ({name: its dataclass},
+    # registered below), so probe=... composes typed nodes and the record keeps only the probes selected
     probe: Dict[str, Any] = field(default_factory=dict)
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # experiment trackers (conf/logger/)
     experiment: str = "none"
@@ -85,7 +89,10 @@ def _idiv(a: Any, b: Any) -> int:
 
 def register() -> None:
     """Register the schemas and resolvers (idempotent)."""
-    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    for name, (cls, _) in PROBE_CONFIGS.items():  # conf/probe/<name>.yaml: defaults [<name>_schema, _self_]
+        cs.store(group="probe", name=f"{name}_schema", node={name: cls})
     if not OmegaConf.has_resolver("idiv"):
         OmegaConf.register_new_resolver("idiv", _idiv)
 

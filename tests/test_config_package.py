@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -131,3 +132,84 @@ def test_data_config_lives_in_the_config_package_and_keeps_its_old_paths():
         "synthetic", "text", "hf", "shakespeare")
     with pytest.raises(ConfigError, match=r"^data\.source='web' is invalid \(allowed: synthetic \| text"):
         data.validate_data_config(DataConfig(source="web"))
+
+
+# ---- probe options: one dataclass per probe ---------------------------------------------------------
+
+from mla_analysis.config.checks import plain  # noqa: E402
+from mla_analysis.config.probes import PROBE_CONFIGS, probe_config  # noqa: E402
+
+
+def _compose(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    from mla_analysis.run import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("name", sorted(PROBE_CONFIGS))
+def test_probe_yaml_equals_its_dataclass_defaults(name):
+    from mla_analysis.run import CONF_DIR
+
+    raw = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "probe" / f"{name}.yaml"))
+    assert raw.pop("defaults") == [f"{name}_schema", "_self_"]
+    cls = PROBE_CONFIGS[name][0]
+    assert raw == {name: plain(dataclasses.asdict(cls()))}
+    node = _compose(f"probe={name}").probe
+    assert OmegaConf.get_type(node[name]) is cls  # typed by the ConfigStore schema
+    composed = OmegaConf.to_container(node, resolve=True)
+    # the record holds what the YAML says, types included (6 stays 6, 1 stays 1: grouping compares repr)
+    assert repr(json.loads(json.dumps(composed))) == repr(raw)
+
+
+def test_several_probes_compose_and_an_unselected_probe_is_not_recorded():
+    probe = OmegaConf.to_container(_compose("probe=[spectra,cost]", "probe.cost.quick=true").probe)
+    assert sorted(probe) == ["cost", "spectra"] and probe["cost"]["quick"] is True
+    assert OmegaConf.to_container(_compose().probe) == {}  # probe=none: the record's probe is {} as before
+
+
+@pytest.mark.parametrize("override,line", [
+    ("probe.experts.dense_fraction=all", "probe.experts.dense_fraction='all' is invalid (allowed: active | routed)"),
+    ("probe.experts.energy_rank=abc", "probe.experts.energy_rank: Value 'abc' of type 'str' could not be converted"),
+    ("probe.experts.bogus=1", "probe.experts.bogus: unknown key (allowed: batch_size, compare_to,"),
+])
+def test_probe_overrides_are_type_checked_when_the_config_composes(override, line):
+    assert precheck(["probe=experts", override]).startswith(line)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("probe.cost.dtypes=[fp7]", "probe.cost.dtypes[0]"),
+    ("probe.retrieval.tasks=[mqar,needle]", "probe.retrieval.tasks[1]"),
+    ("probe.retrieval.detail_tasks=[sort]", "probe.retrieval.detail_tasks[0]"),
+])
+def test_a_bad_choice_in_a_probe_list_names_the_element(override, key):
+    msg = precheck([f"probe={override.split('.')[1]}", override])
+    assert msg.startswith(f"{key}: Invalid value") and "\n" not in msg
+
+
+@pytest.mark.parametrize("name,params,message", [
+    ("spectra", {"taus": [0.5, 1.5]}, r"^probe\.spectra\.taus=\[0\.5, 1\.5\] is invalid \(allowed: a list of numbers"),
+    ("retrieval", {"lengths": [63]}, r"^probe\.retrieval\.lengths=\[63\] is invalid \(allowed: even integers >= 8"),
+    ("retrieval", {"tasks": [], "detail_tasks": []}, r"^probe\.retrieval\.tasks=\[\] is invalid"),
+    ("lm_eval", {"num_fewshot": -1}, r"^probe\.lm_eval\.num_fewshot=-1 is invalid"),
+    ("experts", {"dense_fraction": "all"}, r"^probe\.experts\.dense_fraction='all' is invalid \(allowed: active \| routed\)"),
+    ("head_ablation", {"layers": []}, r"^probe\.head_ablation\.layers=\[\] is invalid"),
+    ("cost", {"claim_bits": 0}, r"^probe\.cost\.claim_bits=0 is invalid \(allowed: a number > 0\)"),
+    ("cost", {"dtype": ["fp32"]}, r"^probe\.cost\.dtype: unknown key \(allowed: batch_sizes, claim_bits,"),
+])
+def test_probe_options_are_checked_beside_their_dataclass(name, params, message):
+    with pytest.raises(ConfigError, match=message):
+        probe_config(name, params)
+
+
+def test_probe_options_are_normalised_and_their_choices_match_the_registries():
+    from mla_analysis.data.tasks import NIAH_PRESETS
+    from mla_analysis.probes import cost, retrieval
+
+    r = probe_config("retrieval", {"tasks": "passkey", "depths": [1, 0, 1], "lengths": [64, 32, 64]})
+    assert (r.tasks, r.depths, r.lengths) == (["passkey"], [0.0, 1.0], [32, 64])
+    assert retrieval.GRID_TASKS == ("mqar", "passkey", "niah", *NIAH_PRESETS)  # the data package's presets
+    assert set(cost.TORCH_DTYPES) == set(probe_config("cost", {"dtypes": ["fp32", "bf16", "fp16"]}).dtypes)
+    assert probe_config("cost", {"dtypes": "bf16"}).dtypes == ["bf16"]

@@ -115,3 +115,57 @@ def check_finite(obj: Any, prefix: str) -> None:
         return
     for name, value in items:
         check_finite(value, f"{prefix}.{name}" if prefix else str(name))
+
+
+# ---- value checks shared by the validators (each raises ConfigError naming the key) -----------------------
+
+
+def invalid(key: str, value: Any, allowed: str) -> ConfigError:
+    """The one-line error for ``key=value`` outside ``allowed``."""
+    return ConfigError(f"{key}={plain(value)!r} is invalid (allowed: {allowed})")
+
+
+def is_int(value: Any) -> bool:
+    """An int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def positive_int(key: str, value: Any) -> int:
+    """``value`` as an int > 0, else ConfigError naming the key."""
+    if not is_int(value) or value <= 0:
+        raise invalid(key, value, "an integer > 0")
+    return value
+
+
+def non_negative_int(key: str, value: Any) -> int:
+    """``value`` as an int >= 0, else ConfigError naming the key."""
+    if not is_int(value) or value < 0:
+        raise invalid(key, value, "an integer >= 0")
+    return value
+
+
+def check_bool(key: str, value: Any) -> bool:
+    """``value`` if it is a bool, else ConfigError naming the key."""
+    if not isinstance(value, bool):
+        raise invalid(key, value, "true | false")
+    return value
+
+
+def as_list(value: Any) -> Any:
+    """One value given where a list is expected becomes a list of it; anything else is returned as it is."""
+    if isinstance(value, (str, int, float, enum.Enum)) and not isinstance(value, bool):
+        return [value]
+    return list(value) if isinstance(value, tuple) else value
+
+
+def int_list(key: str, value: Any) -> list[int]:
+    """``value`` as a non-empty list of ints > 0 (one int: a list of it), else ConfigError naming the key."""
+    value = as_list(value)
+    if not isinstance(value, list) or not value or not all(is_int(v) and v > 0 for v in value):
+        raise invalid(key, value, "a non-empty list of integers > 0")
+    return value

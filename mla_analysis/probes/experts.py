@@ -97,23 +97,8 @@ from ..models.mla import MLA
 from ..models.moe import MoE, max_vio, routing_load
 from ..results import atomic_write_json
 from . import ProbeError, register
-from ._common import check_params, figure, int_list, model_config, positive_int, save_figure, unwrap
+from ._common import figure, model_config, options, save_figure, unwrap
 
-DEFAULTS: dict[str, Any] = {
-    "max_examples": 256,  # sequences of each eval set (domain) fed through the model
-    "batch_size": 32,
-    "compare_to": None,  # run directory of another checkpoint for router saturation; null = skip
-    "figures": True,
-    # DeepSeekMoE redundancy test: mask each token's r highest-affinity routed experts; [] / null = skip
-    "redundancy_r": [1, 2, 4],
-    "dense_baseline": None,  # run directory of a dense model with equal active parameters; null = skip
-    "dense_fraction": "active",  # neuron share zeroed in the dense model: active = r/(k+shared), routed = r/E
-    # low-rank K/V energy vs routing: rank of the truncation; null = skip
-    "energy_rank": 4,
-    "energy_quantile": 0.75,  # tokens with dropped energy >= this quantile form the "high" group
-    "permutation_resamples": 999,
-    "seed": 0,
-}
 
 
 def check_model(cfg: Any) -> None:
@@ -126,27 +111,7 @@ def check_model(cfg: Any) -> None:
 
 
 def _parse(params: dict) -> dict:
-    p = check_params("experts", params, DEFAULTS)
-    positive_int("experts", "max_examples", p["max_examples"])
-    positive_int("experts", "batch_size", p["batch_size"])
-    if p["compare_to"] is not None and not isinstance(p["compare_to"], (str, Path)):
-        raise ConfigError(f"probe.experts.compare_to={p['compare_to']!r} is invalid (allowed: a run directory | null)")
-    if not isinstance(p["figures"], bool):
-        raise ConfigError(f"probe.experts.figures={p['figures']!r} is invalid (allowed: true | false)")
-    p["redundancy_r"] = [] if p["redundancy_r"] in (None, []) else int_list("experts", "redundancy_r", p["redundancy_r"])
-    if p["dense_baseline"] is not None and not isinstance(p["dense_baseline"], (str, Path)):
-        raise ConfigError(f"probe.experts.dense_baseline={p['dense_baseline']!r} is invalid (allowed: a run directory | null)")
-    if p["dense_fraction"] not in ("active", "routed"):
-        raise ConfigError(f"probe.experts.dense_fraction={p['dense_fraction']!r} is invalid (allowed: active | routed)")
-    if p["energy_rank"] is not None:
-        positive_int("experts", "energy_rank", p["energy_rank"])
-    q = p["energy_quantile"]
-    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q < 1:
-        raise ConfigError(f"probe.experts.energy_quantile={q!r} is invalid (allowed: a number in (0, 1))")
-    positive_int("experts", "permutation_resamples", p["permutation_resamples"])
-    if isinstance(p["seed"], bool) or not isinstance(p["seed"], int) or p["seed"] < 0:
-        raise ConfigError(f"probe.experts.seed={p['seed']!r} is invalid (allowed: an integer >= 0)")
-    return p
+    return options("experts", params)  # checked in mla_analysis.config.probes
 
 
 # ---- pure statistics on index tensors ---------------------------------------------------------------
