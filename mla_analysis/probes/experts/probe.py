@@ -91,13 +91,13 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..config import ConfigError, Ffn
-from ..models.attention import Attention
-from ..models.mla import MLA
-from ..models.moe import MoE, max_vio, routing_load
-from ..results import atomic_write_json
-from . import ProbeError, register
-from ._common import figure, model_config, options, save_figure, unwrap
+from ...config import ConfigError, Ffn
+from ...models.attention import Attention
+from ...models.mla import MLA
+from ...models.moe import MoE, max_vio, routing_load
+from ...results import atomic_write_json
+from .. import ProbeError, register
+from .._common import figure, model_config, options, save_figure, unwrap
 
 
 
@@ -307,7 +307,7 @@ def masked_top_experts(model: torch.nn.Module, r: int):
 
 def eval_losses(model: torch.nn.Module, eval_sets: dict, batch_size: int, device: torch.device) -> dict[str, dict[str, float]]:
     """Per eval set: mean next-token cross-entropy over scored positions (and exact match for task sets)."""
-    from ..train import evaluate
+    from ...train import evaluate
 
     res = evaluate(model, eval_sets, device, batch_size)
     out: dict[str, dict[str, float]] = {}
@@ -493,7 +493,7 @@ def energy_routing_data(
     into a Gram to find the dominant rank-r right singular subspace (uncentred: the truncation of the
     cache as stored), the second measures each token's energy outside it and records the routing.
     """
-    from .spectra import GramAccumulator
+    from ..spectra import GramAccumulator
 
     core = unwrap(model)
     moe = _moe_blocks(core)
@@ -640,7 +640,7 @@ def _main_set(losses: dict) -> str:
 
 def _redundancy_section(model: torch.nn.Module, eval_xy: dict, p: dict, device: torch.device) -> tuple[dict, dict]:
     """Metrics ``redundancy.*`` and the experts.json record of the redundancy test (and its dense baseline)."""
-    from ..accounting import count_params
+    from ...accounting import count_params
 
     cfg = model_config(model)
     blocks = _moe_blocks(model)
@@ -671,7 +671,7 @@ def _redundancy_section(model: torch.nn.Module, eval_xy: dict, p: dict, device: 
     if p["dense_baseline"] is None:
         return metrics, record
 
-    from ..hf_io import load_model
+    from ...hf_io import load_model
 
     path = str(p["dense_baseline"])
     dense = load_model(path, device)
@@ -757,7 +757,7 @@ def _energy_section(model: torch.nn.Module, sets: dict, p: dict, device: torch.d
 @register("experts")
 def run(model: torch.nn.Module, params: dict, data_cfg: Any, run_dir: Path, device: torch.device) -> dict:
     """Load, balance, entropy, co-activation, domain/vocabulary specialisation and saturation per MoE layer."""
-    from ..data import build_eval_sets
+    from ...data import build_eval_sets
 
     p = _parse(params)
     blocks = _moe_blocks(model)
@@ -781,7 +781,7 @@ def run(model: torch.nn.Module, params: dict, data_cfg: Any, run_dir: Path, devi
     got = _collect(model, sets, p, device)
     other = None
     if p["compare_to"] is not None:
-        from ..hf_io import load_model
+        from ...hf_io import load_model
 
         cmp_model = load_model(p["compare_to"], device)
         cmp_blocks = _moe_blocks(cmp_model)

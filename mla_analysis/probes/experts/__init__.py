@@ -1,0 +1,3 @@
+"""``probe=experts``: routing statistics of every DeepSeekMoE layer (``probe.py``)."""
+
+from .probe import (check_model, load_fraction, load_cv, entropy, token_entropy_sum, membership, coactivation_counts, coactivation, mean_offdiag, domain_counts, domain_specialisation, top_domain_share, mutual_information, expert_label_mi, vocab_specialisation, rank_by_score, saturation, masked_top_experts, eval_losses, redundancy, dense_neuron_fraction, ffn_neuron_activity, zeroed_neurons, top_neurons, dense_redundancy, kv_content, kv_rank_bound, dropped_energy, energy_routing_data, group_expert_mi, energy_routing_stats, run)  # noqa: F401
