@@ -28,6 +28,14 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return inner if inner is not None else model
 
 
+def moe_blocks(model: torch.nn.Module) -> list[tuple[int, "MoE"]]:
+    """(block index, MoE) for every DeepSeekMoE layer of the model."""
+    from ..models.moe import MoE
+
+    core = unwrap(model)
+    return [(i, b.ffn) for i, b in enumerate(getattr(core, "layers", [])) if isinstance(b.ffn, MoE)]
+
+
 def model_config(model: torch.nn.Module) -> ModelConfig:
     """The model's ModelConfig (``Transformer.cfg``)."""
     cfg = getattr(unwrap(model), "cfg", None)

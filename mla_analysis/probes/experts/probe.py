@@ -83,22 +83,23 @@ per layer), ``experts_coact.png`` (co-activation heat maps), ``experts_redundanc
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 
 from ...config import ConfigError, Ffn
-from ...models.attention import Attention
-from ...models.mla import MLA
-from ...models.moe import MoE, max_vio, routing_load
+from ...models.moe import max_vio, routing_load
 from ...results import atomic_write_json
 from .. import ProbeError, register
-from .._common import figure, model_config, options, save_figure, unwrap
-
+from .._common import figure, moe_blocks, options, save_figure, unwrap
+from .coact import coactivation, coactivation_counts, mean_offdiag
+from .energy import energy_section
+from .masking import redundancy_section
+from .statistics import (domain_specialisation, entropy, expert_label_mi, load_cv, load_fraction, rank_by_score,
+                         saturation, token_entropy_sum, top_domain_share, vocab_specialisation)
 
 
 def check_model(cfg: Any) -> None:
@@ -114,154 +115,13 @@ def _parse(params: dict) -> dict:
     return options("experts", params)  # checked in mla_analysis.config.probes
 
 
-# ---- pure statistics on index tensors ---------------------------------------------------------------
-
-
-def _flat(indices: torch.Tensor) -> torch.Tensor:
-    """Indices [..., k] -> [N, k] (long, cpu)."""
-    return indices.reshape(-1, indices.shape[-1]).long().cpu()
-
-
-def load_fraction(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Fraction of all assignments per expert [E] (sums to 1) from indices [..., k]."""
-    load = routing_load(indices.long().cpu(), n_experts).double()
-    return load / load.sum()
-
-
-def load_cv(load: torch.Tensor) -> float:
-    """Coefficient of variation std/mean (population std) of a load vector [E]."""
-    load = load.double()
-    mean = load.mean()
-    return float(load.std(unbiased=False) / mean) if mean > 0 else 0.0
-
-
-def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Shannon entropy (nats) of the distributions along ``dim`` (normalised first); 0 log 0 = 0."""
-    p = p.double()
-    p = p / p.sum(dim=dim, keepdim=True)
-    return -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(dim=dim)
-
-
-def token_entropy_sum(scores: torch.Tensor) -> float:
-    """Sum over tokens of the entropy of the normalised affinities s_t / sum_j s_{j,t}; scores [..., E]."""
-    return float(entropy(scores.reshape(-1, scores.shape[-1])).sum())
-
-
-def membership(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """M [N, E] float64: M[t, i] = 1 iff expert i is in S_t (indices [..., k], no repeats per token)."""
-    idx = _flat(indices)
-    m = torch.zeros(idx.shape[0], n_experts, dtype=torch.float64)
-    m.scatter_(1, idx, 1.0)
-    return m
-
-
-def coactivation_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """N [E, E]: N[i, j] = #tokens with both i, j in S_t (all pairs, symmetric); N[i, i] = N(i)."""
-    m = membership(indices, n_experts)
-    return m.T @ m
-
-
-def coactivation(counts: torch.Tensor) -> torch.Tensor:
-    """CoAct [E, E]: CoAct[i, j] = N(i, j) / N(i) (row i = expert i; 0 where N(i) = 0). Diagonal is 1."""
-    n_i = counts.diagonal().clone()
-    safe = torch.where(n_i > 0, n_i, torch.ones_like(n_i))
-    return torch.where(n_i[:, None] > 0, counts / safe[:, None], torch.zeros_like(counts))
-
-
-def mean_offdiag(coact: torch.Tensor, counts: torch.Tensor) -> float:
-    """Mean of CoAct(i->j) over i != j, rows restricted to experts with N(i) > 0."""
-    e = coact.shape[0]
-    rows = counts.diagonal() > 0
-    off = ~torch.eye(e, dtype=torch.bool)
-    vals = coact[rows][off[rows]]
-    return float(vals.mean()) if vals.numel() else 0.0
-
-
-def domain_counts(indices: torch.Tensor, domain: torch.Tensor, n_domains: int, n_experts: int) -> torch.Tensor:
-    """C [E, D]: C[i, d] = #tokens of domain d whose S_t contains i; domain [...] matches indices[..., 0]."""
-    m = membership(indices, n_experts)  # [N, E]
-    onehot = torch.zeros(m.shape[0], n_domains, dtype=torch.float64)
-    onehot[torch.arange(m.shape[0]), domain.reshape(-1).long().cpu()] = 1.0
-    return m.T @ onehot
-
-
-def domain_specialisation(indices: torch.Tensor, domain: torch.Tensor, n_domains: int, n_experts: int) -> torch.Tensor:
-    """DomSpec [E, D] = N(i, D) / N_D (0 for an empty domain)."""
-    c = domain_counts(indices, domain, n_domains, n_experts)
-    n_d = torch.bincount(domain.reshape(-1).long().cpu(), minlength=n_domains).double()
-    return c / torch.where(n_d > 0, n_d, torch.ones_like(n_d))
-
-
-def top_domain_share(indices: torch.Tensor, domain: torch.Tensor, n_domains: int, n_experts: int) -> float:
-    """Mean over experts with assignments of (assignments from its top domain) / (its assignments)."""
-    c = domain_counts(indices, domain, n_domains, n_experts)
-    tot = c.sum(1)
-    used = tot > 0
-    return float((c.max(1).values[used] / tot[used]).mean()) if used.any() else 0.0
-
-
-def mutual_information(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Plug-in MI (nats) between paired discrete samples x, y (same numel) from their contingency table."""
-    x = x.reshape(-1).long().cpu().numpy()
-    y = y.reshape(-1).long().cpu().numpy()
-    if x.size != y.size:
-        raise ValueError(f"mutual_information: {x.size} vs {y.size} samples")
-    if x.size == 0:
-        return 0.0
-    _, xi = np.unique(x, return_inverse=True)
-    _, yi = np.unique(y, return_inverse=True)
-    table = np.zeros((xi.max() + 1, yi.max() + 1))
-    np.add.at(table, (xi, yi), 1.0)
-    p = table / table.sum()
-    px, py = p.sum(1, keepdims=True), p.sum(0, keepdims=True)
-    nz = p > 0
-    return float(max(0.0, (p[nz] * np.log(p[nz] / (px @ py)[nz])).sum()))
-
-
-def expert_label_mi(indices: torch.Tensor, labels: torch.Tensor) -> float:
-    """MI between the chosen expert and a per-token label; each of the k assignments is a sample."""
-    idx = _flat(indices)  # [N, k]
-    lab = labels.reshape(-1, 1).long().cpu().expand_as(idx)
-    return mutual_information(idx, lab)
-
-
-def vocab_specialisation(indices: torch.Tensor, tokens: torch.Tensor, n_experts: int) -> float:
-    """Mean over token ids x of max_i N(x, i) / N_x (OLMoE section 1.4, x = input token)."""
-    m = membership(indices, n_experts)  # [N, E]
-    ids, inv = torch.unique(tokens.reshape(-1).cpu(), return_inverse=True)
-    per_id = torch.zeros(len(ids), n_experts, dtype=torch.float64).index_add_(0, inv, m)  # N(x, i)
-    n_x = torch.bincount(inv, minlength=len(ids)).double()
-    return float((per_id.max(1).values / n_x).mean())
-
-
-def rank_by_score(indices: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """Selected experts [..., k] sorted by their affinity (descending), scores [..., E]."""
-    s = scores.gather(-1, indices.long())
-    order = s.argsort(dim=-1, descending=True, stable=True)
-    return indices.long().gather(-1, order)
-
-
-def saturation(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
-    """Sat^(k) = mean_t |S_t^(k)(a) ∩ S_t^(k)(b)| / k from ranked indices a, b [..., K >= k]."""
-    a, b = _flat(a)[:, :k], _flat(b)[:, :k]
-    if a.shape != b.shape:
-        raise ValueError(f"saturation: routings of different shape {tuple(a.shape)} vs {tuple(b.shape)}")
-    inter = (a[:, :, None] == b[:, None, :]).any(-1).sum(-1).double()  # [N]
-    return float((inter / k).mean())
-
-
 # ---- collection -------------------------------------------------------------------------------------
-
-
-def _moe_blocks(model: torch.nn.Module) -> list[tuple[int, MoE]]:
-    core = unwrap(model)
-    return [(i, b.ffn) for i, b in enumerate(getattr(core, "layers", [])) if isinstance(b.ffn, MoE)]
 
 
 def _collect(model: torch.nn.Module, sets: dict, p: dict, device: torch.device) -> dict[str, Any]:
     """Ranked routing indices [N, k] (one row per token) and the per-token entropy sum per MoE layer, for all domains."""
     core = unwrap(model)
-    blocks = _moe_blocks(core)
+    blocks = moe_blocks(core)
     was_training = core.training
     saved = [m.record_routing for _, m in blocks]
     idx: list[list[torch.Tensor]] = [[] for _ in blocks]
@@ -288,469 +148,6 @@ def _collect(model: torch.nn.Module, sets: dict, p: dict, device: torch.device) 
     return {"layers": [i for i, _ in blocks], "indices": [torch.cat(v) for v in idx], "entropy_sum": ent}
 
 
-# ---- expert redundancy (DeepSeekMoE section 4.5, Fig. 4) --------------------------------------------
-
-
-@contextlib.contextmanager
-def masked_top_experts(model: torch.nn.Module, r: int):
-    """Within the block every MoE layer skips each token's r highest-affinity routed experts (Gate.mask_top_r)."""
-    blocks = _moe_blocks(model)
-    saved = [m.gate.mask_top_r for _, m in blocks]
-    try:
-        for _, m in blocks:
-            m.gate.mask_top_r = r
-        yield
-    finally:
-        for (_, m), v in zip(blocks, saved):
-            m.gate.mask_top_r = v
-
-
-def eval_losses(model: torch.nn.Module, eval_sets: dict, batch_size: int, device: torch.device) -> dict[str, dict[str, float]]:
-    """Per eval set: mean next-token cross-entropy over scored positions (and exact match for task sets)."""
-    from ...train import evaluate
-
-    res = evaluate(model, eval_sets, device, batch_size)
-    out: dict[str, dict[str, float]] = {}
-    for name in eval_sets:
-        if name == "lm":
-            out[name] = {"loss": res["val_loss"]}
-        else:
-            out[name] = {"loss": res[f"{name}.loss"], "exact_match": res[f"{name}.exact_match"]}
-    return out
-
-
-@torch.no_grad()
-def _check_masked_routing(model: torch.nn.Module, x: torch.Tensor, r: int, device: torch.device) -> None:
-    """ProbeError if a masked expert was still selected (group-limited routing left fewer than k experts)."""
-    core = unwrap(model)
-    blocks = _moe_blocks(core)
-    saved = [m.record_routing for _, m in blocks]
-    was_training = core.training
-    core.eval()
-    try:
-        for _, m in blocks:
-            m.record_routing = True
-        core(x.to(device))
-        for li, m in blocks:
-            top_r = m.last_scores.topk(r, dim=-1)[1]  # (B, T, r)
-            hit = (m.last_indices[..., :, None] == top_r[..., None, :]).any()
-            if bool(hit):
-                raise ProbeError(
-                    f"experts: redundancy_r={r} leaves fewer than k={m.n_activated_experts} selectable experts in layer {li} "
-                    "(group-limited routing); use a smaller r"
-                )
-    finally:
-        for (_, m), v in zip(blocks, saved):
-            m.record_routing = v
-            m.last_indices = m.last_weights = m.last_scores = None
-        core.train(was_training)
-
-
-def redundancy(model: torch.nn.Module, eval_sets: dict, rs: list[int], batch_size: int, device: torch.device) -> dict:
-    """Eval losses unmasked ("base") and with each token's top-r routed experts masked in every MoE layer."""
-    out: dict[str, Any] = {"base": eval_losses(model, eval_sets, batch_size, device), "masked": {}}
-    first = next(iter(eval_sets.values()))[0][:batch_size]
-    for r in rs:
-        with masked_top_experts(model, r):
-            _check_masked_routing(model, first, r, device)
-            out["masked"][r] = eval_losses(model, eval_sets, batch_size, device)
-    return out
-
-
-def dense_neuron_fraction(r: int, n_experts: int, top_k: int, n_shared: int, mode: str) -> float:
-    """Share of a dense FFN's hidden units matched to masking r routed experts (module docstring, "redundancy")."""
-    if mode == "active":
-        return min(1.0, r / (top_k + n_shared))
-    if mode == "routed":
-        return min(1.0, r / n_experts)
-    raise ValueError(f"dense_neuron_fraction: mode={mode!r} (allowed: active | routed)")
-
-
-def _dense_ffns(model: torch.nn.Module, layers: list[int]) -> list[tuple[int, torch.nn.Module]]:
-    """The dense FFN of each listed block (anything with a ``w2`` down projection that is not a MoE)."""
-    core = unwrap(model)
-    out = []
-    for i in layers:
-        ffn = core.layers[i].ffn
-        if isinstance(ffn, MoE) or not isinstance(getattr(ffn, "w2", None), torch.nn.Linear):
-            raise ValueError(f"layer {i} has no dense FFN with a w2 down projection")
-        out.append((i, ffn))
-    return out
-
-
-@torch.no_grad()
-def ffn_neuron_activity(
-    model: torch.nn.Module, layers: list[int], eval_sets: dict, batch_size: int, device: torch.device
-) -> dict[int, torch.Tensor]:
-    """Mean |activation| [d_ff] (float64) of every hidden unit (the input of w2) per layer, over all eval tokens."""
-    core = unwrap(model)
-    sums: dict[int, torch.Tensor] = {}
-    count = [0]
-    handles = []
-    for li, ffn in _dense_ffns(core, layers):
-
-        def fn(module, args, li=li):
-            h = args[0].detach()
-            h = h.reshape(-1, h.shape[-1]).double().abs()  # (B*T, d_ff)
-            sums[li] = sums.get(li, 0) + h.sum(0).cpu()
-            if li == layers[0]:
-                count[0] += h.shape[0]
-
-        handles.append(ffn.w2.register_forward_pre_hook(fn))
-    was_training = core.training
-    core.eval()
-    try:
-        for x, _ in eval_sets.values():
-            for i in range(0, x.shape[0], batch_size):
-                core(x[i : i + batch_size].to(device))
-    finally:
-        for h in handles:
-            h.remove()
-        core.train(was_training)
-    return {li: s / count[0] for li, s in sums.items()}
-
-
-@contextlib.contextmanager
-def zeroed_neurons(model: torch.nn.Module, neurons: dict[int, torch.Tensor]):
-    """Within the block the listed hidden units (input columns of w2) of each layer's dense FFN output 0."""
-    handles = []
-    try:
-        for li, ffn in _dense_ffns(model, list(neurons)):
-            idx = neurons[li]
-
-            def fn(module, args, idx=idx):
-                return (args[0].index_fill(-1, idx.to(args[0].device), 0.0),)
-
-            handles.append(ffn.w2.register_forward_pre_hook(fn))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def top_neurons(activity: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Indices of the round(fraction * d_ff) units with the largest mean |activation| (ties: lower index first)."""
-    n = int(math.floor(fraction * activity.numel() + 0.5))
-    return torch.argsort(activity, descending=True, stable=True)[:n]
-
-
-def dense_redundancy(
-    dense_model: torch.nn.Module, layers: list[int], eval_sets: dict, fractions: dict[int, float],
-    batch_size: int, device: torch.device,
-) -> dict:
-    """Eval losses of the dense model unablated ("base") and with the top units of each layer zeroed per r."""
-    activity = ffn_neuron_activity(dense_model, layers, eval_sets, batch_size, device)
-    out: dict[str, Any] = {"base": eval_losses(dense_model, eval_sets, batch_size, device), "masked": {}, "n_zeroed": {}}
-    for r, f in fractions.items():
-        neurons = {li: top_neurons(a, f) for li, a in activity.items()}
-        out["n_zeroed"][r] = {li: int(n.numel()) for li, n in neurons.items()}
-        with zeroed_neurons(dense_model, neurons):
-            out["masked"][r] = eval_losses(dense_model, eval_sets, batch_size, device)
-    return out
-
-
-# ---- low-rank K/V energy vs routing -----------------------------------------------------------------
-
-
-def kv_content(attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Content keys and values [B, T, W] of one attention layer, all heads side by side, before RoPE.
-
-    MLA (and coupled RoPE): wkv_b(c_kv) = per head [W^UK_h c_kv; W^UV_h c_kv], the K/V the latent encodes
-    (the decoupled k_rope is cached beside the latent, uncompressed, and is left out). MHA family:
-    [W^K x; W^V x] of every K/V head.
-    """
-    if isinstance(attn, MLA):  # MLACoupledRoPE is a subclass: its wkv_a has no rope rows
-        c_kv = attn.kv_norm(attn.wkv_a(x)[..., : attn.kv_lora_rank])  # (B, T, d_c)
-        return attn.wkv_b(c_kv)  # (B, T, H*(d_k_up + d_v))
-    if isinstance(attn, Attention):
-        return torch.cat((attn.wk(x), attn.wv(x)), -1)  # (B, T, 2*H_kv*d_h)
-    raise ConfigError(f"probe.experts: attention module {type(attn).__name__} is not supported by energy_rank")
-
-
-def kv_rank_bound(attn: torch.nn.Module) -> int:
-    """Largest possible rank of the layer's kv_content rows (MLA: min(d_c, width))."""
-    if isinstance(attn, MLA):
-        return min(attn.kv_lora_rank, attn.wkv_b.out_features)
-    return attn.wk.out_features + attn.wv.out_features
-
-
-def dropped_energy(z: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """Per row of z [N, W]: ||z - U U^T z||^2 / ||z||^2 for the orthonormal basis U [W, r]; 0 for a zero row."""
-    z = z.double()
-    kept = (z @ basis.double()).pow(2).sum(-1)  # (N,)
-    total = z.pow(2).sum(-1)  # (N,)
-    frac = torch.where(total > 0, 1.0 - kept / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(total))
-    return frac.clamp(0.0, 1.0)
-
-
-@torch.no_grad()
-def energy_routing_data(
-    model: torch.nn.Module, inputs: list[torch.Tensor], rank: int, batch_size: int, device: torch.device
-) -> dict[str, Any]:
-    """Per-token dropped K/V energy at rank r per attention layer, and routing of every MoE layer.
-
-    Two passes over ``inputs`` (a list of [n, L] id tensors): the first streams each layer's kv_content
-    into a Gram to find the dominant rank-r right singular subspace (uncentred: the truncation of the
-    cache as stored), the second measures each token's energy outside it and records the routing.
-    """
-    from ..spectra import GramAccumulator
-
-    core = unwrap(model)
-    moe = _moe_blocks(core)
-    following = {l: next((i for i, _ in moe if i >= l), None) for l in range(len(core.layers))}
-    layers = [l for l, m in following.items() if m is not None]
-    for l in layers:
-        bound = kv_rank_bound(core.layers[l].attn)
-        if rank >= bound:
-            raise ConfigError(
-                f"probe.experts.energy_rank={rank} is invalid for layer {l} (allowed: 1..{bound - 1}, below the K/V rank bound {bound})"
-            )
-    grams: dict[int, GramAccumulator] = {}
-    bases: dict[int, torch.Tensor] = {}
-    energy: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
-
-    def hook(l: int):
-        def fn(module, args, kwargs, output):
-            x = args[0] if args else kwargs["x"]
-            z = kv_content(module, x)
-            z = z.reshape(-1, z.shape[-1])  # (B*T, W)
-            if not torch.isfinite(z).all():
-                raise ProbeError(f"experts: layer {l} keys/values have non-finite values (NaN/inf)")
-            if l in bases:
-                energy[l].append(dropped_energy(z, bases[l]).cpu())
-            else:
-                grams.setdefault(l, GramAccumulator(z.shape[-1], z.device)).update(z)
-
-        return fn
-
-    handles = [core.layers[l].attn.register_forward_hook(hook(l), with_kwargs=True) for l in layers]
-    saved = [m.record_routing for _, m in moe]
-    was_training = core.training
-    core.eval()
-    idx: dict[int, list[torch.Tensor]] = {i: [] for i, _ in moe}
-    ent: dict[int, list[torch.Tensor]] = {i: [] for i, _ in moe}
-    try:
-        for x in inputs:  # pass 1: subspaces
-            for s in range(0, x.shape[0], batch_size):
-                core(x[s : s + batch_size].to(device))
-        for l in layers:
-            bases[l] = torch.from_numpy(np.ascontiguousarray(grams[l].subspace(rank))).to(grams[l].gram.device)
-        for _, m in moe:
-            m.record_routing = True
-        for x in inputs:  # pass 2: per-token energy and routing
-            for s in range(0, x.shape[0], batch_size):
-                core(x[s : s + batch_size].to(device))
-                for i, m in moe:
-                    k = m.n_activated_experts
-                    idx[i].append(m.last_indices.reshape(-1, k).cpu())
-                    ent[i].append(entropy(m.last_scores.reshape(-1, m.n_routed_experts).cpu()))
-    finally:
-        for h in handles:
-            h.remove()
-        for (_, m), v in zip(moe, saved):
-            m.record_routing = v
-            m.last_indices = m.last_weights = m.last_scores = None
-        core.train(was_training)
-    return {
-        "layers": layers,
-        "following": {l: following[l] for l in layers},
-        "energy": {l: torch.cat(energy[l]).numpy() for l in layers},
-        "indices": {i: torch.cat(v) for i, v in idx.items()},
-        "entropy": {i: torch.cat(v).numpy() for i, v in ent.items()},
-    }
-
-
-def group_expert_mi(labels: np.ndarray, member: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Plug-in MI (nats) between a 0/1 token label and the chosen expert (one sample per token and chosen
-    expert, as ``expert_label_mi``); vectorised over the other axes of ``labels``; member [N, E] counts."""
-    lab = np.moveaxis(np.asarray(labels, dtype=np.float64), axis, -1)  # (..., N)
-    high = lab @ member  # (..., E): choices made by label-1 tokens
-    total = member.sum(0)  # (E,)
-    table = np.stack(np.broadcast_arrays(high, total - high), axis=-2) / total.sum()  # (..., 2, E)
-    px = table.sum(-1, keepdims=True)
-    py = table.sum(-2, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(table > 0, table * np.log(table / (px * py)), 0.0)
-    return np.maximum(terms.sum(axis=(-2, -1)), 0.0)
-
-
-def _batch_for(n: int, n_resamples: int) -> int:
-    return max(1, min(n_resamples, 2_000_000 // max(1, n)))  # ~16 MB of float64 resamples at a time
-
-
-def energy_routing_stats(
-    energy: np.ndarray, indices: torch.Tensor, token_entropy: np.ndarray, n_experts: int,
-    quantile: float = 0.75, n_resamples: int = 999, seed: int = 0,
-) -> dict[str, float]:
-    """MI between "high dropped energy" (>= the quantile) and expert choice, entropy difference, p-values.
-
-    ``mi``/``p_value``: plug-in MI and a one-sided permutation test (scipy.stats.permutation_test,
-    pairings: token labels shuffled against the routing). ``entropy_diff`` = mean routing entropy of the
-    high group minus the rest, with a two-sided permutation p-value. ``spearman_entropy``: Spearman
-    correlation of dropped energy and routing entropy over tokens (omitted when either is constant).
-    ValueError when every token falls in one group (e.g. constant energy).
-    """
-    from scipy.stats import permutation_test, spearmanr
-
-    energy = np.asarray(energy, dtype=np.float64)
-    token_entropy = np.asarray(token_entropy, dtype=np.float64)
-    threshold = float(np.quantile(energy, quantile))
-    high = energy >= threshold
-    if high.all() or not high.any():
-        raise ValueError(f"energy_routing_stats: all {energy.size} tokens fall in one group (threshold {threshold:g})")
-    member = membership(indices, n_experts).numpy()  # (N, E)
-    labels = high.astype(np.float64)
-    mi = float(group_expert_mi(labels, member))
-    n = energy.size
-    perm = permutation_test(
-        (labels,), lambda lab, axis: group_expert_mi(lab, member, axis), permutation_type="pairings",
-        vectorized=True, n_resamples=n_resamples, alternative="greater", batch=_batch_for(n, n_resamples),
-        rng=np.random.default_rng(seed),
-    )
-    e_hi, e_lo = token_entropy[high], token_entropy[~high]
-    ent_test = permutation_test(
-        (e_hi, e_lo), lambda a, b, axis: a.mean(axis) - b.mean(axis), permutation_type="independent",
-        vectorized=True, n_resamples=n_resamples, alternative="two-sided", batch=_batch_for(n, n_resamples),
-        rng=np.random.default_rng(seed + 1),
-    )
-    p_high = float(labels.mean())
-    out = {
-        "mi": mi,
-        "mi_max": float(-(p_high * math.log(p_high) + (1 - p_high) * math.log(1 - p_high))),
-        "p_value": float(perm.pvalue),
-        "entropy_high": float(e_hi.mean()),
-        "entropy_low": float(e_lo.mean()),
-        "entropy_diff": float(e_hi.mean() - e_lo.mean()),
-        "entropy_p_value": float(ent_test.pvalue),
-        "energy_mean": float(energy.mean()),
-        "energy_threshold": threshold,
-        "high_fraction": p_high,
-    }
-    if np.ptp(energy) > 0 and np.ptp(token_entropy) > 0:
-        out["spearman_entropy"] = float(spearmanr(energy, token_entropy).statistic)
-    return out
-
-
-# ---- probe sections ---------------------------------------------------------------------------------
-
-
-def _main_set(losses: dict) -> str:
-    return "lm" if "lm" in losses else next(iter(losses))
-
-
-def _redundancy_section(model: torch.nn.Module, eval_xy: dict, p: dict, device: torch.device) -> tuple[dict, dict]:
-    """Metrics ``redundancy.*`` and the experts.json record of the redundancy test (and its dense baseline)."""
-    from ...accounting import count_params
-
-    cfg = model_config(model)
-    blocks = _moe_blocks(model)
-    n_experts, top_k = blocks[0][1].n_routed_experts, blocks[0][1].n_activated_experts
-    rs = p["redundancy_r"]
-    res = redundancy(model, eval_xy, rs, p["batch_size"], device)
-    main = _main_set(res["base"])
-    metrics: dict[str, Any] = {"redundancy.base.loss": res["base"][main]["loss"], "redundancy.active_params": count_params(cfg, active=True)}
-    for name, v in res["base"].items():
-        metrics[f"redundancy.base.{name}.loss"] = v["loss"]
-    for r in rs:
-        m = res["masked"][r]
-        metrics[f"redundancy.r{r}.fraction"] = r / n_experts
-        metrics[f"redundancy.r{r}.loss_delta"] = m[main]["loss"] - res["base"][main]["loss"]
-        for name, v in m.items():
-            metrics[f"redundancy.r{r}.{name}.loss_delta"] = v["loss"] - res["base"][name]["loss"]
-            if "exact_match" in v:
-                metrics[f"redundancy.r{r}.{name}.exact_match_delta"] = v["exact_match"] - res["base"][name]["exact_match"]
-    record: dict[str, Any] = {
-        "r": rs,
-        "main_set": main,
-        "definition": "each token's r highest-affinity routed experts masked in every MoE layer at once, top-k "
-        "chosen among the rest (Gate.mask_top_r); gate weights keep the unmasked affinities (renormalised only "
-        "when norm_topk_prob); fraction = r / E (paper's x-axis)",
-        "moe": {"base": res["base"], "masked": {str(r): v for r, v in res["masked"].items()}},
-        "dense": None,
-    }
-    if p["dense_baseline"] is None:
-        return metrics, record
-
-    from ...hf_io import load_model
-
-    path = str(p["dense_baseline"])
-    dense = load_model(path, device)
-    dcfg = model_config(dense)
-    key = f"probe.experts.dense_baseline={path!r}"
-    if _moe_blocks(dense):
-        raise ConfigError(f"{key}: the model has MoE layers (allowed: a run with a dense FFN)")
-    if dcfg.n_layers != cfg.n_layers or dcfg.vocab_size != cfg.vocab_size:
-        raise ConfigError(
-            f"{key}: n_layers/vocab_size {dcfg.n_layers}/{dcfg.vocab_size} differ from the MoE model's {cfg.n_layers}/{cfg.vocab_size}"
-        )
-    layers = [i for i, _ in blocks]
-    try:
-        _dense_ffns(dense, layers)
-    except ValueError as e:
-        raise ConfigError(f"{key}: {e}") from None
-    fractions = {r: dense_neuron_fraction(r, n_experts, top_k, cfg.n_shared_experts, p["dense_fraction"]) for r in rs}
-    dres = dense_redundancy(dense, layers, eval_xy, fractions, p["batch_size"], device)
-    metrics["redundancy.dense.base.loss"] = dres["base"][main]["loss"]
-    metrics["redundancy.dense.active_params"] = count_params(dcfg, active=True)
-    for name, v in dres["base"].items():
-        metrics[f"redundancy.dense.base.{name}.loss"] = v["loss"]
-    for r in rs:
-        m = dres["masked"][r]
-        metrics[f"redundancy.dense.r{r}.neuron_fraction"] = fractions[r]
-        metrics[f"redundancy.dense.r{r}.loss_delta"] = m[main]["loss"] - dres["base"][main]["loss"]
-        for name, v in m.items():
-            metrics[f"redundancy.dense.r{r}.{name}.loss_delta"] = v["loss"] - dres["base"][name]["loss"]
-            if "exact_match" in v:
-                metrics[f"redundancy.dense.r{r}.{name}.exact_match_delta"] = v["exact_match"] - dres["base"][name]["exact_match"]
-    record["dense"] = {
-        "run_dir": path,
-        "layers": layers,
-        "fraction_mode": p["dense_fraction"],
-        "definition": "in the dense model's FFN of every layer that is MoE in the probed model, the "
-        "round(f * d_ff) hidden units with the largest mean |activation| over the eval tokens are zeroed for "
-        "every token; f = min(1, r/(k + n_shared)) (active) or min(1, r/E) (routed)",
-        "fractions": {str(r): f for r, f in fractions.items()},
-        "n_zeroed": {str(r): v for r, v in dres["n_zeroed"].items()},
-        "active_params": {"moe": metrics["redundancy.active_params"], "dense": metrics["redundancy.dense.active_params"]},
-        "base": dres["base"],
-        "masked": {str(r): v for r, v in dres["masked"].items()},
-    }
-    return metrics, record
-
-
-def _energy_section(model: torch.nn.Module, sets: dict, p: dict, device: torch.device) -> tuple[dict, dict]:
-    """Metrics ``energy_routing.layer<l>.*`` and their experts.json record."""
-    n_experts = _moe_blocks(model)[0][1].n_routed_experts
-    data = energy_routing_data(model, list(sets.values()), p["energy_rank"], p["batch_size"], device)
-    metrics: dict[str, Any] = {}
-    layers: dict[str, Any] = {}
-    skipped: dict[str, str] = {}
-    for l in data["layers"]:
-        moe_l = data["following"][l]
-        try:
-            st = energy_routing_stats(
-                data["energy"][l], data["indices"][moe_l], data["entropy"][moe_l], n_experts,
-                p["energy_quantile"], p["permutation_resamples"], p["seed"],
-            )
-        except ValueError as e:
-            skipped[str(l)] = str(e)
-            continue
-        st["moe_layer"] = moe_l
-        layers[str(l)] = st
-        metrics.update({f"energy_routing.layer{l}.{k}": v for k, v in st.items()})
-    record = {
-        "rank": p["energy_rank"],
-        "quantile": p["energy_quantile"],
-        "n_resamples": p["permutation_resamples"],
-        "definition": "per token: fraction of the squared norm of its content K/V (kv_content) outside the "
-        "dominant rank-r right singular subspace of all eval tokens' K/V of that layer (uncentred); high group = "
-        "tokens at or above the quantile; routing = the first MoE layer at or after the attention layer",
-        "layers": layers,
-        "skipped": skipped,
-    }
-    return metrics, record
-
-
 # ---- probe ------------------------------------------------------------------------------------------
 
 
@@ -760,7 +157,7 @@ def run(model: torch.nn.Module, params: dict, data_cfg: Any, run_dir: Path, devi
     from ...data import build_eval_sets
 
     p = _parse(params)
-    blocks = _moe_blocks(model)
+    blocks = moe_blocks(model)
     if not blocks:
         raise ConfigError("probe.experts: model has no MoE layers")
     n_experts = blocks[0][1].n_routed_experts
@@ -784,7 +181,7 @@ def run(model: torch.nn.Module, params: dict, data_cfg: Any, run_dir: Path, devi
         from ...hf_io import load_model
 
         cmp_model = load_model(p["compare_to"], device)
-        cmp_blocks = _moe_blocks(cmp_model)
+        cmp_blocks = moe_blocks(cmp_model)
         if [i for i, _ in cmp_blocks] != got["layers"] or any(m.n_routed_experts != n_experts for _, m in cmp_blocks):
             raise ConfigError(
                 f"probe.experts.compare_to={str(p['compare_to'])!r}: its MoE layers / expert counts differ from the model's"
@@ -840,11 +237,11 @@ def run(model: torch.nn.Module, params: dict, data_cfg: Any, run_dir: Path, devi
     metrics["max_vio_mean"] = float(np.mean([metrics[f"L{li}.max_vio"] for li in got["layers"]]))
     red_json = None
     if p["redundancy_r"]:
-        red_metrics, red_json = _redundancy_section(model, eval_xy, p, device)
+        red_metrics, red_json = redundancy_section(model, eval_xy, p, device)
         metrics.update(red_metrics)
     energy_json = None
     if p["energy_rank"] is not None:
-        e_metrics, energy_json = _energy_section(model, sets, p, device)
+        e_metrics, energy_json = energy_section(model, sets, p, device)
         metrics.update(e_metrics)
     for key, v in metrics.items():
         if isinstance(v, float) and not math.isfinite(v):
