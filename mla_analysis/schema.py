@@ -2,8 +2,10 @@
 
 ``conf/config.yaml`` starts its defaults list with ``run_schema``, and each ``conf/probe/<name>.yaml``
 with ``<name>_schema``, so every YAML file in ``conf/`` is merged onto the dataclasses of
-``mla_analysis.config``: unknown keys, wrong types and values outside a choice fail at start-up. Semantic checks
-(impossible combinations) live in ``config.validate_model_config`` and ``validate_run``.
+``mla_analysis.config``: unknown keys, wrong types and values outside a choice fail at start-up.
+Semantic checks (ranges, impossible combinations) live beside the dataclasses
+(``config.validate_model_config``, ``config.run.check_run``, ...); ``validate_run`` adds those that
+need the data package's registries (task names, tokenizers).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .config import (ClaimsConfig, ConfigError, ConvertConfig, LoggerConfig, Mod
                      TrainConfig, check_finite, validate_model_config, validate_train)  # importable from here as before
 from .config.data import DataConfig
 from .config.probes import PROBE_CONFIGS
+from .config.run import check_run
 from .data import validate_data_config
 
 
@@ -61,22 +64,10 @@ def validate_run(model: ModelConfig, data: DataConfig, train: TrainConfig, devic
     check_finite(model, "model")
     check_finite(data, "data")
     try:
-        validate_data_config(data)
+        validate_data_config(data)  # the data package's registries (task names, tokenizers) and check_data
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    validate_model_config(model, context_len=data.seq_len)
-    if model.vocab_size < data.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size={model.vocab_size} is smaller than data.vocab_size={data.vocab_size} "
-            f"(allowed: >= {data.vocab_size})"
-        )
-    if device not in ("auto", "cpu") and not device.startswith("cuda"):
-        raise ConfigError(f"device={device!r} is invalid (allowed: auto, cpu, cuda, cuda:N)")
-    validate_train(train)
-    if train.tokens is not None and train.tokens < train.batch_size * data.seq_len:
-        raise ConfigError(
-            f"train.tokens={train.tokens} is invalid (allowed: >= one batch = {train.batch_size * data.seq_len})"
-        )
+    check_run(model, data, train, device)
 
 
 def _idiv(a: Any, b: Any) -> int:

@@ -19,6 +19,7 @@ from .model import (ATTENTION_VARIANTS, FFN_KINDS, MLA_DECODE_PATHS, MLA_VARIANT
                     RopeType, ScoreFunc, tiny, validate_model_config)
 from .probes import (PROBE_CONFIGS, CostConfig, ExpertsConfig, HeadAblationConfig, LmEvalConfig, RetrievalConfig,
                      SpectraConfig, probe_config)
+from .run import check_run
 from .search import SearchConfig
 from .train import TrainConfig, validate_train
 
@@ -27,5 +28,6 @@ __all__ = [
     "SCORE_FUNCS", "Attention", "ClaimsConfig", "ConfigError", "ConvertConfig", "CostConfig", "DataConfig", "Edition", "ExpertsConfig", "Ffn", "HeadAblationConfig", "LmEvalConfig",
     "LoggerConfig", "MLflowConfig",
     "MlaDecode", "Mlp", "ModelConfig", "NiahHaystack", "NiahType", "Norm", "PosEmb", "PROBE_CONFIGS", "RetrievalConfig", "RopeScaling", "RopeType", "ScoreFunc", "SearchConfig",
-    "Source", "SpectraConfig", "TensorBoardConfig", "TrainConfig", "check_data", "check_finite", "probe_config", "tiny", "validate_model_config", "validate_train",
+    "Source", "SpectraConfig", "TensorBoardConfig", "TrainConfig", "check_data", "check_finite", "check_run",
+    "probe_config", "tiny", "validate_model_config", "validate_train",
 ]
