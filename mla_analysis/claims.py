@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 
 from . import accounting
-from .config import ClaimsConfig, ConfigError  # ClaimsConfig: importable from here as before
+from .config import MLA_VARIANTS, ClaimsConfig, ConfigError  # ClaimsConfig: importable from here as before
 
 VERDICTS = ("holds", "holds only under stated conditions", "does not hold", "not testable at this scale", "not measured")
 
@@ -56,7 +56,7 @@ def load_study(path: Optional[str]) -> Optional[list[dict[str, Any]]]:
         return None
     by_variant: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:  # one group per variant even when a study has a single one (aggregate drops constant keys)
-        rank = r.get("model.kv_lora_rank") if r.get("model.attention") in ("mla", "mla_coupled_rope") else None
+        rank = r.get("model.kv_lora_rank") if r.get("model.attention") in MLA_VARIANTS else None
         by_variant.setdefault((r.get("model.name"), rank), []).append(r)
     out = []
     for (name, rank), members in by_variant.items():

@@ -87,13 +87,12 @@ from typing import Optional
 import torch
 
 from .config import ModelConfig
+from .config.convert import FACTORIZATIONS, STRATEGIES, TARGETS
 from .hooks import run_hooked
 from .models.rope import RotaryEmbedding, softmax_scale
 from .models.transformer import Transformer
 
-ROPE_STRATEGIES = ("high", "low", "uniform", "norm")
-FACTORIZATIONS = ("joint", "split")
-TARGETS = ("auto", "mla", "mla_coupled_rope")
+ROPE_STRATEGIES = STRATEGIES  # the convert.strategy choices (mla_analysis.config.convert.Strategy)
 ROPE_KEYS = ("lstsq", "mean")
 
 

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from .config import MLA_VARIANTS
 from .results import atomic_write_bytes, read_json
 
 FORMATS = ("png", "pdf")
@@ -248,7 +249,7 @@ def plot_spectra(members: dict[str, list[dict[str, Any]]], out_dir: Path) -> lis
     for label, runs in members.items():
         rec = _first_record(runs, "spectra.json")  # the first seed's spectra represent the configuration
         if rec is not None:
-            tensor = "c_kv" if rec["attention"] in ("mla", "mla_coupled_rope") else "k"
+            tensor = "c_kv" if rec["attention"] in MLA_VARIANTS else "k"
             spec = _spectrum(rec, tensor)
             if spec:
                 panels.append((label, tensor, spec))

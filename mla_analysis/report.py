@@ -22,7 +22,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from .config import ModelConfig
+from .config import MLA_VARIANTS, ModelConfig
 from .results import ResultsError, atomic_write_text, find_run_dirs, flatten, load_record
 
 IGNORED_KEYS = ("seed", "device", "skip_finished", "train.progress", "train.resume", "train.threads",
@@ -49,7 +49,7 @@ TAIL = [
 def _mha_kv_bytes(flat: dict[str, Any]) -> Optional[float]:
     """KV bytes/token (bf16) of MHA with the run's width, heads and depth, from the accounting closed form."""
     from .accounting import kv_bytes_per_token
-    from .config import ModelConfig
+    from .config import MLA_VARIANTS, ModelConfig
 
     try:
         mha = ModelConfig(attention="mha", d_model=flat["model.d_model"], n_heads=flat["model.n_heads"],
@@ -145,7 +145,7 @@ def aggregate(rows: list[dict[str, Any]], ignore: Sequence[str] = ()) -> tuple[l
     for members in groups.values():
         ok = [m for m in members if m.get("status") == "ok"]
         agg: dict[str, Any] = {k: members[0].get(k) for k in keys}
-        if "model.kv_lora_rank" in agg and members[0].get("model.attention") not in ("mla", "mla_coupled_rope"):
+        if "model.kv_lora_rank" in agg and members[0].get("model.attention") not in MLA_VARIANTS:
             agg["model.kv_lora_rank"] = None  # not an MLA run: rank does not apply
         agg["n_ok"] = len(ok)
         agg["n_runs"] = len(members)

@@ -1,8 +1,11 @@
 """Hydra structured-config schemas, registered in the ConfigStore.
 
-``conf/config.yaml`` starts its defaults list with ``run_schema``, so every YAML file in ``conf/``
-is merged onto these dataclasses: unknown keys and wrong types fail at start-up. Semantic checks
-(impossible combinations) live in ``config.validate_model_config`` and ``validate_run``.
+``conf/config.yaml`` starts its defaults list with ``run_schema``, and each ``conf/probe/<name>.yaml``
+with ``<name>_schema``, so every YAML file in ``conf/`` is merged onto the dataclasses of
+``mla_analysis.config``: unknown keys, wrong types and values outside a choice fail at start-up.
+Semantic checks (ranges, impossible combinations) live beside the dataclasses
+(``config.validate_model_config``, ``config.run.check_run``, ...); ``validate_run`` adds those that
+need the data package's registries (task names, tokenizers).
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ from omegaconf import OmegaConf
 
 from .config import (ClaimsConfig, ConfigError, ConvertConfig, LoggerConfig, ModelConfig, SearchConfig,  # noqa: F401
                      TrainConfig, check_finite, validate_model_config, validate_train)  # importable from here as before
-from .data import DataConfig, validate_data_config
+from .config.data import DataConfig
+from .config.probes import PROBE_CONFIGS
+from .config.run import check_run
+from .data import validate_data_config
 
 
 @dataclass
@@ -25,6 +31,8 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # probe name -> its options: conf/probe/<name>.yaml starts from <name>_schema ({name: its dataclass},
+    # registered below), so probe=... composes typed nodes and the record keeps only the probes selected
     probe: Dict[str, Any] = field(default_factory=dict)
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # experiment trackers (conf/logger/)
     experiment: str = "none"
@@ -56,22 +64,10 @@ def validate_run(model: ModelConfig, data: DataConfig, train: TrainConfig, devic
     check_finite(model, "model")
     check_finite(data, "data")
     try:
-        validate_data_config(data)
+        validate_data_config(data)  # the data package's registries (task names, tokenizers) and check_data
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    validate_model_config(model, context_len=data.seq_len)
-    if model.vocab_size < data.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size={model.vocab_size} is smaller than data.vocab_size={data.vocab_size} "
-            f"(allowed: >= {data.vocab_size})"
-        )
-    if device not in ("auto", "cpu") and not device.startswith("cuda"):
-        raise ConfigError(f"device={device!r} is invalid (allowed: auto, cpu, cuda, cuda:N)")
-    validate_train(train)
-    if train.tokens is not None and train.tokens < train.batch_size * data.seq_len:
-        raise ConfigError(
-            f"train.tokens={train.tokens} is invalid (allowed: >= one batch = {train.batch_size * data.seq_len})"
-        )
+    check_run(model, data, train, device)
 
 
 def _idiv(a: Any, b: Any) -> int:
@@ -84,7 +80,10 @@ def _idiv(a: Any, b: Any) -> int:
 
 def register() -> None:
     """Register the schemas and resolvers (idempotent)."""
-    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    for name, (cls, _) in PROBE_CONFIGS.items():  # conf/probe/<name>.yaml: defaults [<name>_schema, _self_]
+        cs.store(group="probe", name=f"{name}_schema", node={name: cls})
     if not OmegaConf.has_resolver("idiv"):
         OmegaConf.register_new_resolver("idiv", _idiv)
 

@@ -491,3 +491,20 @@ def test_energy_routing_independent_router_gives_large_p():
         assert st["mi"] < 0.01
         ps.append(st["p_value"])
     assert min(ps) > 0.01 and np.mean(ps) > 0.15, ps  # p ~ Uniform(0, 1) under independence
+
+
+def test_the_experts_package_keeps_the_public_names_of_the_old_module():
+    import mla_analysis.probes.experts as experts
+    from mla_analysis.probes import PROBES, check_probes
+
+    old = ["check_model", "load_fraction", "load_cv", "entropy", "token_entropy_sum", "membership",
+           "coactivation_counts", "coactivation", "mean_offdiag", "domain_counts", "domain_specialisation",
+           "top_domain_share", "mutual_information", "expert_label_mi", "vocab_specialisation", "rank_by_score",
+           "saturation", "masked_top_experts", "eval_losses", "redundancy", "dense_neuron_fraction",
+           "ffn_neuron_activity", "zeroed_neurons", "top_neurons", "dense_redundancy", "kv_content", "kv_rank_bound",
+           "dropped_energy", "energy_routing_data", "group_expert_mi", "energy_routing_stats", "run"]
+    assert all(callable(getattr(experts, n)) for n in old) and set(old) <= set(experts.__all__)
+    check_probes({"experts": {}}, tiny(ffn="moe"))  # registers the built-in probes
+    assert PROBES["experts"] is experts.run
+    with pytest.raises(ConfigError, match="probe.experts: model.ffn=dense"):  # its check_model is found
+        check_probes({"experts": {}}, tiny())

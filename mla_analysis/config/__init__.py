@@ -1,24 +1,34 @@
 """Configuration: one dataclass per config group, with its validation, at the bottom of the import graph.
 
-``model`` (``ModelConfig``, every attention/FFN variant), ``train`` (``TrainConfig``), ``convert``,
-``claims``, ``search`` and ``logger`` each have a module here; nothing in this package imports the rest
-of ``mla_analysis`` (``tests/test_architecture.py`` checks it). The ``data`` group's dataclasses live
-with the data generators (``mla_analysis.data``), and ``mla_analysis.schema`` assembles the groups into
-the run schema Hydra checks every YAML file of ``conf/`` against.
+``model`` (``ModelConfig``, every attention/FFN variant), ``data`` (``DataConfig`` and its task knobs),
+``probe`` (one dataclass per probe, module ``probes``), ``train`` (``TrainConfig``), ``convert``, ``claims``,
+``search`` and ``logger`` each have a module here; nothing in this package imports the rest of
+``mla_analysis`` (``tests/test_architecture.py`` checks it).
+Closed choices are ``Choice`` Enums (``checks``), which OmegaConf checks when a config composes; what
+needs a registry of another package (task names, tokenizers) is checked there. ``mla_analysis.schema``
+assembles the groups into the run schema Hydra checks every YAML file of ``conf/`` against.
 """
 
 from .checks import check_finite
 from .claims import ClaimsConfig
 from .convert import ConvertConfig
+from .data import DataConfig, Edition, NiahHaystack, NiahType, Source, check_data
 from .logger import LoggerConfig, MLflowConfig, TensorBoardConfig
 from .model import (ATTENTION_VARIANTS, FFN_KINDS, MLA_DECODE_PATHS, MLA_VARIANTS, MLP_KINDS, NORMS, POS_EMBS,
-                    SCORE_FUNCS, ConfigError, ModelConfig, RopeScaling, tiny, validate_model_config)
+                    SCORE_FUNCS, Attention, ConfigError, Ffn, MlaDecode, Mlp, ModelConfig, Norm, PosEmb, RopeScaling,
+                    RopeType, ScoreFunc, tiny, validate_model_config)
+from .probes import (PROBE_CONFIGS, CostConfig, ExpertsConfig, HeadAblationConfig, LmEvalConfig, RetrievalConfig,
+                     SpectraConfig, probe_config)
+from .run import check_run
 from .search import SearchConfig
 from .train import TrainConfig, validate_train
 
 __all__ = [
     "ATTENTION_VARIANTS", "FFN_KINDS", "MLA_DECODE_PATHS", "MLA_VARIANTS", "MLP_KINDS", "NORMS", "POS_EMBS",
-    "SCORE_FUNCS", "ClaimsConfig", "ConfigError", "ConvertConfig", "LoggerConfig", "MLflowConfig", "ModelConfig",
-    "RopeScaling", "SearchConfig", "TensorBoardConfig", "TrainConfig", "check_finite", "tiny", "validate_model_config",
-    "validate_train",
+    "SCORE_FUNCS", "Attention", "ClaimsConfig", "ConfigError", "ConvertConfig", "CostConfig", "DataConfig",
+    "Edition", "ExpertsConfig", "Ffn", "HeadAblationConfig", "LmEvalConfig", "LoggerConfig", "MLflowConfig",
+    "MlaDecode", "Mlp", "ModelConfig", "NiahHaystack", "NiahType", "Norm", "PosEmb", "PROBE_CONFIGS",
+    "RetrievalConfig", "RopeScaling", "RopeType", "ScoreFunc", "SearchConfig", "Source", "SpectraConfig",
+    "TensorBoardConfig", "TrainConfig", "check_data", "check_finite", "check_run", "probe_config", "tiny",
+    "validate_model_config", "validate_train",
 ]

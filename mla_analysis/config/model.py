@@ -10,25 +10,73 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
-ATTENTION_VARIANTS = ("mha", "gqa", "mqa", "mla", "mla_coupled_rope")
-MLA_VARIANTS = ("mla", "mla_coupled_rope")
-FFN_KINDS = ("dense", "moe", "none")
-POS_EMBS = ("rope", "learned")
-NORMS = ("rmsnorm", "layernorm")
-MLP_KINDS = ("swiglu", "gelu")
-SCORE_FUNCS = ("softmax", "sigmoid")
-MLA_DECODE_PATHS = ("naive", "absorb")
+from .checks import Choice, ConfigError, coerce_choices, plain
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the key and the allowed values."""
+class Attention(Choice):
+    """``model.attention``: the attention variant (mapped to a class in ``mla_analysis.models``)."""
+
+    mha = "mha"
+    gqa = "gqa"
+    mqa = "mqa"
+    mla = "mla"  # DeepSeek-V2: latent c_kv plus a decoupled RoPE key
+    mla_coupled_rope = "mla_coupled_rope"  # RoPE on the up-projected keys (no decoupled part)
+
+
+class MlaDecode(Choice):
+    """``model.mla_decode``: the cached-decode path of MLA."""
+
+    naive = "naive"  # up-project the cached latent to K and V
+    absorb = "absorb"  # fold W^UK into the query and W^UV into the output
+
+
+class PosEmb(Choice):
+    rope = "rope"
+    learned = "learned"  # absolute position table (GPT-2)
+
+
+class Ffn(Choice):
+    dense = "dense"
+    moe = "moe"  # DeepSeekMoE
+    none = "none"  # attention-only
+
+
+class Mlp(Choice):
+    swiglu = "swiglu"
+    gelu = "gelu"  # non-gated, tanh-approximate (GPT-2's gelu_new)
+
+
+class ScoreFunc(Choice):
+    """``model.score_func``: the router's affinity function."""
+
+    softmax = "softmax"  # DeepSeek-V2
+    sigmoid = "sigmoid"  # DeepSeek-V3
+
+
+class Norm(Choice):
+    rmsnorm = "rmsnorm"
+    layernorm = "layernorm"  # with bias (GPT-2)
+
+
+class RopeType(Choice):
+    yarn = "yarn"
+
+
+ATTENTION_VARIANTS = Attention.values()
+MLA_VARIANTS = (Attention.mla.value, Attention.mla_coupled_rope.value)
+FFN_KINDS = Ffn.values()
+POS_EMBS = PosEmb.values()
+NORMS = Norm.values()
+MLP_KINDS = Mlp.values()
+SCORE_FUNCS = ScoreFunc.values()
+MLA_DECODE_PATHS = MlaDecode.values()
 
 
 @dataclass
 class RopeScaling:
     """YaRN rope scaling as DeepSeek-V2/V3 configure it (``rope_scaling`` in their config.json)."""
 
-    type: str = "yarn"
+    type: RopeType = RopeType.yarn
     factor: float = 1.0
     original_max_position_embeddings: int = 4096
     beta_fast: float = 32.0
@@ -36,13 +84,16 @@ class RopeScaling:
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
 
+    def __post_init__(self) -> None:
+        coerce_choices(self, "model.rope_scaling", strict=False)
+
 
 @dataclass
 class ModelConfig:
     """Decoder-only transformer with a selectable attention variant and dense or DeepSeekMoE FFN."""
 
     name: str = "mha"  # label used in tables
-    attention: str = "mha"  # one of ATTENTION_VARIANTS
+    attention: Attention = Attention.mha
     vocab_size: int = 512
     d_model: int = 64
     n_layers: int = 2
@@ -58,7 +109,7 @@ class ModelConfig:
     qk_nope_head_dim: int = 16
     qk_rope_head_dim: int = 8
     v_head_dim: int = 16
-    mla_decode: str = "absorb"  # cached-decode path: naive (up-project cache) or absorb
+    mla_decode: MlaDecode = MlaDecode.absorb  # cached-decode path: naive (up-project cache) or absorb
     # RMSNorm on the latent c_kv as DeepSeek-V2/V3 (kv_a_layernorm); False = identity, which makes an SVD
     # conversion exact at the source's K/V rank (a norm over d_c < d_model rescales every token's K and V)
     kv_norm: bool = True
@@ -69,18 +120,18 @@ class ModelConfig:
     # explicit RoPE inverse frequencies (rope_dim/2 values, after any YaRN blend; YaRN's cos/sin factor
     # still applies); None = computed from rope_theta/rope_scaling. Set by mha_to_mla for kept pairs.
     rope_inv_freq: Optional[List[float]] = None
-    pos_emb: str = "rope"  # rope | learned (absolute position table of max_seq_len rows, GPT-2; MHA family)
+    pos_emb: PosEmb = PosEmb.rope  # rope | learned (absolute position table of max_seq_len rows, GPT-2; MHA family)
     max_seq_len: int = 256
     # FFN
-    ffn: str = "dense"  # dense | moe | none (attention-only, as Zoology's MQAR models)
+    ffn: Ffn = Ffn.dense  # dense | moe | none (attention-only, as Zoology's MQAR models)
     d_ff: int = 256  # dense SwiGLU hidden size (also the first_k_dense_replace layers)
-    mlp: str = "swiglu"  # dense FFN: swiglu | gelu (non-gated, tanh-approximate GELU as GPT-2's gelu_new)
+    mlp: Mlp = Mlp.swiglu  # dense FFN: swiglu | gelu (non-gated, tanh-approximate GELU as GPT-2's gelu_new)
     first_k_dense_replace: int = 0
     n_routed_experts: int = 8
     n_shared_experts: int = 1
     n_activated_experts: int = 2  # top-k routed experts per token
     moe_d_ff: int = 64  # hidden size of one fine-grained expert
-    score_func: str = "softmax"  # softmax (V2) | sigmoid (V3)
+    score_func: ScoreFunc = ScoreFunc.softmax  # softmax (V2) | sigmoid (V3)
     norm_topk_prob: bool = False  # V3: renormalise the selected scores
     route_scale: float = 1.0  # routed_scaling_factor
     n_group: int = 1  # expert groups for group-limited routing (1 = unrestricted)
@@ -93,12 +144,18 @@ class ModelConfig:
     bias_update_speed: float = 0.0  # gamma of auxiliary-loss-free balancing (0 = off)
     capacity_factor: Optional[float] = None  # V2 token dropping in training (None = no drop, V3)
     # misc
-    norm: str = "rmsnorm"  # block and final norms: rmsnorm | layernorm (with bias, GPT-2)
+    norm: Norm = Norm.rmsnorm  # block and final norms: rmsnorm | layernorm (with bias, GPT-2)
     rms_norm_eps: float = 1e-6  # eps of the block and final norms (RMSNorm or LayerNorm)
     bias: bool = False  # biases on every attention and dense-FFN projection (GPT-2; MHA family, no MoE)
     attn_qkv_bias: bool = False  # biases on the q/k/v projections only (Qwen2; MHA family)
     tie_embeddings: bool = False
     init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        # plain strings (Python callers, records) become the members OmegaConf would have composed
+        coerce_choices(self, "model", strict=False)
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
 
     # ---- derived quantities -------------------------------------------------------------
     @property
@@ -108,7 +165,7 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         """Number of K/V heads for the MHA family (MHA: n_heads, MQA: 1, GQA: n_kv_heads)."""
-        if self.attention == "mqa":
+        if self.attention == Attention.mqa:
             return 1
         if self.n_kv_heads is not None:
             return self.n_kv_heads
@@ -132,7 +189,7 @@ class ModelConfig:
         return self.kv_lora_rank if self.kv_lora_ranks is None else self.kv_lora_ranks[layer_idx]
 
     def is_moe_layer(self, layer_idx: int) -> bool:
-        return self.ffn == "moe" and layer_idx >= self.first_k_dense_replace
+        return self.ffn == Ffn.moe and layer_idx >= self.first_k_dense_replace
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "ModelConfig":
@@ -149,19 +206,19 @@ class ModelConfig:
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON types (choices as their strings), as records and model_config.json hold them."""
+        return plain(dataclasses.asdict(self))
 
 
 def _err(key: str, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"model.{key}={value!r} is invalid (allowed: {allowed})")
+    return ConfigError(f"model.{key}={plain(value)!r} is invalid (allowed: {allowed})")
 
 
 def validate_model_config(cfg: ModelConfig, context_len: Optional[int] = None) -> ModelConfig:
     """Raise ConfigError naming the first impossible value or combination; return cfg when valid."""
-    if cfg.attention not in ATTENTION_VARIANTS:
-        raise _err("attention", cfg.attention, " | ".join(ATTENTION_VARIANTS))
-    if cfg.ffn not in FFN_KINDS:
-        raise _err("ffn", cfg.ffn, " | ".join(FFN_KINDS))
+    coerce_choices(cfg, "model")  # a field assigned a plain string after construction
+    if cfg.rope_scaling is not None:
+        coerce_choices(cfg.rope_scaling, "model.rope_scaling")
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "d_ff"):
         if getattr(cfg, key) <= 0:
             raise _err(key, getattr(cfg, key), "an integer > 0")
@@ -169,29 +226,23 @@ def validate_model_config(cfg: ModelConfig, context_len: Optional[int] = None) -
         raise _err("head_dim", cfg.head_dim, "null or an integer > 0")
     if cfg.head_dim is None and not cfg.is_mla and cfg.d_model % cfg.n_heads:
         raise _err("n_heads", cfg.n_heads, f"a divisor of d_model={cfg.d_model}, or set head_dim")
-    if cfg.attention == "mha" and cfg.n_kv_heads not in (None, cfg.n_heads):
+    if cfg.attention == Attention.mha and cfg.n_kv_heads not in (None, cfg.n_heads):
         raise _err("n_kv_heads", cfg.n_kv_heads, f"null or {cfg.n_heads} for attention=mha (use gqa)")
-    if cfg.attention == "mqa" and cfg.n_kv_heads not in (None, 1):
+    if cfg.attention == Attention.mqa and cfg.n_kv_heads not in (None, 1):
         raise _err("n_kv_heads", cfg.n_kv_heads, "null or 1 for attention=mqa")
-    if cfg.attention == "gqa":
+    if cfg.attention == Attention.gqa:
         if cfg.n_kv_heads is None or cfg.n_kv_heads <= 0 or cfg.n_heads % cfg.n_kv_heads:
             divisors = [d for d in range(1, cfg.n_heads + 1) if cfg.n_heads % d == 0]
             raise _err("n_kv_heads", cfg.n_kv_heads, f"a divisor of n_heads={cfg.n_heads}: {divisors}")
-    if cfg.pos_emb not in POS_EMBS:
-        raise _err("pos_emb", cfg.pos_emb, " | ".join(POS_EMBS))
-    if cfg.norm not in NORMS:
-        raise _err("norm", cfg.norm, " | ".join(NORMS))
-    if cfg.mlp not in MLP_KINDS:
-        raise _err("mlp", cfg.mlp, " | ".join(MLP_KINDS))
     if cfg.is_mla:
-        for key, off in (("pos_emb", "rope"), ("bias", False), ("attn_qkv_bias", False)):
+        for key, off in (("pos_emb", PosEmb.rope), ("bias", False), ("attn_qkv_bias", False)):
             if getattr(cfg, key) != off:
-                raise _err(key, getattr(cfg, key), f"{off!r} for attention={cfg.attention!r} (only mha | gqa | mqa)")
-    if cfg.ffn == "moe":
-        for key, off in (("mlp", "swiglu"), ("bias", False)):
+                raise _err(key, getattr(cfg, key), f"{plain(off)!r} for attention={plain(cfg.attention)!r} (only mha | gqa | mqa)")
+    if cfg.ffn == Ffn.moe:
+        for key, off in (("mlp", Mlp.swiglu), ("bias", False)):
             if getattr(cfg, key) != off:
-                raise _err(key, getattr(cfg, key), f"{off!r} with ffn='moe' (experts are bias-free SwiGLU)")
-    if cfg.pos_emb == "learned":
+                raise _err(key, getattr(cfg, key), f"{plain(off)!r} with ffn='moe' (experts are bias-free SwiGLU)")
+    if cfg.pos_emb == PosEmb.learned:
         if cfg.rope_scaling is not None or cfg.rope_inv_freq is not None:
             key = "rope_scaling" if cfg.rope_scaling is not None else "rope_inv_freq"
             raise ConfigError(f"model.{key} is set with pos_emb='learned' (allowed: null; learned positions use no RoPE)")
@@ -219,14 +270,10 @@ def validate_model_config(cfg: ModelConfig, context_len: Optional[int] = None) -
             raise _err("qk_nope_head_dim", cfg.qk_nope_head_dim, "an integer >= 0")
         if cfg.v_head_dim <= 0:
             raise _err("v_head_dim", cfg.v_head_dim, "an integer > 0")
-        if cfg.mla_decode not in MLA_DECODE_PATHS:
-            raise _err("mla_decode", cfg.mla_decode, " | ".join(MLA_DECODE_PATHS))
     if cfg.rope_theta <= 0:
         raise _err("rope_theta", cfg.rope_theta, "a number > 0")
     rs = cfg.rope_scaling
     if rs is not None:
-        if rs.type != "yarn":
-            raise ConfigError(f"model.rope_scaling.type={rs.type!r} is invalid (allowed: yarn)")
         if rs.factor < 1.0:
             raise ConfigError(f"model.rope_scaling.factor={rs.factor!r} is invalid (allowed: >= 1)")
         if rs.original_max_position_embeddings <= 0:
@@ -239,7 +286,7 @@ def validate_model_config(cfg: ModelConfig, context_len: Optional[int] = None) -
             f"model.max_seq_len={cfg.max_seq_len} is shorter than the context length {context_len} "
             "(allowed: max_seq_len >= context; for longer contexts raise max_seq_len with rope_scaling)"
         )
-    if cfg.ffn == "moe":
+    if cfg.ffn == Ffn.moe:
         E = cfg.n_routed_experts
         if E <= 0:
             raise _err("n_routed_experts", E, "an integer > 0")
@@ -249,8 +296,6 @@ def validate_model_config(cfg: ModelConfig, context_len: Optional[int] = None) -
             raise _err("moe_d_ff", cfg.moe_d_ff, "an integer > 0")
         if not 1 <= cfg.n_activated_experts <= E:
             raise _err("n_activated_experts", cfg.n_activated_experts, f"1..n_routed_experts={E}")
-        if cfg.score_func not in SCORE_FUNCS:
-            raise _err("score_func", cfg.score_func, " | ".join(SCORE_FUNCS))
         if cfg.n_group <= 0 or E % cfg.n_group:
             divisors = [d for d in range(1, E + 1) if E % d == 0]
             raise _err("n_group", cfg.n_group, f"a divisor of n_routed_experts={E}: {divisors}")
@@ -262,7 +307,7 @@ def validate_model_config(cfg: ModelConfig, context_len: Optional[int] = None) -
                 cfg.topk_group,
                 f"enough groups to hold n_activated_experts={cfg.n_activated_experts} experts",
             )
-        if cfg.n_group > 1 and cfg.score_func == "sigmoid" and E // cfg.n_group < 2:
+        if cfg.n_group > 1 and cfg.score_func == ScoreFunc.sigmoid and E // cfg.n_group < 2:
             raise _err("n_group", cfg.n_group, "groups of >= 2 experts with score_func=sigmoid (top-2 group score)")
         if cfg.n_devices <= 0 or E % cfg.n_devices:
             divisors = [d for d in range(1, E + 1) if E % d == 0]
@@ -305,7 +350,15 @@ def tiny(**overrides: Any) -> ModelConfig:
 
 __all__ = [
     "ATTENTION_VARIANTS",
+    "Attention",
     "ConfigError",
+    "Ffn",
+    "MlaDecode",
+    "Mlp",
+    "Norm",
+    "PosEmb",
+    "RopeType",
+    "ScoreFunc",
     "ModelConfig",
     "RopeScaling",
     "tiny",

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .checks import check_finite
-from .model import ConfigError
+from .checks import ConfigError, check_finite
 
 
 @dataclass

@@ -18,27 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
+from mla_analysis.config.data import LanguageConfig
 from mla_analysis.data.vocab import EOS, Vocab
 
 # above this many (state x successor) entries an order-2 chain gets too big for CPU memory
 _MAX_TABLE_ENTRIES = 50_000_000
-
-
-@dataclass
-class LanguageConfig:
-    """Knobs of the synthetic Markov language (the structure seed is ``DataConfig.language_seed``)."""
-
-    order: int = 1  # 1 or 2: tokens of context that determine the next-token distribution
-    zipf_exponent: float = 1.2  # weight of the r-th likely successor is proportional to r^-zipf_exponent
-    branching: int = 8  # mean number of likely successors per state
-    smoothing: float = 0.02  # probability mass spread uniformly over all words (must be > 0)
-    eos_prob: float = 0.05  # chance a sentence ends after each word (0 = no sentence boundaries)
-    n_words: Optional[int] = None  # use only the first n word ids (None = every word id)
 
 
 class MarkovLanguage:

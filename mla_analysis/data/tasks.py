@@ -11,12 +11,13 @@ trained on the language has seen every haystack. All randomness comes from ``rng
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
+from mla_analysis.config.data import (ArithmeticConfig, CopyConfig, MQARConfig, NIAHConfig,  # noqa: F401
+                                      NiahHaystack, NiahType, PasskeyConfig)
 from mla_analysis.data.language import get_language
 from mla_analysis.data.vocab import ANSWER, COPY, EOS, EQUALS, IS, KV, PAD, PASSKEY, PLUS, QUERY, SEP, Vocab
 
@@ -25,64 +26,6 @@ Batch = Tuple[torch.Tensor, torch.Tensor]
 
 # seed of the one fixed sentence that makes RULER's "noise" haystack; fixed so every sample repeats it
 _NOISE_SENTENCE_SEED = 20240406
-
-
-# ---- knob dataclasses (simple types only: they are nested inside DataConfig) ----------------------------
-@dataclass
-class MQARConfig:
-    """Zoology multi-query associative recall (reference section 3)."""
-
-    num_kv_pairs: int = 8
-    power_a: float = 0.01  # query slot j has p ∝ a·(j+1)^(a-1); 0.01 favours slots right after the context
-    random_non_queries: bool = True  # Zoology code default; the paper's Figure-2 sweep used False
-    key_vocab_size: Optional[int] = None  # use only the first n key ids (None = Vocab.key_ids)
-    value_vocab_size: Optional[int] = None  # use only the first n value ids (None = Vocab.value_ids)
-    # query slots per example (None = num_kv_pairs: each key asked once, as Zoology). More queries
-    # re-ask keys (every key still at least once): denser supervision for training at small budgets.
-    num_queries: Optional[int] = None
-    # num_queries for the training mixture only (None = num_queries); eval sets keep num_queries
-    train_num_queries: Optional[int] = None
-
-
-@dataclass
-class PasskeyConfig:
-    """Passkey retrieval: a digit string hidden in filler text, asked for at the end."""
-
-    n_digits: int = 5
-    depth: Optional[float] = None  # relative position in [0, 1] of the statement (None = uniform per sample)
-
-
-@dataclass
-class NIAHConfig:
-    """RULER needle-in-a-haystack (reference section 4); presets in NIAH_PRESETS fix the structural fields."""
-
-    haystack: str = "language"  # language (RULER "essay") | noise (one fixed sentence repeated) | needle
-    key_type: str = "words"  # words | numbers | uuids
-    value_type: str = "numbers"  # words | numbers | uuids
-    key_len: Optional[int] = None  # tokens per key (None = type default: words 2, numbers 7, uuids 8)
-    value_len: Optional[int] = None  # tokens per value (same defaults)
-    num_keys: int = 1  # distinct keys with needles; the first num_queries are asked, the rest distract
-    num_values: int = 1  # needles (distinct values) per key; all are expected, in haystack order
-    num_queries: int = 1  # keys asked about at the end; all their values are expected
-    depth: Optional[float] = None  # relative depth in [0, 1] of the first answer needle (None = random)
-    noise_sentence_len: int = 12  # words in the repeated "noise" sentence (an EOS is appended)
-
-
-@dataclass
-class CopyConfig:
-    """Copy a random word span after a gap: the model must keep every token of it ("fine detail")."""
-
-    span_len: int = 16
-    distance: Optional[int] = None  # filler tokens between the span and the copy cue (None = fill seq_len)
-
-
-@dataclass
-class ArithmeticConfig:
-    """Fixed-width addition problems ``a + b = c`` packed into the sequence ("precision")."""
-
-    n_digits: int = 3
-    reverse_answer: bool = False  # write c least-significant digit first (easier for left-to-right models)
-    n_problems: Optional[int] = None  # problems per sequence (None = as many as fit)
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------
@@ -234,8 +177,8 @@ def make_passkey(
 
 
 # ---- NIAH ------------------------------------------------------------------------------------------------------
-NIAH_TYPES = ("words", "numbers", "uuids")
-NIAH_HAYSTACKS = ("language", "noise", "needle")
+NIAH_TYPES = NiahType.values()
+NIAH_HAYSTACKS = NiahHaystack.values()
 _TYPE_LEN = {"words": 2, "numbers": 7, "uuids": 8}
 
 # RULER's table (reference section 4) in our token world: essay -> "language"; words = word-token

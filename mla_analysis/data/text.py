@@ -16,11 +16,11 @@ import functools
 import glob
 import os
 import sysconfig
-from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import numpy as np
 
+from mla_analysis.config.data import HFConfig  # noqa: F401  (importable from here as before)
 from mla_analysis.data.vocab import EOS, FIRST_WORD
 
 TOKENIZERS = ("bytes", "bpe")  # the procedural ones; any other data.tokenizer names a Hugging Face tokenizer
@@ -29,18 +29,6 @@ TOKENIZERS = ("bytes", "bpe")  # the procedural ones; any other data.tokenizer n
 def uses_hf_tokenizer(cfg) -> bool:
     """Whether ``cfg.tokenizer`` names a Hugging Face tokenizer (or ``model``) rather than bytes / bpe."""
     return cfg.tokenizer not in TOKENIZERS
-
-
-@dataclass
-class HFConfig:
-    """Arguments of ``datasets.load_dataset`` for ``source: hf``."""
-
-    path: Optional[str] = None  # dataset name or builder, e.g. "json", "wikitext"
-    name: Optional[str] = None  # configuration name
-    split: str = "train"
-    text_column: str = "text"
-    data_files: Optional[List[str]] = None
-    cache_dir: Optional[str] = None  # None = the datasets library's default cache
 
 
 class TextCorpus:

@@ -3,6 +3,7 @@
 Each probe is a function ``run(model, params, data_cfg, run_dir, device) -> dict`` registered in
 ``PROBES`` under the name of its config file in ``conf/probe/``; its numbers land in the run's
 results.json under ``metrics["probe.<name>.<key>"]`` and its figures (PNG) in the run directory.
+Its options (``params``, a dict) are those of its dataclass in ``mla_analysis.config.probes``.
 """
 
 from __future__ import annotations
@@ -43,22 +44,23 @@ def _load_builtin() -> None:
 
 
 def check_probes(probe_cfg: dict, model_cfg: Any = None) -> None:
-    """Raise ConfigError for an unknown probe, an unknown key of one, or a model it cannot probe (before training).
+    """Raise ConfigError for an unknown probe, an invalid option of one, or a model it cannot probe (before training).
+
+    Options are checked by their dataclass (``mla_analysis.config.probes``).
 
     A probe module may define ``check_model(model_cfg)`` raising ConfigError for models it does not apply to
     (e.g. ``experts`` on a dense model), so the error comes before the training it would otherwise waste.
     """
     import sys
 
-    from ._common import check_params
+    from ..config.probes import PROBE_CONFIGS, probe_config
 
     _load_builtin()
     for name, params in probe_cfg.items():
         if name not in PROBES:
             raise ConfigError(f"probe.{name}: unknown probe (allowed: {', '.join(sorted(PROBES)) or 'none'})")
-        defaults = getattr(sys.modules[PROBES[name].__module__], "DEFAULTS", None)
-        if defaults is not None:  # values that depend on the model are checked when the probe runs
-            check_params(name, dict(params or {}), defaults)
+        if name in PROBE_CONFIGS:  # every option but those that depend on the model (checked when it runs)
+            probe_config(name, params)
         check_model = getattr(sys.modules[PROBES[name].__module__], "check_model", None)
         if check_model is not None and model_cfg is not None:
             check_model(model_cfg)

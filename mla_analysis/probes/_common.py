@@ -1,4 +1,4 @@
-"""Helpers shared by the probes: parameter checking, locating the attention modules, figures."""
+"""Helpers shared by the probes: their checked options (``mla_analysis.config.probes``), locating the attention modules, figures."""
 
 from __future__ import annotations
 
@@ -9,34 +9,15 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, ModelConfig
+from ..config.checks import plain
+from ..config.probes import probe_config
 from ..figures import figure  # noqa: F401  (re-exported for the probes)
 from ..figures import save_figure as _save_figure
 
 
-def check_params(probe: str, params: dict, defaults: dict) -> dict:
-    """Defaults overlaid with ``params``; ConfigError naming ``probe.<probe>.<key>`` for unknown keys."""
-    unknown = sorted(set(params) - set(defaults))
-    if unknown:
-        raise ConfigError(
-            f"probe.{probe}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(defaults))})"
-        )
-    return {**defaults, **params}
-
-
-def positive_int(probe: str, key: str, value: Any) -> int:
-    """``value`` as an int > 0, else ConfigError naming the key."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"probe.{probe}.{key}={value!r} is invalid (allowed: an integer > 0)")
-    return value
-
-
-def int_list(probe: str, key: str, value: Any) -> list[int]:
-    """``value`` as a non-empty list of ints > 0, else ConfigError naming the key."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not value:
-        raise ConfigError(f"probe.{probe}.{key}={value!r} is invalid (allowed: a non-empty list of integers > 0)")
-    return [positive_int(probe, key, v) for v in value]
+def options(probe: str, params: Any) -> dict:
+    """The checked options of ``probe`` (its dataclass in ``mla_analysis.config.probes``) as a dict of plain values."""
+    return plain(dataclasses.asdict(probe_config(probe, params)))
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -45,6 +26,14 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         model = model.module
     inner = getattr(model, "_orig_mod", None)
     return inner if inner is not None else model
+
+
+def moe_blocks(model: torch.nn.Module) -> list[tuple[int, "MoE"]]:
+    """(block index, MoE) for every DeepSeekMoE layer of the model."""
+    from ..models.moe import MoE
+
+    core = unwrap(model)
+    return [(i, b.ffn) for i, b in enumerate(getattr(core, "layers", [])) if isinstance(b.ffn, MoE)]
 
 
 def model_config(model: torch.nn.Module) -> ModelConfig:

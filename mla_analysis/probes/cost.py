@@ -22,24 +22,13 @@ from typing import Any
 import torch
 
 from .. import accounting
-from ..config import ConfigError, ModelConfig
+from ..config import Attention, MlaDecode, ModelConfig
 from ..models.mla import MLA, MLACoupledRoPE
 from ..published_configs import load_all
 from ..results import atomic_write_json
 from . import ProbeError, register
-from ._common import check_params, figure, int_list, model_config, positive_int, save_figure, unwrap
+from ._common import figure, model_config, options, save_figure, unwrap
 
-DEFAULTS: dict[str, Any] = {
-    "contexts": [256, 1024],  # cached tokens before the timed decode steps
-    "batch_sizes": [1, 8],
-    "decode_steps": 16,  # timed single-token steps per (path, context, batch); the median is reported
-    "warmup": True,  # one untimed prefill + decode first (allocator, kernel selection)
-    "dtypes": ["fp32", "bf16"],  # cache dtypes for the bytes-per-token check
-    "claim_bits": 6,  # bits per cached element DeepSeek-V2's deployment quantises to
-    "extrap_context": 131072,  # context for the GiB-per-sequence extrapolation of published models
-    "quick": False,  # replace the decode grid by a tiny one (tests): contexts [32], batch [1], 2 steps, no warm-up
-    "figures": True,
-}
 QUICK = {"contexts": [32], "batch_sizes": [1], "decode_steps": 2, "warmup": False}
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CLAIM = {"mla": "deepseek_v2", "baseline": "deepseek_67b", "reduction": 0.933}
@@ -47,22 +36,9 @@ GIB = 1024**3
 
 
 def _parse(params: dict) -> dict:
-    p = check_params("cost", params, DEFAULTS)
-    if not isinstance(p["quick"], bool):
-        raise ConfigError(f"probe.cost.quick={p['quick']!r} is invalid (allowed: true | false)")
+    p = options("cost", params)  # checked in mla_analysis.config.probes
     if p["quick"]:
         p.update(QUICK)  # the config file lists the full grid, so quick must override it
-    p["contexts"] = int_list("cost", "contexts", p["contexts"])
-    p["batch_sizes"] = int_list("cost", "batch_sizes", p["batch_sizes"])
-    positive_int("cost", "decode_steps", p["decode_steps"])
-    positive_int("cost", "extrap_context", p["extrap_context"])
-    dtypes = p["dtypes"] if isinstance(p["dtypes"], (list, tuple)) else [p["dtypes"]]
-    bad = [d for d in dtypes if d not in TORCH_DTYPES]
-    if not dtypes or bad:
-        raise ConfigError(f"probe.cost.dtypes={p['dtypes']!r} is invalid (allowed: a list of {', '.join(TORCH_DTYPES)})")
-    p["dtypes"] = list(dtypes)
-    if not isinstance(p["claim_bits"], (int, float)) or isinstance(p["claim_bits"], bool) or p["claim_bits"] <= 0:
-        raise ConfigError(f"probe.cost.claim_bits={p['claim_bits']!r} is invalid (allowed: a number > 0)")
     return p
 
 
@@ -143,9 +119,9 @@ def _sync(device: torch.device) -> None:
 
 
 def _decode_paths(cfg: ModelConfig) -> list[str]:
-    if cfg.attention == "mla":
-        return ["naive", "absorb"]
-    return ["naive"] if cfg.attention == "mla_coupled_rope" else ["cached"]
+    if cfg.attention == Attention.mla:
+        return list(MlaDecode.values())
+    return [MlaDecode.naive.value] if cfg.attention == Attention.mla_coupled_rope else ["cached"]
 
 
 def _set_path(core: torch.nn.Module, path: str) -> None:
@@ -182,7 +158,7 @@ def decode_costs(model: torch.nn.Module, cfg: ModelConfig, p: dict, device: torc
     """Prefill / per-step decode timings and decode FLOPs per path, context and batch size."""
     core = unwrap(model)
     paths = _decode_paths(cfg)
-    configured = cfg.mla_decode if cfg.attention == "mla" else paths[0]
+    configured = str(cfg.mla_decode) if cfg.attention == Attention.mla else paths[0]
     rows, first_logits = [], {}
     was_training = core.training
     core.eval()

@@ -52,21 +52,9 @@ from ..models.attention import Attention
 from ..models.mla import MLA, MLACoupledRoPE
 from ..results import atomic_write_json, read_json
 from . import ProbeError, register
-from ._common import check_params, figure, model_config, positive_int, save_figure, unwrap
+from ._common import figure, model_config, options, save_figure, unwrap
 from .spectra import GramAccumulator, effective_rank, energy_at_rank
 
-DEFAULTS: dict[str, Any] = {
-    "max_examples": 64,  # sequences of each eval set scored per ablation
-    "batch_size": 32,
-    "max_tokens": 8192,  # tokens of the "lm" eval set whose keys give the spectra
-    "rank": 4,  # energy_dropped = energy outside the top ``rank`` singular values
-    "center": False,  # mean-centre the keys before the decomposition
-    "layers": None,  # attention layers to ablate; null = all
-    "bootstrap_resamples": 999,
-    "confidence_level": 0.95,
-    "seed": 0,
-    "figures": True,
-}
 
 METRICS = ("ner", "energy_dropped")
 EFFECTS = ("delta_error", "delta_token_error", "delta_loss")
@@ -74,17 +62,7 @@ RESULT_FILE = "head_ablation.json"
 
 
 def _parse(params: dict, n_layers: int) -> dict:
-    p = check_params("head_ablation", params, DEFAULTS)
-    for key in ("max_examples", "batch_size", "max_tokens", "rank", "bootstrap_resamples"):
-        positive_int("head_ablation", key, p[key])
-    for key in ("center", "figures"):
-        if not isinstance(p[key], bool):
-            raise ConfigError(f"probe.head_ablation.{key}={p[key]!r} is invalid (allowed: true | false)")
-    cl = p["confidence_level"]
-    if isinstance(cl, bool) or not isinstance(cl, (int, float)) or not 0 < cl < 1:
-        raise ConfigError(f"probe.head_ablation.confidence_level={cl!r} is invalid (allowed: a number in (0, 1))")
-    if isinstance(p["seed"], bool) or not isinstance(p["seed"], int) or p["seed"] < 0:
-        raise ConfigError(f"probe.head_ablation.seed={p['seed']!r} is invalid (allowed: an integer >= 0)")
+    p = options("head_ablation", params)  # checked in mla_analysis.config.probes; the layer range here
     layers = p["layers"]
     if layers is None:
         p["layers"] = list(range(n_layers))

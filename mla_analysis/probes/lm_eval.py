@@ -27,37 +27,12 @@ import torch
 
 from ..config import ConfigError
 from . import ProbeError, register
-from ._common import check_params, positive_int
+from ._common import options
 
-DEFAULTS: dict[str, Any] = {
-    "tasks": None,
-    "examples": None,
-    "limit": None,
-    "batch_size": 32,
-    "num_fewshot": None,
-    "bootstrap_iters": 0,
-}
 
 
 def _parse(params: dict) -> dict:
-    p = check_params("lm_eval", params, DEFAULTS)
-    tasks = p["tasks"]
-    if tasks is not None:
-        if isinstance(tasks, str):
-            tasks = [tasks]
-        if not isinstance(tasks, (list, tuple)) or not tasks or not all(isinstance(t, str) and t for t in tasks):
-            raise ConfigError(f"probe.lm_eval.tasks={p['tasks']!r} is invalid (allowed: null or a non-empty list of task names)")
-        p["tasks"] = list(tasks)
-    for key in ("examples", "limit"):
-        if p[key] is not None:
-            positive_int("lm_eval", key, p[key])
-    positive_int("lm_eval", "batch_size", p["batch_size"])
-    for key, nullable in (("num_fewshot", True), ("bootstrap_iters", False)):
-        v = p[key]
-        if (v is None and not nullable) or (v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0)):
-            allowed = "an integer >= 0" + (" or null" if nullable else "")
-            raise ConfigError(f"probe.lm_eval.{key}={v!r} is invalid (allowed: {allowed})")
-    return p
+    return options("lm_eval", params)  # checked in mla_analysis.config.probes
 
 
 @register("lm_eval")

@@ -64,35 +64,23 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
+from ..config.probes import DetailTask, GridTask
 from ..data.language import get_language
 from ..data.mixture import make_vocab
 from ..data.scoring import IGNORE, score_predictions
-from ..data.tasks import NIAH_PRESETS, TASK_FAMILY, TASK_KNOBS, SeqLenError, make_task
+from ..data.tasks import TASK_FAMILY, TASK_KNOBS, SeqLenError, make_task
 from ..data.text import load_text_corpora
 from ..data.vocab import COPY, EOS, IS, KV, PASSKEY, QUERY, SEP
 from ..models.attention import Attention
 from ..models.mla import MLA, MLACoupledRoPE
 from ..results import atomic_write_json
 from . import ProbeError, register
-from ._common import check_params, figure, int_list, model_config, positive_int, save_figure, unwrap
+from ._common import figure, model_config, options, save_figure, unwrap
 
-GRID_TASKS = ("mqar", "passkey", "niah", *NIAH_PRESETS)
-DETAIL_TASKS = ("copy", "arithmetic")
+GRID_TASKS = GridTask.values()  # mqar, passkey, niah and the NIAH_PRESETS (a test checks they match)
+DETAIL_TASKS = DetailTask.values()
 _STREAM = 0x5E7A  # tags the probe's rng stream apart from the training / eval streams of the data
 
-DEFAULTS: dict[str, Any] = {
-    "tasks": ["mqar", "passkey", *NIAH_PRESETS],  # grid tasks (GRID_TASKS)
-    "detail_tasks": list(DETAIL_TASKS),  # scored over lengths only
-    "lengths": None,  # explicit context lengths; null = length_factors x data.seq_len
-    "length_factors": [0.5, 1, 2, 4],
-    "depths": [0.0, 0.25, 0.5, 0.75, 1.0],  # relative needle depth (passkey, NIAH)
-    "num_kv_pairs": None,  # MQAR pairs; null = data.mqar.num_kv_pairs x {1/2, 1, 2}
-    "examples": 64,  # examples per cell
-    "batch_size": 16,
-    "seed": 0,  # the probe's own eval stream (with data.seed)
-    "attention": True,  # trace the attention mass on the needle per layer
-    "figures": True,
-}
 
 
 # ---- parameters ---------------------------------------------------------------------------------------
@@ -102,51 +90,9 @@ def _err(key: str, value: Any, allowed: str) -> ConfigError:
     return ConfigError(f"probe.retrieval.{key}={value!r} is invalid (allowed: {allowed})")
 
 
-def _name_list(key: str, value: Any, allowed: tuple) -> list[str]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or any(v not in allowed for v in value):
-        raise _err(key, value, f"a list of {', '.join(allowed)}")
-    return list(dict.fromkeys(value))
-
-
-def _number_list(key: str, value: Any, lo: float, hi: float, lo_open: bool) -> list[float]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = [value]
-    ok = isinstance(value, (list, tuple)) and value and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and (v > lo if lo_open else v >= lo) and v <= hi
-        for v in value
-    )
-    if not ok:
-        rng = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
-        raise _err(key, value, f"a non-empty list of numbers in {rng}")
-    return sorted({float(v) for v in value})
-
-
 def parse_params(params: dict) -> dict:
-    """Defaults overlaid with ``params``, every value checked (ConfigError naming ``probe.retrieval.<key>``)."""
-    p = check_params("retrieval", params, DEFAULTS)
-    p["tasks"] = _name_list("tasks", p["tasks"], GRID_TASKS)
-    p["detail_tasks"] = _name_list("detail_tasks", p["detail_tasks"], DETAIL_TASKS)
-    if not p["tasks"] and not p["detail_tasks"]:
-        raise _err("tasks", p["tasks"], "at least one task in tasks or detail_tasks")
-    if p["lengths"] is not None:
-        lengths = int_list("retrieval", "lengths", p["lengths"])
-        if any(v < 8 or v % 2 for v in lengths):
-            raise _err("lengths", p["lengths"], "even integers >= 8 | null")
-        p["lengths"] = sorted(set(lengths))
-    p["length_factors"] = _number_list("length_factors", p["length_factors"], 0.0, math.inf, lo_open=True)
-    p["depths"] = _number_list("depths", p["depths"], 0.0, 1.0, lo_open=False)
-    if p["num_kv_pairs"] is not None:
-        p["num_kv_pairs"] = sorted(set(int_list("retrieval", "num_kv_pairs", p["num_kv_pairs"])))
-    for key in ("examples", "batch_size"):
-        positive_int("retrieval", key, p[key])
-    if isinstance(p["seed"], bool) or not isinstance(p["seed"], int) or p["seed"] < 0:
-        raise _err("seed", p["seed"], "an integer >= 0")
-    for key in ("attention", "figures"):
-        if not isinstance(p[key], bool):
-            raise _err(key, p[key], "true | false")
-    return p
+    """The options (``mla_analysis.config.probes.RetrievalConfig``) checked and normalised, as a dict."""
+    return options("retrieval", params)
 
 
 def resolve_lengths(p: dict, train_len: int, max_seq_len: int) -> list[int]:

@@ -36,19 +36,8 @@ from ..models.attention import Attention
 from ..models.mla import MLA, MLACoupledRoPE
 from ..results import atomic_write_json
 from . import ProbeError, register
-from ._common import check_params, figure, int_list, lm_inputs, model_config, positive_int, save_figure, unwrap
+from ._common import figure, lm_inputs, model_config, options, save_figure, unwrap
 
-DEFAULTS: dict[str, Any] = {
-    "max_tokens": 8192,  # tokens of the "lm" eval set fed through the model (whole sequences)
-    "batch_size": 64,
-    "center": False,  # subtract the column mean before the decomposition
-    "ranks": [4, 8, 16, 32],  # energy captured by the top r, reported for each r
-    "taus": [0.90, 0.95, 0.99],  # energy ranks r_tau
-    "subspace_rank": 4,  # r of the dominant subspaces compared across layers
-    "max_joint_dim": 4096,  # kv_all is skipped above this width (its Gram is width^2 float64)
-    "rank_rtol": 1e-4,  # numerical rank: singular values > rank_rtol * sigma_1
-    "figures": True,
-}
 
 # key tensors whose dominant subspaces are compared between consecutive layers
 SUBSPACE_TENSORS = ("k_pre", "k", "c_kv", "k_rope", "k_nope")
@@ -309,19 +298,7 @@ def _collect(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int, devi
 
 
 def _parse(params: dict) -> dict:
-    p = check_params("spectra", params, DEFAULTS)
-    for key in ("max_tokens", "batch_size", "subspace_rank", "max_joint_dim"):
-        positive_int("spectra", key, p[key])
-    p["ranks"] = int_list("spectra", "ranks", p["ranks"])
-    taus = p["taus"] if isinstance(p["taus"], (list, tuple)) else [p["taus"]]
-    if not taus or not all(isinstance(t, (int, float)) and 0 < t <= 1 for t in taus):
-        raise ConfigError(f"probe.spectra.taus={p['taus']!r} is invalid (allowed: a list of numbers in (0, 1])")
-    p["taus"] = [float(t) for t in taus]
-    if not isinstance(p["center"], bool):
-        raise ConfigError(f"probe.spectra.center={p['center']!r} is invalid (allowed: true | false)")
-    if not isinstance(p["rank_rtol"], (int, float)) or not 0 < p["rank_rtol"] < 1:
-        raise ConfigError(f"probe.spectra.rank_rtol={p['rank_rtol']!r} is invalid (allowed: a number in (0, 1))")
-    return p
+    return options("spectra", params)  # checked in mla_analysis.config.probes
 
 
 def _check_weights(core: torch.nn.Module) -> None:

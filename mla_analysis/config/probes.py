@@ -1,0 +1,361 @@
+"""The ``probe`` group (conf/probe/): one dataclass per probe, its closed choices and its checks.
+
+``probe=spectra`` composes ``{"spectra": SpectraConfig}`` onto the run's ``probe`` node (each
+conf/probe/<name>.yaml starts from its ``<name>_schema``, registered by ``mla_analysis.schema``), so
+an override of a probe key is type-checked when the config composes; ``probe=[spectra,cost]`` selects
+several. ``probe_config(name, params)`` builds and checks the options from a plain dict (the probes'
+Python callers). What depends on the model (layer indices, context lengths past ``max_seq_len``) is
+checked when the probe runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+from .checks import (Choice, ConfigError, as_list, check_bool, coerce_choices, int_list, invalid, is_number,
+                     non_negative_int, positive_int)
+
+
+class CacheDtype(Choice):
+    """Cache element types of the bytes-per-token check (``probe.cost.dtypes``)."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class DenseFraction(Choice):
+    """Share of a dense baseline's FFN units zeroed against r masked experts (``probe.experts.dense_fraction``)."""
+
+    active = "active"  # r / (k + shared): the active experts' share
+    routed = "routed"  # r / E
+
+
+class GridTask(Choice):
+    """Retrieval grid tasks: MQAR, passkey, NIAH as ``data.niah`` configures it, and RULER's NIAH presets."""
+
+    mqar = "mqar"
+    passkey = "passkey"
+    niah = "niah"
+    niah_single_1 = "niah_single_1"
+    niah_single_2 = "niah_single_2"
+    niah_single_3 = "niah_single_3"
+    niah_multikey_1 = "niah_multikey_1"
+    niah_multikey_2 = "niah_multikey_2"
+    niah_multikey_3 = "niah_multikey_3"
+    niah_multivalue = "niah_multivalue"
+    niah_multiquery = "niah_multiquery"
+
+
+class DetailTask(Choice):
+    """Retrieval "detail" tasks, scored over the context lengths only."""
+
+    copy = "copy"
+    arithmetic = "arithmetic"
+
+
+def _check_seed(key: str, value: Any) -> None:
+    non_negative_int(key, value)
+
+
+def _unit_interval(key: str, value: Any, closed_high: bool = False) -> None:
+    """``value`` in (0, 1) (or (0, 1] with ``closed_high``), else ConfigError."""
+    if not is_number(value) or not (0 < value < 1 or (closed_high and value == 1)):
+        raise invalid(key, value, f"a number in (0, 1{']' if closed_high else ')'}")
+
+
+def _run_dir(key: str, value: Any) -> None:
+    if value is not None and not isinstance(value, (str, Path)):
+        raise invalid(key, value, "a run directory | null")
+
+
+# ---- spectra -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SpectraConfig:
+    """``probe=spectra``: singular-value spectra of the cached keys/values (mla_analysis.probes.spectra)."""
+
+    max_tokens: int = 8192  # tokens of the "lm" eval set fed through the model (whole sequences)
+    batch_size: int = 64
+    center: bool = False  # subtract the column mean before the decomposition
+    ranks: List[int] = field(default_factory=lambda: [4, 8, 16, 32])  # energy captured by the top r, per r
+    taus: List[float] = field(default_factory=lambda: [0.9, 0.95, 0.99])  # energy ranks r_tau
+    subspace_rank: int = 4  # r of the dominant subspaces compared across layers
+    max_joint_dim: int = 4096  # kv_all is skipped above this width (its Gram is width^2 float64)
+    rank_rtol: float = 1e-4  # numerical rank: singular values > rank_rtol * sigma_1
+    figures: bool = True
+
+
+def check_spectra(c: SpectraConfig) -> SpectraConfig:
+    """Raise ConfigError naming the first invalid ``probe.spectra`` key; lists normalised in place."""
+    k = "probe.spectra."
+    for key in ("max_tokens", "batch_size", "subspace_rank", "max_joint_dim"):
+        positive_int(k + key, getattr(c, key))
+    c.ranks = int_list(k + "ranks", c.ranks)
+    taus = as_list(c.taus)
+    if not isinstance(taus, list) or not taus or not all(is_number(t) and 0 < t <= 1 for t in taus):
+        raise invalid(k + "taus", c.taus, "a list of numbers in (0, 1]")
+    c.taus = [float(t) for t in taus]
+    check_bool(k + "center", c.center)
+    check_bool(k + "figures", c.figures)
+    _unit_interval(k + "rank_rtol", c.rank_rtol)
+    return c
+
+
+# ---- retrieval -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class RetrievalConfig:
+    """``probe=retrieval``: accuracy over a context-length x needle-depth grid (mla_analysis.probes.retrieval)."""
+
+    # grid tasks ([] = none); the default: all but "niah" (which takes data.niah as it is configured)
+    tasks: List[GridTask] = field(default_factory=lambda: [t for t in GridTask if t != GridTask.niah])
+    detail_tasks: List[DetailTask] = field(default_factory=lambda: list(DetailTask))  # scored over lengths only
+    lengths: Optional[List[int]] = None  # explicit context lengths (even, >= 8); null = length_factors x seq_len
+    # multiples of data.seq_len (a number each: Any keeps YAML's ints as ints in the records, which
+    # OmegaConf 2.3 could not with List[float] and has no Union for)
+    length_factors: Any = field(default_factory=lambda: [0.5, 1, 2, 4])
+    depths: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # relative needle depth
+    num_kv_pairs: Optional[List[int]] = None  # MQAR pairs; null = data.mqar.num_kv_pairs x {1/2, 1, 2}
+    examples: int = 64  # examples per grid cell
+    batch_size: int = 16
+    seed: int = 0  # the probe's own eval stream (with data.seed)
+    attention: bool = True  # trace the attention mass on the needle per layer
+    figures: bool = True
+
+    def __post_init__(self) -> None:
+        coerce_choices(self, "probe.retrieval", strict=False)
+
+
+def _names(key: str, value: Any, choice: type[Choice]) -> list:
+    value = as_list(value)
+    if not isinstance(value, list):
+        raise invalid(key, value, f"a list of {', '.join(choice.values())}")
+    return list(dict.fromkeys(choice.parse(v, key) for v in value))
+
+
+def _numbers(key: str, value: Any, lo: float, hi: float, lo_open: bool) -> list[float]:
+    value = as_list(value)
+    ok = isinstance(value, list) and value and all(
+        is_number(v) and (v > lo if lo_open else v >= lo) and v <= hi for v in value)
+    if not ok:
+        rng = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
+        raise invalid(key, value, f"a non-empty list of numbers in {rng}")
+    return sorted({float(v) for v in value})
+
+
+def check_retrieval(c: RetrievalConfig) -> RetrievalConfig:
+    """Raise ConfigError naming the first invalid ``probe.retrieval`` key; lists sorted and deduplicated in place."""
+    k = "probe.retrieval."
+    c.tasks = _names(k + "tasks", c.tasks, GridTask)
+    c.detail_tasks = _names(k + "detail_tasks", c.detail_tasks, DetailTask)
+    if not c.tasks and not c.detail_tasks:
+        raise invalid(k + "tasks", c.tasks, "at least one task in tasks or detail_tasks")
+    if c.lengths is not None:
+        lengths = int_list(k + "lengths", c.lengths)
+        if any(v < 8 or v % 2 for v in lengths):
+            raise invalid(k + "lengths", c.lengths, "even integers >= 8 | null")
+        c.lengths = sorted(set(lengths))
+    c.length_factors = _numbers(k + "length_factors", c.length_factors, 0.0, math.inf, lo_open=True)
+    c.depths = _numbers(k + "depths", c.depths, 0.0, 1.0, lo_open=False)
+    if c.num_kv_pairs is not None:
+        c.num_kv_pairs = sorted(set(int_list(k + "num_kv_pairs", c.num_kv_pairs)))
+    positive_int(k + "examples", c.examples)
+    positive_int(k + "batch_size", c.batch_size)
+    _check_seed(k + "seed", c.seed)
+    check_bool(k + "attention", c.attention)
+    check_bool(k + "figures", c.figures)
+    return c
+
+
+# ---- lm_eval -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LmEvalConfig:
+    """``probe=lm_eval``: lm-evaluation-harness on the trained model (mla_analysis.probes.lm_eval)."""
+
+    tasks: Optional[List[str]] = None  # null = data's eval tasks that fit seq_len; else lm-eval task names
+    examples: Optional[int] = None  # procedural examples per task (null = data.eval_examples)
+    limit: Optional[int] = None  # lm-eval documents (answer spans) per task; null = all
+    batch_size: int = 32
+    num_fewshot: Optional[int] = None  # null = each task's default (0 for the procedural tasks)
+    bootstrap_iters: int = 0  # lm-eval stderr bootstrap iterations
+
+
+def check_lm_eval(c: LmEvalConfig) -> LmEvalConfig:
+    """Raise ConfigError naming the first invalid ``probe.lm_eval`` key."""
+    k = "probe.lm_eval."
+    if c.tasks is not None:
+        tasks = as_list(c.tasks)
+        if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) and t for t in tasks):
+            raise invalid(k + "tasks", c.tasks, "null or a non-empty list of task names")
+        c.tasks = tasks
+    for key in ("examples", "limit"):
+        if getattr(c, key) is not None:
+            positive_int(k + key, getattr(c, key))
+    positive_int(k + "batch_size", c.batch_size)
+    if c.num_fewshot is not None and not (isinstance(c.num_fewshot, int) and not isinstance(c.num_fewshot, bool)
+                                          and c.num_fewshot >= 0):
+        raise invalid(k + "num_fewshot", c.num_fewshot, "an integer >= 0 or null")
+    non_negative_int(k + "bootstrap_iters", c.bootstrap_iters)
+    return c
+
+
+# ---- experts -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExpertsConfig:
+    """``probe=experts``: routing statistics of every DeepSeekMoE layer (mla_analysis.probes.experts)."""
+
+    max_examples: int = 256  # sequences of each eval set (domain) fed through the model
+    batch_size: int = 32
+    compare_to: Optional[str] = None  # run directory of another checkpoint for router saturation; null = skip
+    figures: bool = True
+    # DeepSeekMoE redundancy test: mask each token's r highest-affinity routed experts; [] / null = skip
+    redundancy_r: Optional[List[int]] = field(default_factory=lambda: [1, 2, 4])
+    dense_baseline: Optional[str] = None  # run directory of a dense model with equal active parameters; null = skip
+    dense_fraction: DenseFraction = DenseFraction.active  # neuron share zeroed in the dense model
+    energy_rank: Optional[int] = 4  # low-rank K/V energy vs routing: rank of the truncation; null = skip
+    energy_quantile: float = 0.75  # tokens with dropped energy >= this quantile form the "high" group
+    permutation_resamples: int = 999
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        coerce_choices(self, "probe.experts", strict=False)
+
+
+def check_experts(c: ExpertsConfig) -> ExpertsConfig:
+    """Raise ConfigError naming the first invalid ``probe.experts`` key (those of the model: when it runs)."""
+    k = "probe.experts."
+    positive_int(k + "max_examples", c.max_examples)
+    positive_int(k + "batch_size", c.batch_size)
+    _run_dir(k + "compare_to", c.compare_to)
+    check_bool(k + "figures", c.figures)
+    c.redundancy_r = [] if c.redundancy_r in (None, []) else int_list(k + "redundancy_r", c.redundancy_r)
+    _run_dir(k + "dense_baseline", c.dense_baseline)
+    if c.energy_rank is not None:
+        positive_int(k + "energy_rank", c.energy_rank)
+    _unit_interval(k + "energy_quantile", c.energy_quantile)
+    positive_int(k + "permutation_resamples", c.permutation_resamples)
+    _check_seed(k + "seed", c.seed)
+    return c
+
+
+# ---- head_ablation -------------------------------------------------------------------------------------
+
+
+@dataclass
+class HeadAblationConfig:
+    """``probe=head_ablation``: each head's ablation effect vs its key spectrum (mla_analysis.probes.head_ablation)."""
+
+    max_examples: int = 64  # sequences of each eval set scored per ablation
+    batch_size: int = 32
+    max_tokens: int = 8192  # tokens of the "lm" eval set whose keys give the spectra
+    rank: int = 4  # energy_dropped = energy outside the top ``rank`` singular values
+    center: bool = False  # mean-centre the keys before the decomposition
+    layers: Optional[List[int]] = None  # attention layers to ablate; null = all
+    bootstrap_resamples: int = 999
+    confidence_level: float = 0.95
+    seed: int = 0
+    figures: bool = True
+
+
+def check_head_ablation(c: HeadAblationConfig) -> HeadAblationConfig:
+    """Raise ConfigError naming the first invalid ``probe.head_ablation`` key (layer indices: when it runs)."""
+    k = "probe.head_ablation."
+    for key in ("max_examples", "batch_size", "max_tokens", "rank", "bootstrap_resamples"):
+        positive_int(k + key, getattr(c, key))
+    check_bool(k + "center", c.center)
+    check_bool(k + "figures", c.figures)
+    _unit_interval(k + "confidence_level", c.confidence_level)
+    _check_seed(k + "seed", c.seed)
+    if c.layers is not None:
+        layers = as_list(c.layers)
+        if not isinstance(layers, list) or not layers or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+            raise invalid(k + "layers", c.layers, "null | a non-empty list of layer indices")
+        c.layers = layers
+    return c
+
+
+# ---- cost ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CostConfig:
+    """``probe=cost``: KV bytes per token, published-model extrapolation, decode timings (mla_analysis.probes.cost)."""
+
+    contexts: List[int] = field(default_factory=lambda: [256, 1024])  # cached tokens before the timed steps
+    batch_sizes: List[int] = field(default_factory=lambda: [1, 8])
+    decode_steps: int = 16  # timed single-token steps per (path, context, batch); the median is reported
+    warmup: bool = True  # one untimed prefill + decode first (allocator, kernel selection)
+    dtypes: List[CacheDtype] = field(default_factory=lambda: [CacheDtype.fp32, CacheDtype.bf16])  # bytes check
+    # bits per cached element DeepSeek-V2's deployment quantises to (a number: Any keeps YAML's 6 an int
+    # in the records, as before; OmegaConf 2.3 has no Union[int, float])
+    claim_bits: Any = 6
+    extrap_context: int = 131072  # context for the GiB-per-sequence extrapolation of published models
+    quick: bool = False  # a tiny decode grid (tests): contexts [32], batch [1], 2 steps, no warm-up
+    figures: bool = True
+
+    def __post_init__(self) -> None:
+        coerce_choices(self, "probe.cost", strict=False)
+
+
+def check_cost(c: CostConfig) -> CostConfig:
+    """Raise ConfigError naming the first invalid ``probe.cost`` key."""
+    k = "probe.cost."
+    check_bool(k + "quick", c.quick)
+    c.contexts = int_list(k + "contexts", c.contexts)
+    c.batch_sizes = int_list(k + "batch_sizes", c.batch_sizes)
+    positive_int(k + "decode_steps", c.decode_steps)
+    positive_int(k + "extrap_context", c.extrap_context)
+    check_bool(k + "warmup", c.warmup)
+    check_bool(k + "figures", c.figures)
+    dtypes = as_list(c.dtypes)
+    if not isinstance(dtypes, list) or not dtypes:
+        raise invalid(k + "dtypes", c.dtypes, f"a list of {', '.join(CacheDtype.values())}")
+    try:
+        c.dtypes = [CacheDtype.parse(d, k + "dtypes") for d in dtypes]
+    except ConfigError:
+        raise invalid(k + "dtypes", c.dtypes, f"a list of {', '.join(CacheDtype.values())}") from None
+    if not is_number(c.claim_bits) or c.claim_bits <= 0:
+        raise invalid(k + "claim_bits", c.claim_bits, "a number > 0")
+    return c
+
+
+# ---- registry ------------------------------------------------------------------------------------------
+
+PROBE_CONFIGS: dict[str, tuple[type, Callable[[Any], Any]]] = {
+    "spectra": (SpectraConfig, check_spectra),
+    "retrieval": (RetrievalConfig, check_retrieval),
+    "lm_eval": (LmEvalConfig, check_lm_eval),
+    "experts": (ExpertsConfig, check_experts),
+    "head_ablation": (HeadAblationConfig, check_head_ablation),
+    "cost": (CostConfig, check_cost),
+}
+
+
+def probe_config(name: str, params: Any = None) -> Any:
+    """The checked options of probe ``name`` from a dict (or its dataclass); ConfigError naming ``probe.<name>.<key>``."""
+    if name not in PROBE_CONFIGS:
+        raise ConfigError(f"probe.{name}: unknown probe (allowed: {', '.join(sorted(PROBE_CONFIGS))})")
+    cls, check = PROBE_CONFIGS[name]
+    if isinstance(params, cls):
+        cfg = dataclasses.replace(params)  # a copy: checks normalise in place
+    else:
+        params = dict(params or {})
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise ConfigError(f"probe.{name}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(known))})")
+        cfg = cls(**params)
+    coerce_choices(cfg, f"probe.{name}")
+    return check(cfg)

@@ -1,0 +1,123 @@
+"""Routing statistics on index tensors (OLMoE, arXiv:2409.02060; MaxVio: arXiv:2408.15664): load, balance,
+routing entropy, domain / vocabulary specialisation, mutual information, router saturation.
+
+Pure functions of the chosen experts S_t ([N, k] indices) and affinities; ``probe.py`` defines each metric.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ...models.moe import routing_load
+
+
+def _flat(indices: torch.Tensor) -> torch.Tensor:
+    """Indices [..., k] -> [N, k] (long, cpu)."""
+    return indices.reshape(-1, indices.shape[-1]).long().cpu()
+
+
+def load_fraction(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Fraction of all assignments per expert [E] (sums to 1) from indices [..., k]."""
+    load = routing_load(indices.long().cpu(), n_experts).double()
+    return load / load.sum()
+
+
+def load_cv(load: torch.Tensor) -> float:
+    """Coefficient of variation std/mean (population std) of a load vector [E]."""
+    load = load.double()
+    mean = load.mean()
+    return float(load.std(unbiased=False) / mean) if mean > 0 else 0.0
+
+
+def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Shannon entropy (nats) of the distributions along ``dim`` (normalised first); 0 log 0 = 0."""
+    p = p.double()
+    p = p / p.sum(dim=dim, keepdim=True)
+    return -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(dim=dim)
+
+
+def token_entropy_sum(scores: torch.Tensor) -> float:
+    """Sum over tokens of the entropy of the normalised affinities s_t / sum_j s_{j,t}; scores [..., E]."""
+    return float(entropy(scores.reshape(-1, scores.shape[-1])).sum())
+
+
+def membership(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """M [N, E] float64: M[t, i] = 1 iff expert i is in S_t (indices [..., k], no repeats per token)."""
+    idx = _flat(indices)
+    m = torch.zeros(idx.shape[0], n_experts, dtype=torch.float64)
+    m.scatter_(1, idx, 1.0)
+    return m
+
+
+def domain_counts(indices: torch.Tensor, domain: torch.Tensor, n_domains: int, n_experts: int) -> torch.Tensor:
+    """C [E, D]: C[i, d] = #tokens of domain d whose S_t contains i; domain [...] matches indices[..., 0]."""
+    m = membership(indices, n_experts)  # [N, E]
+    onehot = torch.zeros(m.shape[0], n_domains, dtype=torch.float64)
+    onehot[torch.arange(m.shape[0]), domain.reshape(-1).long().cpu()] = 1.0
+    return m.T @ onehot
+
+
+def domain_specialisation(indices: torch.Tensor, domain: torch.Tensor, n_domains: int, n_experts: int) -> torch.Tensor:
+    """DomSpec [E, D] = N(i, D) / N_D (0 for an empty domain)."""
+    c = domain_counts(indices, domain, n_domains, n_experts)
+    n_d = torch.bincount(domain.reshape(-1).long().cpu(), minlength=n_domains).double()
+    return c / torch.where(n_d > 0, n_d, torch.ones_like(n_d))
+
+
+def top_domain_share(indices: torch.Tensor, domain: torch.Tensor, n_domains: int, n_experts: int) -> float:
+    """Mean over experts with assignments of (assignments from its top domain) / (its assignments)."""
+    c = domain_counts(indices, domain, n_domains, n_experts)
+    tot = c.sum(1)
+    used = tot > 0
+    return float((c.max(1).values[used] / tot[used]).mean()) if used.any() else 0.0
+
+
+def mutual_information(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Plug-in MI (nats) between paired discrete samples x, y (same numel) from their contingency table."""
+    x = x.reshape(-1).long().cpu().numpy()
+    y = y.reshape(-1).long().cpu().numpy()
+    if x.size != y.size:
+        raise ValueError(f"mutual_information: {x.size} vs {y.size} samples")
+    if x.size == 0:
+        return 0.0
+    _, xi = np.unique(x, return_inverse=True)
+    _, yi = np.unique(y, return_inverse=True)
+    table = np.zeros((xi.max() + 1, yi.max() + 1))
+    np.add.at(table, (xi, yi), 1.0)
+    p = table / table.sum()
+    px, py = p.sum(1, keepdims=True), p.sum(0, keepdims=True)
+    nz = p > 0
+    return float(max(0.0, (p[nz] * np.log(p[nz] / (px @ py)[nz])).sum()))
+
+
+def expert_label_mi(indices: torch.Tensor, labels: torch.Tensor) -> float:
+    """MI between the chosen expert and a per-token label; each of the k assignments is a sample."""
+    idx = _flat(indices)  # [N, k]
+    lab = labels.reshape(-1, 1).long().cpu().expand_as(idx)
+    return mutual_information(idx, lab)
+
+
+def vocab_specialisation(indices: torch.Tensor, tokens: torch.Tensor, n_experts: int) -> float:
+    """Mean over token ids x of max_i N(x, i) / N_x (OLMoE section 1.4, x = input token)."""
+    m = membership(indices, n_experts)  # [N, E]
+    ids, inv = torch.unique(tokens.reshape(-1).cpu(), return_inverse=True)
+    per_id = torch.zeros(len(ids), n_experts, dtype=torch.float64).index_add_(0, inv, m)  # N(x, i)
+    n_x = torch.bincount(inv, minlength=len(ids)).double()
+    return float((per_id.max(1).values / n_x).mean())
+
+
+def rank_by_score(indices: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Selected experts [..., k] sorted by their affinity (descending), scores [..., E]."""
+    s = scores.gather(-1, indices.long())
+    order = s.argsort(dim=-1, descending=True, stable=True)
+    return indices.long().gather(-1, order)
+
+
+def saturation(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
+    """Sat^(k) = mean_t |S_t^(k)(a) ∩ S_t^(k)(b)| / k from ranked indices a, b [..., K >= k]."""
+    a, b = _flat(a)[:, :k], _flat(b)[:, :k]
+    if a.shape != b.shape:
+        raise ValueError(f"saturation: routings of different shape {tuple(a.shape)} vs {tuple(b.shape)}")
+    inter = (a[:, :, None] == b[:, None, :]).any(-1).sum(-1).double()  # [N]
+    return float((inter / k).mean())
