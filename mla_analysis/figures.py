@@ -4,7 +4,7 @@
 runs carry the data for them (PNG and PDF each):
 
 - ``pareto``: quality (``--metric``, default ``val_loss``) against KV-cache bytes per token, mean and
-  95% bootstrap CI over seeds per configuration, with the Pareto frontier (less cache, better quality).
+  95% Student-t interval of the mean over seeds (n in the legend) per configuration, with the Pareto frontier (less cache, better quality).
 - ``rank_accuracy``: per task, exact match against MLA ``kv_lora_rank`` with a CI band; the MHA / GQA /
   MQA runs of the sweep as horizontal references.
 - ``retrieval_heatmaps``: the retrieval probe's length x depth (MQAR: length x pairs) grid of one
@@ -123,7 +123,7 @@ def plot_pareto(aggs: list[dict[str, Any]], metric: str, out_dir: Path) -> list[
     ax.set_xscale("log", base=2)
     ax.set_xlabel("KV cache per token, bytes (bf16, all layers)")
     ax.set_ylabel(f"{metric} ({'lower' if minimise else 'higher'} is better)")
-    ax.set_title(f"{metric} vs KV cache (mean, 95% bootstrap CI over seeds)", fontsize=10)
+    ax.set_title(f"{metric} vs KV cache (mean, 95% t-interval over seeds, n in legend)", fontsize=10)
     ax.legend(fontsize=7, loc="best")
     return _save(fig, out_dir, "pareto")
 
@@ -153,8 +153,10 @@ def plot_rank_accuracy(aggs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             mean = [a[key] for a in series]
             lo = [a.get(key + ".ci", (m, m))[0] for a, m in zip(series, mean)]
             hi = [a.get(key + ".ci", (m, m))[1] for a, m in zip(series, mean)]
+            ns = sorted({a.get("n_ok") or 0 for a in series})
             ax.plot(ranks, mean, "o-", color=f"C{i}", label=f"{variant} (mean over seeds)")
-            ax.fill_between(ranks, lo, hi, color=f"C{i}", alpha=0.2, label=f"{variant} 95% bootstrap CI")
+            ax.fill_between(ranks, lo, hi, color=f"C{i}", alpha=0.2,
+                            label=f"{variant} 95% t-interval, n={'/'.join(map(str, ns))}")
             all_ranks.update(ranks)
         for i, a in enumerate(o for o in others if o.get(key) is not None):
             ax.axhline(a[key], ls="--", lw=1, color=f"C{i + len(variants)}", label=a["label"])

@@ -1,9 +1,12 @@
 """Comparison tables from run records: ``python -m mla_analysis.report DIR... [--out DIR]``.
 
 Rows are built from each run's results.json only (never from logs). Runs are grouped by every
-config key that varies across the set except the seed; each group reports the mean over seeds and,
-with two or more seeds, a 95% bootstrap confidence interval (scipy.stats.bootstrap). Failed runs
-and run directories without results are listed with their status, never dropped.
+config key that varies across the set except the seed (and a data seed tied to it); each group reports
+the mean over seeds and, with two or more seeds, a Student-t 95% interval of the mean with its n
+(``mean_interval``); boolean ``.solved`` flags become the share of seeds with a 95% Wilson interval
+(``share_interval``); ``steps_to_solve`` counts the unsolved seeds as censored at the run's last step.
+Every table states the method and n of its intervals. Failed runs and run directories without results
+are listed with their status, never dropped.
 """
 
 from __future__ import annotations
@@ -25,6 +28,12 @@ import numpy as np
 from .config import MLA_VARIANTS, ModelConfig
 from .results import ResultsError, atomic_write_text, find_run_dirs, flatten, load_record
 
+CI_METHOD = "95% t"  # the label of every interval of a mean (report.mean_interval)
+SHARE_METHOD = "95% Wilson"  # the label of every interval of a share of seeds (report.share_interval)
+# metrics that are shares of examples in [0, 1]: their t-intervals are clipped to that range
+BOUNDED_SUFFIXES = (".exact_match", ".token_acc")
+# fields aggregate adds beside a metric (its interval, method, n, range, censoring): not metrics themselves
+SIBLING_SUFFIXES = (".ci", ".ci_method", ".n", ".k", ".range", ".censored", ".median", ".median_is_lower_bound")
 IGNORED_KEYS = ("seed", "device", "skip_finished", "train.progress", "train.resume", "train.threads",
                 "train.init_from")  # a probed checkpoint is identified by its model config, its seed ignored
 # metric columns shown when present: (record key, column title)
@@ -111,19 +120,61 @@ def varying_keys(rows: list[dict[str, Any]], ignore: Sequence[str] = ()) -> list
         if k in IGNORED_KEYS or k.startswith(("hydra", "logger.")) or any(fnmatch.fnmatchcase(k, pat) for pat in ignore):
             continue
         values = {repr(r.get(k)) for r in rows}
-        if len(values) > 1:
+        if len(values) > 1 and not (k in SEED_LIKE_KEYS and all(r.get(k) == r.get("seed") for r in rows)):
             out.append(k)
     return out
 
 
-def _bootstrap_ci(values: list[float]) -> Optional[tuple[float, float]]:
-    if len(values) < 2 or len(set(values)) < 2:
-        return None
-    from scipy.stats import bootstrap
+# a data seed set to the run's seed (``data.seed: ${seed}`` in a study) is a second seed, not a factor
+SEED_LIKE_KEYS = ("data.seed",)
 
-    res = bootstrap((np.asarray(values, dtype=float),), np.mean, confidence_level=0.95, n_resamples=2000,
-                    method="percentile", random_state=0)
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+def mean_interval(values: Sequence[float], confidence: float = 0.95) -> Optional[tuple[float, float]]:
+    """Student-t interval of the mean of ``values`` (n - 1 degrees of freedom); None when n < 2."""
+    x = np.asarray([float(v) for v in values], dtype=float)
+    n = len(x)
+    if n < 2:
+        return None
+    from scipy.stats import t
+
+    m = float(x.mean())
+    half = float(t.ppf(0.5 + confidence / 2, n - 1)) * float(x.std(ddof=1)) / math.sqrt(n)
+    return m - half, m + half
+
+
+def share_interval(k: int, n: int, confidence: float = 0.95) -> Optional[tuple[float, float]]:
+    """Wilson score interval of a share k/n (scipy.stats.binomtest); None when n = 0."""
+    if n <= 0:
+        return None
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def interval_label(n: int, method: str = CI_METHOD) -> str:
+    """How an interval over n seeds is labelled in every table: '95% t, n=3' (n=2 says so: 1 df)."""
+    if n < 2:
+        return f"n={n}, no interval"
+    return f"{method}, n={n}" + (" (1 df: very wide)" if n == 2 and method == CI_METHOD else "")
+
+
+def censored_median(steps: Sequence[Optional[float]], censor_at: Optional[float]) -> tuple[Optional[float], bool]:
+    """Median steps to solve with unsolved seeds (None) censored at ``censor_at``: (value, is a lower bound).
+
+    All censored seeds sit above every solved one (the run stopped at ``censor_at``), so the sample median
+    is exact while fewer than half of the seeds are censored, else only "> censor_at" is known.
+    """
+    n = len(steps)
+    if n == 0:
+        return None, False
+    solved = sorted(float(s) for s in steps if s is not None)
+    if 2 * len(solved) <= n:  # the middle of the sample is censored
+        return censor_at, True
+    big = float("inf")
+    full = solved + [big] * (n - len(solved))
+    mid = (full[(n - 1) // 2] + full[n // 2]) / 2
+    return float(mid), False
 
 
 def _label_keys(keys: list[str]) -> list[str]:
@@ -157,19 +208,36 @@ def aggregate(rows: list[dict[str, Any]], ignore: Sequence[str] = ()) -> tuple[l
             if mk.endswith(".solved"):
                 flags = [bool(v) for v in vals if v is not None]
                 agg[mk] = (sum(flags) / len(flags)) if flags else None
+                if flags:
+                    agg[mk + ".k"], agg[mk + ".n"] = sum(flags), len(flags)
+                    agg[mk + ".ci"] = share_interval(sum(flags), len(flags))
+                    agg[mk + ".ci_method"] = SHARE_METHOD
                 continue
             nums = [float(v) for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool)
                     and math.isfinite(float(v))]
             agg[mk] = float(np.mean(nums)) if nums else None
-            ci = _bootstrap_ci(nums)
+            if nums:
+                agg[mk + ".n"] = len(nums)
+                agg[mk + ".range"] = (min(nums), max(nums))
+            ci = mean_interval(nums) if len(set(nums)) > 1 else None  # equal on every seed: the value says it all
+            if ci is not None and mk.endswith(BOUNDED_SUFFIXES):
+                ci = (max(ci[0], 0.0), min(ci[1], 1.0))  # a share of examples: the interval clipped to [0, 1]
             if ci is not None:
                 agg[mk + ".ci"] = ci
+                agg[mk + ".ci_method"] = CI_METHOD
+            if mk.endswith(".steps_to_solve"):  # unsolved seeds are censored at the last step, not dropped
+                flags = [m.get(mk[: -len(".steps_to_solve")] + ".solved") for m in ok]
+                steps = [m.get(mk) if f else None for m, f in zip(ok, flags) if f is not None]
+                budget = max((m.get("train.steps") or 0 for m in ok), default=0) or None
+                med, lower = censored_median(steps, budget)
+                agg[mk + ".censored"] = sum(s is None for s in steps)
+                agg[mk + ".median"], agg[mk + ".median_is_lower_bound"] = med, lower
         out.append(agg)
     out.sort(key=lambda a: tuple(_sort_key(a.get(k), k) for k in keys))
     return keys, out
 
 
-VARIANT_ORDER = ("mha", "gqa", "mqa", "mla", "mla_coupled_rope")
+VARIANT_ORDER = ("mha", "mha_partial_rope", "gqa", "mqa", "mla", "mla_coupled_rope")
 
 
 def _sort_key(v: Any, key: str = "") -> tuple:
@@ -195,7 +263,7 @@ def columns(keys: list[str], aggs: list[dict[str, Any]], extra: Sequence[str] = 
                     if k.endswith(".exact_match") and not k.startswith("metrics.probe.")})  # probes: own files
     if extra:
         tasks = []
-        matched = sorted((k for k in present if k.startswith("metrics.") and not k.endswith(".ci")
+        matched = sorted((k for k in present if k.startswith("metrics.") and not k.endswith(SIBLING_SUFFIXES)
                           and any(fnmatch.fnmatchcase(k[len("metrics."):], pat) for pat in extra)),
                          key=lambda k: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", k)])  # len32 < len128
         cols += [(k, k[len("metrics."):].replace("probe.", "")) for k in matched]
@@ -204,7 +272,7 @@ def columns(keys: list[str], aggs: list[dict[str, Any]], extra: Sequence[str] = 
         if f"metrics.{t}.solved" in present:
             cols.append((f"metrics.{t}.solved", f"{t} solved (seeds)"))
         if f"metrics.{t}.steps_to_solve" in present:
-            cols.append((f"metrics.{t}.steps_to_solve", f"{t} steps to solve (solved seeds)"))
+            cols.append((f"metrics.{t}.steps_to_solve", f"{t} steps to solve (solved seeds; median, unsolved censored)"))
     cols += [(k, t) for k, t in TAIL if k in present]
     cols += [("n_ok", "seeds ok"), ("status", "status")]
     if any(a.get("run_dirs") for a in aggs):
@@ -236,20 +304,35 @@ def _fmt(v: Any, ci: Optional[tuple[float, float]] = None) -> str:
 
 
 def _cell(a: dict[str, Any], key: str) -> str:
-    """Formatted cell: solved shares as 'k/n seeds', other numbers as mean [95% CI]."""
+    """Formatted cell: solved shares as 'k/n [Wilson]', other numbers as mean [t-interval]; n in 'seeds ok'."""
     if key.endswith(".solved") and a.get(key) is not None:
-        n = a.get("n_ok") or 0
-        return f"{round(a[key] * n)}/{n}"
-    return _fmt(a.get(key), a.get(key + ".ci"))
+        n = a.get(key + ".n", a.get("n_ok") or 0)
+        k = a.get(key + ".k", round(a[key] * n))
+        ci = a.get(key + ".ci")
+        return f"{k}/{n}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+    cell = _fmt(a.get(key), a.get(key + ".ci"))
+    if key.endswith(".steps_to_solve") and a.get(key + ".censored"):
+        med = a.get(key + ".median")
+        cell += f"; median {'> ' if a.get(key + '.median_is_lower_bound') else ''}{_fmt(med)}, {a[key + '.censored']} censored"
+    return cell
+
+
+def interval_note(aggs: list[dict[str, Any]]) -> str:
+    """The line under every table naming its intervals' method and n."""
+    ns = sorted({a.get("n_ok") or 0 for a in aggs})
+    n = ", ".join(map(str, ns)) if ns else "0"
+    return (f"Cells: mean over seeds [{CI_METHOD} interval of the mean, n = 'seeds ok' = {n}; n=2 has 1 df and is very "
+            f"wide; exact match and token accuracy clipped to [0, 1]; no interval where every seed gave the same value]; solved: k/n seeds [{SHARE_METHOD} interval]; steps to solve: mean over solved seeds, the median "
+            "counting unsolved seeds as censored at the last step.")
 
 
 def to_markdown(keys: list[str], aggs: list[dict[str, Any]], extra: Sequence[str] = ()) -> str:
-    """Markdown table (mean [95% CI] over seeds when there are several)."""
+    """Markdown table (mean [95% t-interval] over seeds when there are several), with the interval note under it."""
     cols = columns(keys, aggs, extra)
     lines = ["| " + " | ".join(t for _, t in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for a in aggs:
         lines.append("| " + " | ".join(_cell(a, k).replace("|", "/") for k, _ in cols) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + interval_note(aggs) + "\n"
 
 
 def to_csv(keys: list[str], aggs: list[dict[str, Any]], extra: Sequence[str] = ()) -> str:
@@ -259,7 +342,7 @@ def to_csv(keys: list[str], aggs: list[dict[str, Any]], extra: Sequence[str] = (
     for k, _ in cols:
         header.append(k)
         if any(k + ".ci" in a for a in aggs):
-            header += [k + "_ci_low", k + "_ci_high"]
+            header += [k + "_ci_low", k + "_ci_high", k + "_ci_method"]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(header)
@@ -270,7 +353,7 @@ def to_csv(keys: list[str], aggs: list[dict[str, Any]], extra: Sequence[str] = (
             row.append("" if value is None else "; ".join(map(str, value)) if isinstance(value, list) else value)
             if any(k + ".ci" in b for b in aggs):
                 ci = a.get(k + ".ci")
-                row += [ci[0], ci[1]] if ci else ["", ""]
+                row += [ci[0], ci[1], a.get(k + ".ci_method", "")] if ci else ["", "", ""]
         w.writerow(row)
     return buf.getvalue()
 
@@ -287,7 +370,7 @@ def to_latex(keys: list[str], aggs: list[dict[str, Any]], extra: Sequence[str] =
     lines = [r"\begin{tabular}{" + "l" * len(cols) + "}", r"\toprule", " & ".join(esc(t) for _, t in cols) + r" \\", r"\midrule"]
     for a in aggs:
         lines.append(" & ".join(esc(_cell(a, k)) for k, _ in cols) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [r"\bottomrule", r"\end{tabular}", "% " + interval_note(aggs)]
     return "\n".join(lines) + "\n"
 
 

@@ -314,6 +314,7 @@ def test_probe_runs_via_run_probes_and_writes_keys_json_png(tmp_path):
         ("batch_size", -1),
         ("seed", -1),
         ("attention", "yes"),
+        ("mqar_power_a", 0),
         ("bogus_key", 1),
     ],
 )
@@ -345,3 +346,19 @@ def test_cells_are_deterministic_and_seed_dependent():
     a, b, other = cell_data(DATA, c, 3, 0), cell_data(DATA, c, 3, 0), cell_data(DATA, c, 3, 1)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], other[0])
+
+
+def test_mqar_power_a_places_queries_uniformly_over_the_context():
+    L, P, n = 128, 2, 400
+    g = (L - 2 * P) // 2  # query slots after the pairs
+
+    def slots(power_a):
+        _, targets = cell_data(DATA, Cell("mqar", L, pairs=P), n, seed=0, mqar_power_a=power_a)
+        pos = (targets >= 0).nonzero()[:, 1].float()  # scored positions = the query slots
+        return (pos - 2 * P) / 2
+
+    uniform, default = slots(1.0), slots(None)
+    # 800 slots drawn uniformly (2 distinct per example): mean (g - 1) / 2 (sd ~ 0.6), a quarter in the first quarter
+    assert abs(float(uniform.mean()) - (g - 1) / 2) < 3
+    assert abs(float((uniform < g / 4).float().mean()) - 0.25) < 0.06
+    assert float((default < g / 4).float().mean()) > 0.5  # the data's power law (a = 0.01) crowds them at the start

@@ -16,10 +16,12 @@ class ClaimsConfig:
         "long_context": "experiments/long_context/run",
         "moe_study": "experiments/moe_study/run",
         "moe_probes": "experiments/moe_study/probes",
+        "real_conversion": "experiments/real_conversion/run",  # the real-model study (SmolLM2-135M); absent until run
     })
     out: Optional[str] = "CLAIMS.md"  # also written here (relative to the working directory); null = run dir only
     cache_bits: float = 6.0  # bits per cached element of DeepSeek-V2's deployment (its paper's KV quantisation)
     context: int = 4096  # decode timing context and the arithmetic's reference context
     decode_steps: int = 8
+    repeats: int = 5  # decode timings repeated (interleaved across variants): median and spread per variant
     quick: bool = False  # tiny decode shape (tests)
     tolerance: float = 0.01  # "performance loss under 1%": relative

@@ -126,6 +126,9 @@ class RetrievalConfig:
     examples: int = 64  # examples per grid cell
     batch_size: int = 16
     seed: int = 0  # the probe's own eval stream (with data.seed)
+    # MQAR query slots: null = data.mqar.power_a (Zoology's power law; 0.01 puts most queries right after the
+    # pairs, so long contexts test RoPE extrapolation more than distance); 1.0 = uniform over the context
+    mqar_power_a: Optional[float] = None
     attention: bool = True  # trace the attention mass on the needle per layer
     figures: bool = True
 
@@ -169,6 +172,9 @@ def check_retrieval(c: RetrievalConfig) -> RetrievalConfig:
     positive_int(k + "examples", c.examples)
     positive_int(k + "batch_size", c.batch_size)
     _check_seed(k + "seed", c.seed)
+    a = c.mqar_power_a
+    if a is not None and not (is_number(a) and 0 < a < math.inf):
+        raise invalid(k + "mqar_power_a", a, "null | a number > 0 (1.0 = query slots uniform over the context)")
     check_bool(k + "attention", c.attention)
     check_bool(k + "figures", c.figures)
     return c

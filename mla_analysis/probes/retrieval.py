@@ -46,7 +46,8 @@ Keys (``<cell>`` = ``len<L>.depth<d:.2f>`` or, for mqar, ``len<L>.pairs<P>``; de
 (means over the task's cells), ``<task>.within_train.<m>`` / ``<task>.beyond_train.<m>`` (mean over cells
 with L <= / > data.seq_len, m in exact_match, token_acc), ``retrieval.within_train.<m>`` /
 ``retrieval.beyond_train.<m>`` (mean over the grid tasks of those), ``train_len``, ``max_seq_len``,
-``n_examples``. Cells a task does not fit (too short) are skipped and listed in retrieval.json.
+``n_examples``, ``mqar_power_a`` (the MQAR query placement used: ``mqar_power_a`` or data.mqar.power_a).
+Cells a task does not fit (too short) are skipped and listed in retrieval.json.
 retrieval.json (atomic) holds every cell, the skipped cells and the figure names; PNGs
 ``retrieval_grid.png`` (heat map per task + detail curves) and ``retrieval_attn.png`` (mass per layer).
 """
@@ -167,7 +168,7 @@ def eval_filler(data_cfg: Any):
     return load_text_corpora(data_cfg)[1]
 
 
-def _knobs(data_cfg: Any, cell: Cell) -> dict:
+def _knobs(data_cfg: Any, cell: Cell, mqar_power_a: Optional[float] = None) -> dict:
     family = TASK_FAMILY[cell.task]
     knobs = getattr(data_cfg, family)
     kw = {f: (knobs[f] if isinstance(knobs, dict) else getattr(knobs, f)) for f in TASK_KNOBS[family].__dataclass_fields__}
@@ -175,6 +176,8 @@ def _knobs(data_cfg: Any, cell: Cell) -> dict:
         kw["depth"] = cell.depth
     if cell.task == "mqar":
         kw.update(num_kv_pairs=cell.pairs, num_queries=None)  # Zoology: every key asked exactly once
+        if mqar_power_a is not None:
+            kw["power_a"] = float(mqar_power_a)
     return kw
 
 
@@ -185,11 +188,13 @@ def cell_rng(data_cfg: Any, seed: int, cell: Cell) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(key))
 
 
-def cell_data(data_cfg: Any, cell: Cell, n: int, seed: int, filler=None) -> tuple[torch.Tensor, torch.Tensor]:
+def cell_data(data_cfg: Any, cell: Cell, n: int, seed: int, filler=None,
+              mqar_power_a: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(inputs, targets)`` [n, L] of one cell; SeqLenError when the task does not fit the length."""
     filler = eval_filler(data_cfg) if filler is None else filler
+    knobs = _knobs(data_cfg, cell, mqar_power_a)
     try:
-        return make_task(cell.task, n, cell_rng(data_cfg, seed, cell), make_vocab(data_cfg), cell.length, _knobs(data_cfg, cell), filler)
+        return make_task(cell.task, n, cell_rng(data_cfg, seed, cell), make_vocab(data_cfg), cell.length, knobs, filler)
     except SeqLenError:
         raise
     except ValueError as e:  # a knob the grid set is impossible (e.g. more MQAR pairs than key ids)
@@ -515,12 +520,14 @@ def run(model: torch.nn.Module, params: dict, data_cfg: Any, run_dir: Path, devi
     filler = eval_filler(data_cfg)
     n_layers = len(unwrap(model).layers)
 
-    metrics: dict[str, Any] = {"train_len": train_len, "max_seq_len": cfg.max_seq_len, "n_examples": p["examples"]}
+    metrics: dict[str, Any] = {"train_len": train_len, "max_seq_len": cfg.max_seq_len, "n_examples": p["examples"],
+                               "mqar_power_a": float(p["mqar_power_a"] if p["mqar_power_a"] is not None
+                                                     else _knobs(data_cfg, Cell("mqar", train_len, pairs=1))["power_a"])}
     done: list[dict] = []
     skipped: list[dict] = []
     for cell in grid_cells(p, lengths, pairs):
         try:
-            inputs, targets = cell_data(data_cfg, cell, p["examples"], p["seed"], filler)
+            inputs, targets = cell_data(data_cfg, cell, p["examples"], p["seed"], filler, p["mqar_power_a"])
         except SeqLenError as e:
             skipped.append({"cell": cell.key, "reason": str(e)})
             continue
