@@ -14,11 +14,11 @@ from .logger import LoggerConfig, MLflowConfig, TensorBoardConfig
 from .model import (ATTENTION_VARIANTS, FFN_KINDS, MLA_DECODE_PATHS, MLA_VARIANTS, MLP_KINDS, NORMS, POS_EMBS,
                     SCORE_FUNCS, ConfigError, ModelConfig, RopeScaling, tiny, validate_model_config)
 from .search import SearchConfig
-from .train import TrainConfig, validate_train
+from .train import PARALLEL, TRAINABLE, Parallel, TrainConfig, Trainable, validate_train
 
 __all__ = [
     "ATTENTION_VARIANTS", "FFN_KINDS", "MLA_DECODE_PATHS", "MLA_VARIANTS", "MLP_KINDS", "NORMS", "POS_EMBS",
-    "SCORE_FUNCS", "ClaimsConfig", "ConfigError", "ConvertConfig", "LoggerConfig", "MLflowConfig", "ModelConfig",
-    "RopeScaling", "SearchConfig", "TensorBoardConfig", "TrainConfig", "check_finite", "tiny", "validate_model_config",
+    "PARALLEL", "SCORE_FUNCS", "TRAINABLE", "ClaimsConfig", "ConfigError", "ConvertConfig", "LoggerConfig", "MLflowConfig", "ModelConfig",
+    "Parallel", "RopeScaling", "SearchConfig", "TensorBoardConfig", "TrainConfig", "Trainable", "check_finite", "tiny", "validate_model_config",
     "validate_train",
 ]
