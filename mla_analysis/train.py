@@ -278,6 +278,18 @@ def _replicas_in_sync(model: torch.nn.Module) -> bool:
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
+def export_submitit_env() -> None:
+    """Under a submitit launcher with several tasks (``hydra/launcher=submitit_slurm tasks_per_node=N``), set the
+    torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) from the job environment; else nothing."""
+    if "WORLD_SIZE" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
+        return
+    from submitit import JobEnvironment
+    from submitit.helpers import TorchDistributedEnvironment
+
+    if JobEnvironment().num_tasks > 1:  # each task keeps every GPU visible: the trainer picks cuda:LOCAL_RANK
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def _dist_info() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
