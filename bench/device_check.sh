@@ -26,6 +26,10 @@ $py -c "import torch, transformers, sys; print('python', sys.version.split()[0],
 step test_cuda 150 $py -m pytest -q -p no:cacheprovider tests/test_cuda.py
 step bench 330 $py -m mla_analysis.bench --device cuda --profile --out "$out/BENCHMARKS.md" ${note:+--note "$note"}
 
+# The real-model figures (issue 22) on the GPU: SmolLM2-135M in bf16, the toolkit's decode as CUDA-graph replays;
+# their own section (real-cuda) of the report. Needs the offline SmolLM2 asset (make assets) on the machine.
+step bench_real 240 $py -m mla_analysis.bench --real --device cuda --out "$out/BENCHMARKS.md" ${note:+--note "$note"}
+
 # Kernel choice of attention.attend on CUDA: MLA's v is narrower than q/k; PyTorch's flash kernel needs equal
 # widths, so unpadded v falls back to another fused kernel. Forward + backward at figure 1's GPU shape.
 step sdpa_pad 60 $py - <<'EOF'

@@ -37,6 +37,7 @@ region is bracketed by ``torch.cuda.synchronize``. Decode runs under ``torch.inf
 Section 3 skips a context when the previous (half as long) one predicts more memory than is
 available or a step longer than ``--max-step-s``, and says so in the table.
 
+``--real`` runs the real-model figures instead (SmolLM2-135M vs transformers: ``mla_analysis/bench_real.py``).
 ``--quick`` shrinks every size (a few seconds; used by the tests) and does not write BENCHMARKS.md
 unless ``--out`` is given. ``--profile`` adds torch.profiler hotspot tables for figures 1 and 2 and for the
 MLA decode step at the longest context of figure 3.
@@ -1094,6 +1095,12 @@ def _run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--real" in argv:  # the real-model figures (issue 22): mla_analysis/bench_real.py, its own options
+        import importlib
+
+        # bench_real builds on this module's timers and report writer; importing it by name keeps the
+        # import graph one way (bench_real -> bench)
+        return importlib.import_module("mla_analysis.bench_real").main(argv)
     args = parse_args(argv)
     res = run(args)
     body = render(res, argv)

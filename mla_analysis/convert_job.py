@@ -121,7 +121,10 @@ def validate_convert(c: ConvertConfig, model_cfg: ModelConfig) -> None:
 
 def _content_key(model_cfg: ModelConfig, data_cfg: DataConfig, tcfg: TrainConfig, seed: int) -> str:
     """Hash of everything that decides a trained model (not progress bars, threads or resume flags)."""
-    t = {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in ("progress", "threads", "resume", "init_from")}
+    t = {k: v for k, v in dataclasses.asdict(tcfg).items()
+         if k not in ("progress", "threads", "resume", "init_from", "parallel")}  # ddp = fsdp to fp32 tolerance
+    if t.get("trainable") == "all":  # the default: hashes of runs made before the key existed stay valid
+        del t["trainable"]
     blob = json.dumps({"model": model_cfg.to_dict(), "data": dataclasses.asdict(data_cfg), "train": t, "seed": seed},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

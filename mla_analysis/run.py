@@ -37,7 +37,7 @@ from .results import (RESULTS_FILE, ResultsError, atomic_write_json, environment
 from .job_config import check_config, job_objects, record_config  # noqa: F401  (check_config: run's API)
 from .launcher import launched_dirs, register_launchers
 from .search import objective, resolve_reference
-from .train import NonFiniteLoss, TrainingInterrupted, train
+from .train import NonFiniteLoss, TrainingInterrupted, export_submitit_env, train
 
 
 def _primary_metric(metrics: dict[str, Any]) -> Optional[float]:
@@ -100,6 +100,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, multirun: bool, stop: Any) -> Optio
     from .schema import kv_cache_warning, validate_run
 
     results_path = run_dir / RESULTS_FILE
+    export_submitit_env()  # a multi-task submitit job: one rank per task, as under torchrun
     is_rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 probes and records
     t0 = time.time()
     config = record_config(cfg)

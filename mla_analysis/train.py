@@ -3,7 +3,11 @@
 Reproducibility contract: the batch of step k depends only on (data config, seed, k), the model
 init only on the seed, and the optimizer state is checkpointed exactly, so a run resumed from a
 checkpoint (``train.resume=true``, e.g. after SIGINT/SIGTERM) ends with the same metrics as an
-uninterrupted one (bitwise on CPU). Runs under ``torchrun`` with DDP (gloo on CPU, nccl on CUDA).
+uninterrupted one (bitwise on CPU). Runs under ``torchrun`` (gloo on CPU, nccl on CUDA) with DDP
+(``train.parallel=ddp``: replicas) or FSDP2 (``train.parallel=fsdp``: each block and the root sharded with
+``fully_shard``, AdamW states sharded with them, sharded safetensors checkpoints written by every rank).
+``train.trainable`` freezes all but a part of the model (healing a conversion: attention, or the MLA KV
+projections only); the optimizer holds only the trainable parameters.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .accounting import count_params, kv_bytes_per_token, train_flops_per_token
-from .checkpoint import check_fresh_start, load_checkpoint, resume_checkpoint, save_checkpoint, save_model_config
-from .config import ConfigError, ModelConfig, TrainConfig  # TrainConfig: importable from here as before
+from .checkpoint import (check_fresh_start, load_checkpoint, resume_checkpoint, save_checkpoint, save_model_config,
+                         save_sharded_checkpoint)
+from .config import ConfigError, ModelConfig, Parallel, TrainConfig, Trainable  # TrainConfig: importable from here as before
 from .data import DataConfig, build_eval_sets, language_optimal_loss, score_predictions, train_batch
 from .models.transformer import Transformer
 
@@ -90,6 +95,69 @@ def make_optimizer(model: torch.nn.Module, tcfg: TrainConfig) -> torch.optim.Ada
     groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # the fused kernel runs the whole update in one pass (CPU and CUDA); results are deterministic
     return torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), fused=True)
+
+
+MLA_KV_PROJECTIONS = ("wkv_a", "kv_norm", "wkv_b")  # what mha_to_mla makes; wq / wo are the source's
+
+
+def trainable_names(model: Transformer, trainable: Trainable | str) -> list[str]:
+    """Names of the parameters ``train.trainable`` selects (``named_parameters`` order, tied weights once)."""
+    trainable = Trainable(trainable)
+    names = [n for n, _ in model.named_parameters()]
+    if trainable == Trainable.all:
+        return names
+    if trainable == Trainable.attention:  # Block.attn: every attention variant's projections (and q/kv norms)
+        picked = [n for n in names if n.startswith("layers.") and n.split(".")[2] == "attn"]
+    else:  # layers.i.attn.wkv_a.weight, layers.i.attn.kv_norm.weight, ...
+        picked = [n for n in names if n.startswith("layers.") and n.split(".")[2] == "attn"
+                  and n.split(".")[3] in MLA_KV_PROJECTIONS]
+    if not picked:
+        allowed = "all, attention" if trainable == Trainable.mla else "all"
+        raise ConfigError(f"train.trainable={trainable} is invalid for model {model.cfg.name!r} "
+                          f"(attention={model.cfg.attention}): it selects no parameter (allowed: {allowed})")
+    return picked
+
+
+def freeze_untrainable(model: Transformer, trainable: Trainable | str) -> int:
+    """Set requires_grad by ``train.trainable`` (the others frozen); returns the trainable parameter count."""
+    keep = set(trainable_names(model, trainable))
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in keep)
+    return sum(p.numel() for n, p in model.named_parameters() if n in keep)
+
+
+def shard_model(model: Transformer, mesh: Any) -> None:
+    """FSDP2: each block is one all-gather unit, the root (embeddings, final norm, head) another; in place."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+@contextlib.contextmanager
+def unsharded_root(model: torch.nn.Module, sharded: bool):
+    """Evaluation calls ``model.head`` outside the forward: keep the root's parameters gathered meanwhile."""
+    if not sharded:
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
+def gathered_copy(model: torch.nn.Module, cfg: ModelConfig, keep: bool) -> Optional[Transformer]:
+    """A plain (unsharded) copy of a sharded model's weights; collective, the copy kept where ``keep`` (rank 0)."""
+    from torch.distributed.tensor import DTensor
+
+    full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in model.state_dict().items()}
+    if not keep:
+        return None
+    plain = Transformer(cfg)
+    plain.load_state_dict(full)
+    return plain.to(next(iter(full.values())).device)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -187,6 +255,15 @@ def _all_reduce(t: torch.Tensor) -> None:
     dist.all_reduce(t)
 
 
+def _any_rank_stopped(signum: Optional[int], dev: torch.device) -> Optional[int]:
+    """The largest pending signal number over ranks (None if none): all ranks stop after the same step."""
+    import torch.distributed as dist
+
+    t = torch.tensor([signum or 0], device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item()) or None
+
+
 def _replicas_in_sync(model: torch.nn.Module) -> bool:
     """Whether every rank holds bit-identical parameters and buffers (checks DDP and the router bias sync)."""
     import torch.distributed as dist
@@ -199,6 +276,18 @@ def _replicas_in_sync(model: torch.nn.Module) -> bool:
     gathered = [torch.empty_like(digest) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, digest)
     return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def export_submitit_env() -> None:
+    """Under a submitit launcher with several tasks (``hydra/launcher=submitit_slurm tasks_per_node=N``), set the
+    torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) from the job environment; else nothing."""
+    if "WORLD_SIZE" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
+        return
+    from submitit import JobEnvironment
+    from submitit.helpers import TorchDistributedEnvironment
+
+    if JobEnvironment().num_tasks > 1:  # each task keeps every GPU visible: the trainer picks cuda:LOCAL_RANK
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -251,6 +340,12 @@ def train(
     else:
         model_cfg = model.cfg
     model = model.to(dev)
+    n_trainable = freeze_untrainable(model, tcfg.trainable)  # before the wrappers and the optimizer see the flags
+    sharded = world > 1 and Parallel(tcfg.parallel) == Parallel.fsdp
+    if sharded:  # the optimizer must be built over the sharded (DTensor) parameters
+        from torch.distributed.device_mesh import init_device_mesh
+
+        shard_model(model, init_device_mesh(dev.type, (world,)))
     optimizer = make_optimizer(model, tcfg)
     steps = total_steps(tcfg, data_cfg, world)
     folder = resume_folder(run_dir, tcfg.resume, rank)  # before anything is written: a refusal leaves the dir as it was
@@ -268,7 +363,7 @@ def train(
         last_loss = float(state["train_loss"]) if state.get("train_loss") is not None else last_loss
 
     ddp_model = model
-    if world > 1:
+    if world > 1 and not sharded:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         # buffers (the router bias) are kept equal by all-reducing the loads, not by broadcasting
@@ -279,11 +374,11 @@ def train(
     checkpoint_errors: dict[int, str] = {}
 
     def checkpoint(step: int) -> bool:
-        """Save (rank 0); a failed write (full disk, permissions) is reported and recorded, training goes on."""
-        if rank != 0:
+        """Save (rank 0; every rank when sharded); a failed write is reported and recorded, training goes on."""
+        if rank != 0 and not sharded:
             return True
         try:
-            save_checkpoint(
+            (save_sharded_checkpoint if sharded else save_checkpoint)(
                 run_dir, model, optimizer, step,
                 {"history": history, "solved_at": solved_at, "train_time": train_time, "train_loss": last_loss},
                 keep=tcfg.keep_checkpoints,
@@ -291,12 +386,14 @@ def train(
         except OSError as e:
             checkpoint_errors[step] = f"checkpoint of step {step} not saved in {run_dir / 'checkpoints'}: " \
                                       f"{type(e).__name__}: {e}"
-            print(f"warning: {checkpoint_errors[step]}", file=sys.stderr)
+            if rank == 0:
+                print(f"warning: {checkpoint_errors[step]}", file=sys.stderr)
             return False
         return True
 
     def run_eval(step: int) -> dict[str, float]:
-        metrics = evaluate(model, eval_sets, dev, tcfg.eval_batch_size)
+        with unsharded_root(model, sharded):  # every rank evaluates (sharded: together, block by block)
+            metrics = evaluate(model, eval_sets, dev, tcfg.eval_batch_size)
         metrics["step"] = step
         metrics["tokens"] = step * tokens_per_step
         for key, value in metrics.items():
@@ -331,11 +428,15 @@ def train(
                 ((loss + aux) / tcfg.grad_accum).backward()
                 step_loss += loss.detach() / tcfg.grad_accum  # a device tensor: one host sync per step, not per micro-batch
             grad_norm = None
-            if tcfg.grad_clip > 0:
+            if tcfg.grad_clip > 0:  # sharded: the norm over all ranks' shards (a replicated DTensor)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)  # norm before clipping
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             optimizer.step()
             for moe in model.moe_layers():
                 moe.update_bias(all_reduce=_all_reduce if world > 1 else None)
+            if world > 1:  # the logged loss is the mean over all ranks' batches, as one process would see it
+                _all_reduce(step_loss)
+                step_loss /= world
             step_s = time.perf_counter() - t0
             train_time += step_s
             last_loss = float(step_loss)
@@ -352,6 +453,8 @@ def train(
                 run_eval(done)
             if tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0 and done < steps:
                 checkpoint(done)
+            if world > 1:  # ranks agree, else one would checkpoint while another waits in the next step
+                stop.signum = _any_rank_stopped(stop.signum, dev)
             if stop.signum is not None:
                 saved = checkpoint(done)
                 bar.close()
@@ -362,9 +465,14 @@ def train(
         if stop.signum is not None:  # arrived during the final evaluation
             raise stop.interrupted(f"during the final evaluation: " + _resume_hint(run_dir, saved, checkpoint_errors.get(steps)))
     metrics: dict[str, Any] = {k: v for k, v in final.items() if k not in ("step", "tokens")}
-    if world > 1:
+    if sharded:  # the returned model (probes, records) is a plain copy on rank 0
+        metrics["fsdp_world_size"] = world
+        del optimizer
+        model = gathered_copy(model, model_cfg, keep=rank == 0)
+    elif world > 1:
         metrics["ddp_world_size"] = world
         metrics["ddp_in_sync"] = _replicas_in_sync(model)
+    if world > 1:
         if owns_group:
             dist.destroy_process_group()
     metrics["train_loss"] = last_loss
@@ -374,6 +482,7 @@ def train(
     metrics["tokens_per_s"] = steps * tokens_per_step / train_time if train_time and steps else None
     metrics["params"] = count_params(model_cfg)
     metrics["params_active"] = count_params(model_cfg, active=True)
+    metrics["params_trainable"] = n_trainable
     metrics["kv_bytes_per_token"] = kv_bytes_per_token(model_cfg, "bf16")
     metrics["flops_per_token"] = train_flops_per_token(model_cfg, data_cfg.seq_len)
     optimum = language_optimal_loss(data_cfg)

@@ -21,14 +21,14 @@ from .probes import (PROBE_CONFIGS, CostConfig, ExpertsConfig, HeadAblationConfi
                      SpectraConfig, probe_config)
 from .run import check_run
 from .search import SearchConfig
-from .train import TrainConfig, validate_train
+from .train import PARALLEL, TRAINABLE, Parallel, TrainConfig, Trainable, validate_train
 
 __all__ = [
     "ATTENTION_VARIANTS", "FFN_KINDS", "MLA_DECODE_PATHS", "MLA_VARIANTS", "MLP_KINDS", "NORMS", "POS_EMBS",
-    "SCORE_FUNCS", "Attention", "ClaimsConfig", "ConfigError", "ConvertConfig", "CostConfig", "DataConfig",
+    "PARALLEL", "SCORE_FUNCS", "TRAINABLE", "Attention", "ClaimsConfig", "ConfigError", "ConvertConfig", "CostConfig", "DataConfig",
     "Edition", "ExpertsConfig", "Ffn", "HeadAblationConfig", "LmEvalConfig", "LoggerConfig", "MLflowConfig",
-    "MlaDecode", "Mlp", "ModelConfig", "NiahHaystack", "NiahType", "Norm", "PosEmb", "PROBE_CONFIGS",
+    "MlaDecode", "Mlp", "ModelConfig", "NiahHaystack", "NiahType", "Norm", "Parallel", "PosEmb", "PROBE_CONFIGS",
     "RetrievalConfig", "RopeScaling", "RopeType", "ScoreFunc", "SearchConfig", "Source", "SpectraConfig",
-    "TensorBoardConfig", "TrainConfig", "check_data", "check_finite", "check_run", "probe_config", "tiny",
+    "TensorBoardConfig", "TrainConfig", "Trainable", "check_data", "check_finite", "check_run", "probe_config", "tiny",
     "validate_model_config", "validate_train",
 ]

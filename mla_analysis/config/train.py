@@ -5,7 +5,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .checks import ConfigError, check_finite
+from .checks import Choice, ConfigError, check_finite
+
+
+class Trainable(Choice):
+    """Which parameters the optimizer updates (healing a converted model trains a part of it)."""
+
+    all = "all"
+    attention = "attention"  # every attention module's weights (layers.*.attn.*); embeddings, norms, FFNs frozen
+    mla = "mla"  # only the MLA KV projections a conversion makes (wkv_a, kv_norm, wkv_b); MLA models only
+
+
+class Parallel(Choice):
+    """How ranks share the work under torchrun (one process: no effect)."""
+
+    ddp = "ddp"  # replicas, gradients all-reduced (DistributedDataParallel)
+    fsdp = "fsdp"  # FSDP2: parameters, gradients and AdamW states sharded over ranks; sharded checkpoints
+
+
+TRAINABLE = Trainable.values()
+PARALLEL = Parallel.values()
 
 
 @dataclass
@@ -31,6 +50,8 @@ class TrainConfig:
     init_from: Optional[str] = None  # run dir or HF checkpoint dir: start from its model (and its config)
     solve_threshold: float = 0.99  # a task counts as solved from the first eval at or above this
     threads: Optional[int] = None  # torch intra-op threads (None = torch's default)
+    trainable: Trainable = Trainable.all  # frozen parameters get no gradient and no optimizer state
+    parallel: Parallel = Parallel.ddp  # under torchrun: ddp (replicas) or fsdp (sharded, for models that outgrow one device)
     progress: bool = True
 
 
