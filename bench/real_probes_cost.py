@@ -46,7 +46,19 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.time() - t
 
-    rows = []
+    print(f"{'probe':28s} {'units':>6s} {'s/unit':>8s} {'study s':>9s}", flush=True)
+
+    class Rows(list):
+        def append(self, row) -> None:  # print each row as soon as it is measured (long runs on a CPU)
+            super().append(row)
+            name, units, per, study = row
+            print(f"{name:28s} {units:6d} {per:8.2f} {study:9.0f}", flush=True)
+
+    rows = Rows()
+    t = time.time()
+    with torch.no_grad():
+        model(torch.zeros(1, 1024, dtype=torch.long, device=dev))
+    print(f"one 1,024-token forward: {time.time() - t:.2f} s (the machine's speed now)", flush=True)
     # kl (and token_bins, which reuses its pass): per window, both models + both heads on every position
     PROBES["kl"](model, {"max_windows": 1, "seq_len": 64}, cfg, args.out, dev)  # warm-up: reference load, tokens
     n = 4
@@ -76,9 +88,6 @@ def main() -> None:
     n = 40
     t = timed("next_line", {"examples": n, "batch_size": 16})
     rows.append(("next_line", n, t / n, t / n * next_line.DEFAULTS["examples"]))
-    print(f"{'probe':28s} {'units':>6s} {'s/unit':>8s} {'study s':>9s}")
-    for name, units, per, study in rows:
-        print(f"{name:28s} {units:6d} {per:8.2f} {study:9.0f}")
 
 
 if __name__ == "__main__":
