@@ -90,8 +90,8 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_graph_reader_sees_lazy_imports_and_cycles():
     """The reader itself: an import inside a function is an edge, and a two-module loop is a cycle."""
     graph = _graph()
-    assert "mla_analysis.hf_io" in graph["mla_analysis.run"]  # a top-level import
-    assert "mla_analysis.claims" in graph["mla_analysis.run"]  # imported inside _run_job only
+    assert "mla_analysis.interop.hf_io" in graph["mla_analysis.run"]  # a top-level import
+    assert "mla_analysis.analysis.claims" in graph["mla_analysis.run"]  # imported inside _run_job only
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 

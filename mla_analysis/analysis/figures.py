@@ -25,7 +25,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from .results import atomic_write_bytes, read_json
+from ..training.results import atomic_write_bytes, read_json
 
 FORMATS = ("png", "pdf")
 LOWER_IS_BETTER = ("loss", "ppl", "perplexity")

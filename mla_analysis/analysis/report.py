@@ -22,8 +22,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from .config import ModelConfig
-from .results import ResultsError, atomic_write_text, find_run_dirs, flatten, load_record
+from ..config import ModelConfig
+from ..training.results import ResultsError, atomic_write_text, find_run_dirs, flatten, load_record
 
 IGNORED_KEYS = ("seed", "device", "skip_finished", "train.progress", "train.resume", "train.threads",
                 "train.init_from")  # a probed checkpoint is identified by its model config, its seed ignored
@@ -48,8 +48,8 @@ TAIL = [
 
 def _mha_kv_bytes(flat: dict[str, Any]) -> Optional[float]:
     """KV bytes/token (bf16) of MHA with the run's width, heads and depth, from the accounting closed form."""
-    from .accounting import kv_bytes_per_token
-    from .config import ModelConfig
+    from ..models.accounting import kv_bytes_per_token
+    from ..config import ModelConfig
 
     try:
         mha = ModelConfig(attention="mha", d_model=flat["model.d_model"], n_heads=flat["model.n_heads"],
@@ -88,7 +88,7 @@ def _row_from_hydra(run_dir: Path) -> dict[str, Any]:
     """Config of a run that left no results, read from Hydra's saved config."""
     from omegaconf import OmegaConf
 
-    from .results import flatten
+    from ..training.results import flatten
 
     path = Path(run_dir) / ".hydra" / "config.yaml"
     try:

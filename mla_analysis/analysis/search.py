@@ -16,15 +16,15 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import ConfigError, SearchConfig  # SearchConfig: importable from here as before
-from .config.search import MODES
+from ..config import ConfigError, SearchConfig  # SearchConfig: importable from here as before
+from ..config.search import MODES
 
 PENALTY = 1e6
 
 
 def resolve_reference(search: SearchConfig) -> float:
     """The reference value: ``search.reference`` as a number, or ``metric`` read from that run's results.json."""
-    from .results import ResultsError, load_record
+    from ..training.results import ResultsError, load_record
 
     if search.mode not in MODES:
         raise ConfigError(f"search.mode={search.mode!r} is invalid (allowed: {' | '.join(MODES)})")

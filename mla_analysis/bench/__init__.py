@@ -61,11 +61,11 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .accounting import decode_flops_per_token, kv_bytes_per_token
-from .config import ModelConfig, validate_model_config
-from .models.cache import KVCache
-from .models.transformer import Transformer
-from .results import ResultsError, atomic_write_text, git_commit, read_json
+from ..models.accounting import decode_flops_per_token, kv_bytes_per_token
+from ..config import ModelConfig, validate_model_config
+from ..models.cache import KVCache
+from ..models.transformer import Transformer
+from ..training.results import ResultsError, atomic_write_text, git_commit, read_json
 
 DEFAULT_OUT = "BENCHMARKS.md"
 SECTION_RE = re.compile(r"<!-- bench:(?P<key>[\w.-]+):begin -->\n(?P<body>.*?)<!-- bench:(?P=key):end -->\n?", re.S)
@@ -445,7 +445,7 @@ def build_train_pair(cfg: ModelConfig, device: torch.device, seed: int = 0, attn
     implementations are its defaults unless named (e.g. ``"eager"``)."""
     import transformers
 
-    from .hf import state_dict_to_hf, to_hf_config
+    from ..interop.state_dict import state_dict_to_hf, to_hf_config
 
     torch.manual_seed(seed)
     ours = Transformer(cfg)
@@ -474,7 +474,7 @@ HF_VARIANTS = {
 }
 
 
-def train_batch(cfg: ModelConfig, batch: int, seq: int, device: torch.device, seed: int = 1):
+def random_batch(cfg: ModelConfig, batch: int, seq: int, device: torch.device, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=g)
     return ids[:, :-1].contiguous().to(device), ids[:, 1:].contiguous().to(device)
@@ -522,7 +522,7 @@ def bench_train(sizes: Sizes, device: torch.device, dtype: torch.dtype, seed: in
                 hf_variants: Sequence[str] = tuple(HF_VARIANTS)) -> dict[str, Any]:
     """Figure 1: tokens/s of ours vs HF with its default implementations (and, for information, ``hf_variants``)."""
     cfg = sizes.train_cfg
-    ids, targets = train_batch(cfg, sizes.train_batch, sizes.train_seq, device, seed + 1)
+    ids, targets = random_batch(cfg, sizes.train_batch, sizes.train_seq, device, seed + 1)
     ours, hf = build_train_pair(cfg, device, seed)
     contenders: dict[str, tuple[torch.nn.Module, bool]] = {"ours": (ours, False), "hf": (hf, True)}
     labels = {"hf": hf_implementations(hf)}
@@ -1013,10 +1013,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_device(name: str) -> torch.device:
+def cli_device(name: str) -> torch.device:
     """The trainer's device resolution ('auto' -> cuda when available), as a CLI error when CUDA is missing."""
-    from .config import ConfigError
-    from .train import resolve_device as resolve
+    from ..config import ConfigError
+    from ..training.trainer import resolve_device as resolve
 
     try:
         return resolve(name)
@@ -1037,7 +1037,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
 
 def _run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     t_start = time.perf_counter()
-    device = resolve_device(args.device)
+    device = cli_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
     sizes = make_sizes(args.quick, device)
     if args.contexts:
@@ -1101,7 +1101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     print(body)
     out = args.out if args.out else (None if args.quick else DEFAULT_OUT)
     if out and not args.no_write:
-        key = resolve_device(args.device).type
+        key = cli_device(args.device).type
         path = write_report(out, key, body)
         print(f"wrote {path}")
         res["out"] = str(path)

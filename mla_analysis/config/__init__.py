@@ -3,7 +3,7 @@
 ``model`` (``ModelConfig``, every attention/FFN variant), ``train`` (``TrainConfig``), ``convert``,
 ``claims``, ``search`` and ``logger`` each have a module here; nothing in this package imports the rest
 of ``mla_analysis`` (``tests/test_architecture.py`` checks it). The ``data`` group's dataclasses live
-with the data generators (``mla_analysis.data``), and ``mla_analysis.schema`` assembles the groups into
+with the data generators (``mla_analysis.data``), and ``mla_analysis.runner.schema`` assembles the groups into
 the run schema Hydra checks every YAML file of ``conf/`` against.
 """
 

@@ -1,4 +1,4 @@
-"""Command line for Hugging Face interop and MHA -> MLA conversion (the library half is ``mla_analysis.hf_io``).
+"""Command line for Hugging Face interop and MHA -> MLA conversion (the library half is ``mla_analysis.interop.hf_io``).
 
 Command line (every output directory is written under a temporary name and renamed when complete;
 bad input ends with one line on stderr and exit code 2)::
@@ -25,12 +25,12 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .hf import EXPORT_ARCHS, to_hf_config
-from .hf_io import (INDEX_FILE, TOKENIZER_FILES, from_hf, has_tokenizer, load_model, load_tokenizer,  # noqa: F401
+from ..training.checkpoint import CheckpointError
+from ..config import ConfigError
+from ..interop.state_dict import EXPORT_ARCHS, to_hf_config
+from ..interop.hf_io import (INDEX_FILE, TOKENIZER_FILES, from_hf, has_tokenizer, load_model, load_tokenizer,  # noqa: F401
                     resolve_hf_dir, save_tokenizer, to_hf)  # the library half, importable from here as before
-from .results import ResultsError, atomic_write_json, read_json
+from ..training.results import ResultsError, atomic_write_json, read_json
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -59,7 +59,7 @@ def _write_dir(out: Path, fill: Callable[[Path], None]) -> Path:
 
 
 def _save_run(run_dir: Path, model: torch.nn.Module, state: dict) -> None:
-    from .checkpoint import save_checkpoint, save_model_config
+    from ..training.checkpoint import save_checkpoint, save_model_config
 
     save_model_config(run_dir, model.cfg)
     save_checkpoint(run_dir, model, None, step=0, state=state)
@@ -69,7 +69,7 @@ def _calibration_ids(run_dir: Path, n: int) -> torch.Tensor:
     """The first n training sequences [n, L] of the run's data config (RUN_DIR/results.json)."""
     from omegaconf import OmegaConf
 
-    from .data import DataConfig, build_train_batches
+    from ..data import DataConfig, build_train_batches
 
     record_path = run_dir / "results.json"
     record = read_json(record_path)
@@ -105,7 +105,7 @@ def _cmd_to_hf(args: argparse.Namespace) -> Path:
 
 
 def _cmd_mha_to_mla(args: argparse.Namespace) -> Path:
-    from .conversion import mha_to_mla
+    from .mla import mha_to_mla
 
     run = resolve_hf_dir(args.run)
     if args.calib_examples is not None and args.calib_examples <= 0:

@@ -24,7 +24,7 @@ Metrics: ``convert.source.*`` (source eval), ``convert.before.*`` (converted, be
 healed model's metrics under the normal keys (val_loss, mqar.exact_match, kv_bytes_per_token, ...),
 ``convert.scratch.*`` (baseline eval), ``convert.kv_lora_ranks`` and ``convert.kv_weighted_rel_err``.
 The record's ``config.model`` is the converted model's config. Runs single-process (no torchrun).
-Measured allocation comparison (uniform / energy / fisher / whitened): mla_analysis/rank_allocation.py.
+Measured allocation comparison (uniform / energy / fisher / whitened): mla_analysis/conversion/rank_allocation.py.
 """
 
 from __future__ import annotations
@@ -40,14 +40,14 @@ from typing import Any, Optional
 
 import torch
 
-from .config import ConfigError, ModelConfig
-from .config.convert import ALLOCATIONS, DIRECTIONS, FACTORIZATIONS, MOE_METHODS, STRATEGIES, TARGETS, ConvertConfig
-from .hf_io import load_model
-from .data import DataConfig, build_eval_sets, train_batch
-from .models.transformer import Transformer
+from ..config import ConfigError, ModelConfig
+from ..config.convert import ALLOCATIONS, DIRECTIONS, FACTORIZATIONS, MOE_METHODS, STRATEGIES, TARGETS, ConvertConfig
+from ..interop.hf_io import load_model
+from ..data import DataConfig, build_eval_sets, train_batch
+from ..models.transformer import Transformer
 from .rank_allocation import allocate_ranks
-from .results import RESULTS_FILE, atomic_write_json, environment, is_finished, load_record, make_record
-from .train import TrainConfig, evaluate, resolve_device, total_steps, train
+from ..training.results import RESULTS_FILE, atomic_write_json, environment, is_finished, load_record, make_record
+from ..training.trainer import TrainConfig, evaluate, resolve_device, total_steps, train
 
 
 
@@ -154,7 +154,7 @@ def _prefixed(prefix: str, metrics: dict[str, Any]) -> dict[str, Any]:
 
 def convert_model(c: ConvertConfig, source: Transformer, calib: tuple[torch.Tensor, torch.Tensor], seed: int = 0) -> Transformer:
     """The converted (unhealed) model the ``convert`` node describes."""
-    from .conversion import mha_to_mla
+    from .mla import mha_to_mla
     from .moefy import dense_to_moe
 
     source = source.cpu().float().eval()

@@ -37,7 +37,7 @@ per token, a relative K/V scale error of about eps / (2 ms(h)): ~5e-7 for an O(1
 but 1.7e-3 relative logit error measured with a 0.02-std residual stream (0 with eps = 0). Below
 full rank ms(c_t) varies per token and that error adds to the SVD's (the SVD does not control it).
 
-Exactness (fp32, tests in tests/test_conversion.py):
+Exactness (fp32, tests in tests/conversion/test_conversion.py):
 - exact (relative logit error ~1e-6, fp32 round-off): rope_dims = head_dim, target
   mla_coupled_rope, kv_lora_rank >= d_model (joint) or >= 2 d_model (split), MHA, GQA or MQA
   source, with or without calibration. For MHA this already halves the cache (2D -> D per token).
@@ -86,10 +86,10 @@ from typing import Optional
 
 import torch
 
-from .config import ModelConfig
-from .hooks import run_hooked
-from .models.rope import RotaryEmbedding, softmax_scale
-from .models.transformer import Transformer
+from ..config import ModelConfig
+from ..training.forward_hooks import run_hooked
+from ..models.rope import RotaryEmbedding, softmax_scale
+from ..models.transformer import Transformer
 
 ROPE_STRATEGIES = ("high", "low", "uniform", "norm")
 FACTORIZATIONS = ("joint", "split")

@@ -26,7 +26,7 @@ experts is the dense FFN exactly.
    Gating: softmax scores, ``norm_topk_prob=True`` and ``route_scale = k``: the k selected weights sum to
    k, each 1 when the scores are equal, matching MoEfication's unweighted sum of experts.
    Exactness: with n_activated_experts = n_routed_experts and equal scores (gate weight 0), every weight
-   is 1 and the MoE equals the dense FFN (fp32 round-off; tests/test_moefy.py).
+   is 1 and the MoE equals the dense FFN (fp32 round-off; tests/conversion/test_moefy.py).
 
 ``method="upcycle"`` (sparse upcycling, Komatsuzaki et al. 2023): every routed expert is a copy of the
 whole FFN (``moe_d_ff = d_ff``) plus Gaussian noise of std ``noise`` times the weight's std; no shared
@@ -46,10 +46,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .hooks import run_hooked
-from .models.mlp import SwiGLU
-from .models.moe import MoE
-from .models.transformer import Transformer
+from ..training.forward_hooks import run_hooked
+from ..models.mlp import SwiGLU
+from ..models.moe import MoE
+from ..models.transformer import Transformer
 
 METHODS = ("kmeans", "upcycle")
 

@@ -62,9 +62,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .config.convert import ALLOCATIONS
-from .conversion import collect_attention_covariances, pair_dims, pair_norm_scores, safe_inv, select_rope_pairs, sym_sqrt
-from .models.transformer import Transformer
+from ..config.convert import ALLOCATIONS
+from .mla import collect_attention_covariances, pair_dims, pair_norm_scores, safe_inv, select_rope_pairs, sym_sqrt
+from ..models.transformer import Transformer
 
 METHODS = ALLOCATIONS  # the convert.allocation choices (mla_analysis.config.convert.Allocation)
 

@@ -85,7 +85,7 @@ class DataConfig:
     val_fraction: float = 0.05  # last fraction of the token stream held out for the "lm" eval set
     hf: HFConfig = field(default_factory=HFConfig)
     # source: shakespeare (split by play, editions); "lm" eval = sliding windows over the evaluation
-    # plays every eval_stride tokens (None = seq_len), at most eval_examples windows (mla_analysis/perplexity.py)
+    # plays every eval_stride tokens (None = seq_len), at most eval_examples windows (mla_analysis/evaluation/perplexity.py)
     shakespeare: ShakespeareConfig = field(default_factory=ShakespeareConfig)
     eval_stride: Optional[int] = None
 
@@ -295,7 +295,7 @@ def _eval_rng(cfg, name: str) -> np.random.Generator:
 
 def build_eval_sets(cfg) -> Dict[str, Batch]:
     """Fixed eval sets: "lm" (held-out language / text val split / evaluation plays) and one per ``cfg.eval_tasks``."""
-    from mla_analysis.perplexity import document_windows
+    from mla_analysis.evaluation.perplexity import document_windows
 
     validate_data_config(cfg)
     vocab = make_vocab(cfg)

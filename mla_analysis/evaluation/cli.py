@@ -34,8 +34,8 @@ from typing import Any, Iterable, Optional
 PREFIX = "mla_"
 UTILS_MODULE = "mla_utils"
 _UTILS_SOURCE = (
-    '"""Scoring hooks of the exported mla_analysis procedural tasks (see mla_analysis/eval.py)."""\n'
-    "from mla_analysis.eval import example_exact_match, process_results  # noqa: F401\n"
+    '"""Scoring hooks of the exported mla_analysis procedural tasks (see mla_analysis/evaluation/cli.py)."""\n'
+    "from mla_analysis.evaluation.cli import example_exact_match, process_results  # noqa: F401\n"
 )
 
 
@@ -46,7 +46,7 @@ class TaskError(ValueError):
 # ---- procedural tasks -> lm-eval documents --------------------------------------------------------------
 def procedural_task_names() -> list[str]:
     """Toolkit task names that export to lm-eval (every registered task except the training-only ``niah_all``)."""
-    from .data.tasks import TASKS
+    from ..data.tasks import TASKS
 
     return [t for t in TASKS if t != "niah_all"]
 
@@ -63,7 +63,7 @@ def answer_spans(inputs: Iterable[int], targets: Iterable[int]) -> list[tuple[in
     Position t is scored when ``targets[t] != -100``; t and t+1 share a span when both are scored and the
     answer at t is the next input (``inputs[t+1] == targets[t]``), so MQAR queries stay separate spans.
     """
-    from .data.tasks import IGNORE
+    from ..data.tasks import IGNORE
 
     x, y = list(inputs), list(targets)
     spans: list[tuple[int, int]] = []
@@ -132,9 +132,9 @@ def export_procedural_tasks(data_cfg, tasks: Iterable[str], out_dir: str | Path,
     import dataclasses
     import json
 
-    from .data import build_eval_sets, make_vocab
+    from ..data import build_eval_sets, make_vocab
     from .lm_eval_model import ProceduralTokenizer
-    from .results import atomic_write_text
+    from ..training.results import atomic_write_text
 
     wanted = []
     for name in tasks:
@@ -214,7 +214,7 @@ def flat_scores(results: dict, rename: Optional[dict] = None) -> dict[str, float
     return out
 
 
-def evaluate(
+def evaluate_tasks(
     lm,
     task_names: list[str],
     data_cfg=None,
@@ -261,8 +261,8 @@ def data_config_for(path: str | Path, model) -> Any:
     """The DataConfig of a run directory (its results.json), else defaults sized to the model's vocab and context."""
     from omegaconf import OmegaConf
 
-    from .data import DataConfig
-    from .results import ResultsError, read_json
+    from ..data import DataConfig
+    from ..training.results import ResultsError, read_json
 
     rec_path = Path(path) / "results.json"
     if rec_path.exists():
@@ -305,7 +305,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
 
     path = Path(args.pretrained)
-    from .assets import NAMED_MODELS
+    from ..assets import NAMED_MODELS
 
     # checked before torch / lm-eval are imported: a typo fails at once
     if not (path.is_dir() or (path.is_file() and path.suffix.lower() == ".gguf") or args.pretrained in NAMED_MODELS):
@@ -314,8 +314,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not tasks:
         return fail("--tasks is empty (allowed: comma-separated task names)")
 
-    from .hf_io import load_model
-    from .results import ResultsError, atomic_write_json
+    from ..interop.hf_io import load_model
+    from ..training.results import ResultsError, atomic_write_json
     try:
         model = load_model(path, device=args.device or "cpu")
         from .lm_eval_model import MLAnalysisLM
@@ -323,7 +323,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         lm = MLAnalysisLM(pretrained=str(path), model=model, tokenizer=args.tokenizer, batch_size=args.batch_size,
                           max_batch_size=args.max_batch_size, device=args.device)
         data_cfg = data_config_for(path, model) if any(procedural_name(t) for t in tasks) else None
-        results, rename = evaluate(lm, tasks, data_cfg, args.include_path, args.limit, args.num_fewshot,
+        results, rename = evaluate_tasks(lm, tasks, data_cfg, args.include_path, args.limit, args.num_fewshot,
                                    args.examples, args.bootstrap_iters)
     except (ResultsError, TaskError, ValueError) as e:  # CheckpointError is a ResultsError; ConfigError a ValueError
         return fail(str(e).splitlines()[0])

@@ -2,7 +2,7 @@
 
 ``lm_eval.simple_evaluate(model="mla_analysis", model_args="pretrained=PATH", tasks=[...])`` after
 ``import mla_analysis``; PATH is a toolkit run directory or a Hugging Face checkpoint directory
-(:func:`mla_analysis.hf_io.load_model`).
+(:func:`mla_analysis.interop.hf_io.load_model`).
 
 Tokenization. Models trained on the procedural data have integer vocabularies (``data/vocab.py``) and no
 text tokenizer, so :class:`ProceduralTokenizer` maps text to ids: a text is a whitespace-separated list of
@@ -33,7 +33,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from .data.vocab import BOS, EOS, MIN_VOCAB_SIZE, PAD, Vocab
+from ..data.vocab import BOS, EOS, MIN_VOCAB_SIZE, PAD, Vocab
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -107,7 +107,7 @@ class MLAnalysisLM(TemplateLM):
         max_gen_toks: int = 256,
     ):
         super().__init__()
-        from .hf_io import load_model
+        from ..interop.hf_io import load_model
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -128,7 +128,7 @@ class MLAnalysisLM(TemplateLM):
 
     # ---- tokenizer ---------------------------------------------------------------------------
     def _make_tokenizer(self, tokenizer: Any, pretrained: Optional[str]):
-        from .hf_io import has_tokenizer, load_tokenizer, resolve_hf_dir
+        from ..interop.hf_io import has_tokenizer, load_tokenizer, resolve_hf_dir
 
         if tokenizer is None and pretrained is not None:
             hf_dir = resolve_hf_dir(pretrained)  # a .gguf or a model name -> its cached HF dir

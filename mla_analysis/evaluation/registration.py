@@ -4,7 +4,7 @@ Importing ``lm_eval.api.registry`` costs tens of milliseconds (it pulls in the `
 ``mla_analysis/__init__.py`` only calls :func:`install`: when lm-eval is already imported the lazy entry is
 added at once, otherwise a one-shot import hook adds it right after ``lm_eval.api.registry`` executes.
 The entry is lm-eval's own lazy placeholder (``"module:Class"``): the adapter module
-(``mla_analysis.lm_eval_model``, which imports torch and lm-eval) loads only when lm-eval asks for the model.
+(``mla_analysis.evaluation.lm_eval_model``, which imports torch and lm-eval) loads only when lm-eval asks for the model.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 MODEL_NAME = "mla_analysis"
-TARGET = "mla_analysis.lm_eval_model:MLAnalysisLM"
+TARGET = "mla_analysis.evaluation.lm_eval_model:MLAnalysisLM"
 _REGISTRY = "lm_eval.api.registry"
 
 
@@ -20,7 +20,7 @@ def register(registry_module) -> None:
     """Add the lazy ``mla_analysis`` entry to lm-eval's model registry (lm-eval >= 0.4.9 Registry API)."""
     reg = getattr(registry_module, "model_registry", None)
     if reg is None or not hasattr(reg, "register") or MODEL_NAME in reg:
-        return  # older lm-eval: `import mla_analysis.lm_eval_model` registers the class directly
+        return  # older lm-eval: `import mla_analysis.evaluation.lm_eval_model` registers the class directly
     # get_model() imports lm_eval.models (hf, vllm, ...) only while the registry is empty; our entry
     # would make it non-empty, so load lm-eval's own (lazy, cheap) entries first
     import lm_eval.models  # noqa: F401

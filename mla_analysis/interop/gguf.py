@@ -17,10 +17,10 @@ import functools
 import os
 from pathlib import Path
 
-from .assets import build_dir, cache_root, file_digest
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .results import atomic_write_json
+from ..assets import build_dir, cache_root, file_digest
+from ..training.checkpoint import CheckpointError
+from ..config import ConfigError
+from ..training.results import atomic_write_json
 
 # GGUF ``general.architecture`` values whose transformers model the toolkit imports (hf.IMPORT_ARCHS);
 # llama.cpp writes Mistral models as "llama" (transformers renames them by the model name)

@@ -4,11 +4,11 @@
 writes them (per-expert DeepSeek keys, sharded with ``model.safetensors.index.json``, tied embeddings,
 bf16/fp16 files loaded as fp32) without executing any code from the directory (no ``trust_remote_code``;
 weights through safetensors only). ``path`` may also be a ``.gguf`` file or a named model
-(``smollm2-135m``): ``resolve_hf_dir`` turns it into a cached HF directory (``mla_analysis.gguf_import``).
+(``smollm2-135m``): ``resolve_hf_dir`` turns it into a cached HF directory (``mla_analysis.interop.gguf``).
 ``to_hf(model, out_dir)`` writes the directory ``save_pretrained`` would, which
 ``transformers.AutoModelForCausalLM`` loads. ``load_model`` takes any of these or a run directory
-(``mla_analysis.checkpoint``). The config and weight-name mapping is ``mla_analysis.hf``; the command line
-is ``mla_analysis.convert``.
+(``mla_analysis.training.checkpoint``). The config and weight-name mapping is ``mla_analysis.interop.state_dict``; the command line
+is ``mla_analysis.conversion.cli``.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .checkpoint import MODEL_CONFIG_FILE, CKPT_DIR, CheckpointError, latest_checkpoint, load_checkpoint
-from .config import ConfigError, ModelConfig
-from .hf import from_hf_config, state_dict_from_hf, state_dict_to_hf, to_hf_config
-from .results import atomic_write_text, read_json
+from ..training.checkpoint import MODEL_CONFIG_FILE, CKPT_DIR, CheckpointError, latest_checkpoint, load_checkpoint
+from ..config import ConfigError, ModelConfig
+from .state_dict import from_hf_config, state_dict_from_hf, state_dict_to_hf, to_hf_config
+from ..training.results import atomic_write_text, read_json
 
 INDEX_FILE = "model.safetensors.index.json"
 # what AutoTokenizer.save_pretrained writes (a fast tokenizer's tokenizer.json, or a slow one's files)
@@ -78,7 +78,7 @@ def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def from_hf(path: str | os.PathLike) -> torch.nn.Module:
     """Load a Hugging Face checkpoint dir, a .gguf file or a named model into the toolkit's Transformer (fp32)."""
-    from .models.transformer import Transformer
+    from ..models.transformer import Transformer
 
     path = resolve_hf_dir(path)
     cfg = from_hf_config(_read_hf_config(path))
@@ -97,8 +97,8 @@ def from_hf(path: str | os.PathLike) -> torch.nn.Module:
 
 def resolve_hf_dir(path: str | os.PathLike) -> Path:
     """A local checkpoint dir for ``path``: an HF or run dir as is, a .gguf -> its cached HF dir, a model name -> resolved."""
-    from .assets import NAMED_MODELS, resolve_named_model
-    from .gguf_import import hf_dir_from_gguf
+    from ..assets import NAMED_MODELS, resolve_named_model
+    from .gguf import hf_dir_from_gguf
 
     p = Path(path)
     if not p.exists():
@@ -183,7 +183,7 @@ def to_hf(
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
     """The model of a run directory (its last checkpoint), a Hugging Face checkpoint dir, a .gguf file or a model name."""
-    from .models.transformer import Transformer
+    from ..models.transformer import Transformer
 
     path = Path(path)
     if (path / MODEL_CONFIG_FILE).exists():

@@ -1,7 +1,7 @@
 """Mapping between the toolkit's models and ``transformers``' DeepSeek-V2/V3, Llama, Qwen2, GPT-2 formats.
 
 Configs and state dicts are translated both ways; weights are never executed or pickled here
-(checkpoint I/O goes through safetensors in ``mla_analysis.convert``).
+(checkpoint I/O goes through safetensors in ``mla_analysis.conversion.cli``).
 
 RoPE layout: DeepSeek checkpoints rotate interleaved pairs. transformers' DeepseekV3 (with
 ``rope_interleave=True``) returns the rotated dims de-interleaved while ours stay interleaved; queries
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, ModelConfig, RopeScaling, validate_model_config
+from ..config import ConfigError, ModelConfig, RopeScaling, validate_model_config
 
 DEEPSEEK_ARCHS = ("deepseek_v2", "deepseek_v3")
 LLAMA_ARCHS = ("llama", "mistral")

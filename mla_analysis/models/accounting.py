@@ -11,7 +11,7 @@ from typing import Optional, Union
 
 import torch
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 _DTYPE_BYTES = {
     "fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2,

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, ModelConfig
-from ..figures import figure  # noqa: F401  (re-exported for the probes)
-from ..figures import save_figure as _save_figure
+from ..analysis.figures import figure  # noqa: F401  (re-exported for the probes)
+from ..analysis.figures import save_figure as _save_figure
 
 
 def check_params(probe: str, params: dict, defaults: dict) -> dict:

@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from .. import accounting
+from ..models import accounting
 from ..config import ConfigError, ModelConfig
 from ..models.mla import MLA, MLACoupledRoPE
 from ..published_configs import load_all
-from ..results import atomic_write_json
+from ..training.results import atomic_write_json
 from . import ProbeError, register
 from ._common import check_params, figure, int_list, model_config, positive_int, save_figure, unwrap
 

@@ -95,7 +95,7 @@ from ..config import ConfigError
 from ..models.attention import Attention
 from ..models.mla import MLA
 from ..models.moe import MoE, max_vio, routing_load
-from ..results import atomic_write_json
+from ..training.results import atomic_write_json
 from . import ProbeError, register
 from ._common import check_params, figure, int_list, model_config, positive_int, save_figure, unwrap
 
@@ -342,7 +342,7 @@ def masked_top_experts(model: torch.nn.Module, r: int):
 
 def eval_losses(model: torch.nn.Module, eval_sets: dict, batch_size: int, device: torch.device) -> dict[str, dict[str, float]]:
     """Per eval set: mean next-token cross-entropy over scored positions (and exact match for task sets)."""
-    from ..train import evaluate
+    from ..training.trainer import evaluate
 
     res = evaluate(model, eval_sets, device, batch_size)
     out: dict[str, dict[str, float]] = {}
@@ -675,7 +675,7 @@ def _main_set(losses: dict) -> str:
 
 def _redundancy_section(model: torch.nn.Module, eval_xy: dict, p: dict, device: torch.device) -> tuple[dict, dict]:
     """Metrics ``redundancy.*`` and the experts.json record of the redundancy test (and its dense baseline)."""
-    from ..accounting import count_params
+    from ..models.accounting import count_params
 
     cfg = model_config(model)
     blocks = _moe_blocks(model)
@@ -706,7 +706,7 @@ def _redundancy_section(model: torch.nn.Module, eval_xy: dict, p: dict, device: 
     if p["dense_baseline"] is None:
         return metrics, record
 
-    from ..hf_io import load_model
+    from ..interop.hf_io import load_model
 
     path = str(p["dense_baseline"])
     dense = load_model(path, device)
@@ -816,7 +816,7 @@ def run(model: torch.nn.Module, params: dict, data_cfg: Any, run_dir: Path, devi
     got = _collect(model, sets, p, device)
     other = None
     if p["compare_to"] is not None:
-        from ..hf_io import load_model
+        from ..interop.hf_io import load_model
 
         cmp_model = load_model(p["compare_to"], device)
         cmp_blocks = _moe_blocks(cmp_model)

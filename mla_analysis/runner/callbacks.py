@@ -13,8 +13,8 @@ class ComparisonTables(Callback):
     """Writes comparison.md / .csv / .tex and figures/ in the sweep directory when a multirun ends."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from .report import write_tables
-        from .results import ResultsError
+        from ..analysis.report import write_tables
+        from ..training.results import ResultsError
 
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.exists():
@@ -28,7 +28,7 @@ class ComparisonTables(Callback):
         for path in written.values():
             print(f"wrote {path.resolve()}")
         try:  # a figure that cannot be drawn must not hide the tables
-            from .figures import make_figures
+            from ..analysis.figures import make_figures
 
             for path in make_figures([sweep_dir], sweep_dir / "figures"):
                 print(f"wrote {path.resolve()}")
@@ -41,6 +41,6 @@ class TrackingStore(Callback):
     """Before a sweep's jobs start: checks the loggers' packages and creates the MLflow store once (loggers.py)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from .loggers import prepare_sweep
+        from ..training.loggers import prepare_sweep
 
         prepare_sweep(config)

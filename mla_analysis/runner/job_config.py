@@ -1,6 +1,6 @@
 """A composed job config: checked before anything runs (``check_config``) and as it is recorded (``record_config``).
 
-Used by ``mla_analysis.run`` for a single job and by ``mla_analysis.launcher`` for every job of a sweep
+Used by ``mla_analysis.run`` for a single job and by ``mla_analysis.runner.launcher`` for every job of a sweep
 before the first one starts; nothing here builds a model or reads a file.
 """
 
@@ -11,11 +11,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import ConfigError, ModelConfig
-from .data import DataConfig
-from .probes import check_probes
-from .search import resolve_reference
-from .train import TrainConfig
+from ..config import ConfigError, ModelConfig
+from ..data import DataConfig
+from ..probes import check_probes
+from ..analysis.search import resolve_reference
+from ..training.trainer import TrainConfig
 
 
 def job_objects(cfg: DictConfig) -> tuple[ModelConfig, DataConfig, TrainConfig]:
@@ -41,7 +41,7 @@ def check_config(cfg: DictConfig) -> None:
     if search is not None:
         resolve_reference(search)
     if convert is not None:
-        from .convert_job import validate_convert
+        from ..conversion.job import validate_convert
 
         validate_convert(convert, model_cfg)
     if tcfg.init_from is not None:

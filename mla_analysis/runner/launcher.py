@@ -26,10 +26,10 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, open_dict, read_write
 
-from .config import ConfigError
-from .train import StopFlag
+from ..config import ConfigError
+from ..training.trainer import StopFlag
 
-_PLUGIN_DIR = Path(__file__).resolve().parent.parent / "hydra_plugins"
+_PLUGIN_DIR = Path(__file__).resolve().parents[2] / "hydra_plugins"
 _LAUNCHED: list[Path] = []  # job directories launched by this process (read by run.cli for the exit code)
 
 
@@ -122,7 +122,7 @@ def _worker_env(n_workers: int) -> dict[str, str]:
 
 def _record_dead_job(task_cfg: DictConfig, job_dir: Path, reason: str) -> None:
     """A job whose worker died: keep its own record if it wrote one (interrupted), else record it failed."""
-    from .results import RESULTS_FILE, ResultsError, atomic_write_json, load_record, make_record
+    from ..training.results import RESULTS_FILE, ResultsError, atomic_write_json, load_record, make_record
     from .job_config import record_config
 
     from .lock import RunLock

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import ConfigError
+from ..config import ConfigError
 
 LOCK_FILE = ".mla_analysis.lock"
 UNREADABLE_GRACE_S = 10.0  # a lock file without readable content older than this was left by a crash mid-write

@@ -13,9 +13,9 @@ from typing import Any, Dict, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from .config import (ClaimsConfig, ConfigError, ConvertConfig, LoggerConfig, ModelConfig, SearchConfig,  # noqa: F401
+from ..config import (ClaimsConfig, ConfigError, ConvertConfig, LoggerConfig, ModelConfig, SearchConfig,  # noqa: F401
                      TrainConfig, check_finite, validate_model_config, validate_train)  # importable from here as before
-from .data import DataConfig, validate_data_config
+from ..data import DataConfig, validate_data_config
 
 
 @dataclass
@@ -39,7 +39,7 @@ class RunConfig:
 
 def kv_cache_warning(model: ModelConfig) -> Optional[str]:
     """A one-line warning when an MLA latent caches more per token than its K and V would (it compresses nothing)."""
-    from .accounting import kv_elements_per_token_layer
+    from ..models.accounting import kv_elements_per_token_layer
 
     if not model.is_mla:
         return None

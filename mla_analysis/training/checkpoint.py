@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig
+from ..config import ModelConfig
 from .results import ResultsError, atomic_write_json, atomic_write_text, read_json
 
 MODEL_CONFIG_FILE = "model_config.json"

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from .config import ConfigError, LoggerConfig, MLflowConfig, TensorBoardConfig  # noqa: F401  (importable from here)
+from ..config import ConfigError, LoggerConfig, MLflowConfig, TensorBoardConfig  # noqa: F401  (importable from here)
 from .results import TRACKER_DIRS, atomic_write_json, flatten, git_commit, read_json
 
 RUN_ID_FILE = "mlflow_run.json"

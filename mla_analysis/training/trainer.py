@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .accounting import count_params, kv_bytes_per_token, train_flops_per_token
+from ..models.accounting import count_params, kv_bytes_per_token, train_flops_per_token
 from .checkpoint import check_fresh_start, load_checkpoint, resume_checkpoint, save_checkpoint, save_model_config
-from .config import ConfigError, ModelConfig, TrainConfig  # TrainConfig: importable from here as before
-from .data import DataConfig, build_eval_sets, language_optimal_loss, score_predictions, train_batch
-from .models.transformer import Transformer
+from ..config import ConfigError, ModelConfig, TrainConfig  # TrainConfig: importable from here as before
+from ..data import DataConfig, build_eval_sets, language_optimal_loss, score_predictions, train_batch
+from ..models.transformer import Transformer
 
 
 class TrainingInterrupted(RuntimeError):
@@ -106,7 +106,7 @@ def _autocast(device: torch.device):
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, eval_sets: dict, device: torch.device, batch_size: int) -> dict[str, float]:
     """Held-out LM loss/perplexity and exact-match / token accuracy per retrieval task."""
-    from .perplexity import lm_metrics
+    from ..evaluation.perplexity import lm_metrics
 
     was_training = model.training
     model.eval()

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from mla_analysis.claims import VERDICTS, ClaimsConfig, kv_claims, quality_claims, load_study, to_markdown
-from mla_analysis.results import atomic_write_json, make_record
+from mla_analysis.analysis.claims import VERDICTS, ClaimsConfig, kv_claims, quality_claims, load_study, to_markdown
+from mla_analysis.training.results import atomic_write_json, make_record
 
-from .test_run import run
+from ..runner.test_run import run
 
 
 def test_kv_claims_vs_hand_arithmetic():

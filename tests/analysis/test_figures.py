@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from mla_analysis.figures import main, make_figures, pareto_front
-from mla_analysis.results import atomic_write_json, make_record
+from mla_analysis.analysis.figures import main, make_figures, pareto_front
+from mla_analysis.training.results import atomic_write_json, make_record
 
 
 def test_pareto_front_vs_brute_force():
@@ -65,7 +65,7 @@ def test_cli_bad_path_exits_2(tmp_path, capsys):
 
 
 def test_report_extra_columns_select_metrics_by_pattern(tmp_path):
-    from mla_analysis.report import write_tables
+    from mla_analysis.analysis.report import write_tables
 
     sweep = tmp_path / "sweep"
     for i, seed in enumerate((0, 1)):
@@ -82,7 +82,7 @@ def test_report_extra_columns_select_metrics_by_pattern(tmp_path):
 
 
 def test_report_ignore_merges_groups_that_differ_only_in_ignored_keys(tmp_path):
-    from mla_analysis.report import aggregate, load_rows
+    from mla_analysis.analysis.report import aggregate, load_rows
 
     for i, ranks in enumerate(([5, 11], [6, 10])):  # per-layer ranks chosen per seed by an allocation
         d = tmp_path / str(i)
@@ -96,7 +96,7 @@ def test_report_ignore_merges_groups_that_differ_only_in_ignored_keys(tmp_path):
 
 
 def test_records_older_than_a_model_field_group_with_its_default(tmp_path):
-    from mla_analysis.report import aggregate, load_rows
+    from mla_analysis.analysis.report import aggregate, load_rows
 
     old = {"model": {"name": "mha", "attention": "mha"}, "seed": 0}  # written before model.pos_emb existed
     new = {"model": {"name": "mha", "attention": "mha", "pos_emb": "rope"}, "seed": 1}

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from mla_analysis import bench
-from mla_analysis.hf import state_dict_to_hf
+from mla_analysis.interop.state_dict import state_dict_to_hf
 
 pytest.importorskip("transformers")
 
@@ -72,7 +72,7 @@ def test_train_models_are_like_for_like():
     """Ours and HF DeepseekV3 give the same logits and the same gradients for the bench's training step."""
     cfg = bench.train_config(quick=True)
     ours, hf = bench.build_train_pair(cfg, torch.device("cpu"), seed=3)
-    ids, targets = bench.train_batch(cfg, 2, 16, torch.device("cpu"))
+    ids, targets = bench.random_batch(cfg, 2, 16, torch.device("cpu"))
     assert bench.check_train_parity(ours, hf, ids) < 1e-4
     ours.eval(), hf.eval()
     with torch.no_grad():
@@ -96,7 +96,7 @@ def test_train_parity_guard_rejects_different_models():
     ours, hf = bench.build_train_pair(cfg, torch.device("cpu"))
     with torch.no_grad():
         hf.model.layers[0].self_attn.o_proj.weight.mul_(1.5)
-    ids, _ = bench.train_batch(cfg, 2, 8, torch.device("cpu"))
+    ids, _ = bench.random_batch(cfg, 2, 8, torch.device("cpu"))
     with pytest.raises(bench.BenchError, match="disagree"):
         bench.check_train_parity(ours, hf, ids)
 

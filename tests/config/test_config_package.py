@@ -28,13 +28,15 @@ def test_a_value_outside_the_choice_is_one_line_naming_key_and_choices():
 
 
 def test_old_import_paths_name_the_same_classes():
-    from mla_analysis import config, convert, hf_io, rank_allocation
-    from mla_analysis.claims import ClaimsConfig
-    from mla_analysis.loggers import LoggerConfig
-    from mla_analysis.schema import ConvertConfig as SchemaConvert
-    from mla_analysis.schema import check_finite, validate_train
-    from mla_analysis.search import SearchConfig as Search
-    from mla_analysis.train import TrainConfig
+    from mla_analysis import config, convert
+    from mla_analysis.conversion import rank_allocation
+    from mla_analysis.interop import hf_io
+    from mla_analysis.analysis.claims import ClaimsConfig
+    from mla_analysis.training.loggers import LoggerConfig
+    from mla_analysis.runner.schema import ConvertConfig as SchemaConvert
+    from mla_analysis.runner.schema import check_finite, validate_train
+    from mla_analysis.analysis.search import SearchConfig as Search
+    from mla_analysis.training.trainer import TrainConfig
 
     assert (TrainConfig, ClaimsConfig, Search, LoggerConfig, SchemaConvert) == (
         config.TrainConfig, config.ClaimsConfig, config.SearchConfig, config.LoggerConfig, config.ConvertConfig)

@@ -8,10 +8,10 @@ import dataclasses
 import pytest
 import torch
 
-from mla_analysis.checkpoint import save_checkpoint, save_model_config
-from mla_analysis.hf_io import load_model
+from mla_analysis.training.checkpoint import save_checkpoint, save_model_config
+from mla_analysis.interop.hf_io import load_model
 from mla_analysis.config import RopeScaling, tiny
-from mla_analysis.conversion import factorize, mha_to_mla, pair_dims, pair_norm_scores, select_rope_pairs
+from mla_analysis.conversion.mla import factorize, mha_to_mla, pair_dims, pair_norm_scores, select_rope_pairs
 from mla_analysis.models.transformer import Transformer
 
 D = 32  # tiny preset d_model; head_dim 8 -> 4 frequency pairs
@@ -372,7 +372,7 @@ def test_no_latent_norm_makes_conversion_exact_at_the_kv_rank(calib):
 
 
 def test_no_latent_norm_decodes_and_round_trips(tmp_path):
-    from mla_analysis.accounting import count_params
+    from mla_analysis.models.accounting import count_params
 
     src = _wide_gqa_source()
     new = mha_to_mla(src, 32, rope_dims=4, kv_norm=False)
@@ -391,7 +391,7 @@ def test_no_latent_norm_decodes_and_round_trips(tmp_path):
 
 def test_no_latent_norm_is_not_exported_as_deepseek():
     from mla_analysis.config import ConfigError
-    from mla_analysis.hf import to_hf_config
+    from mla_analysis.interop.state_dict import to_hf_config
 
     src = _wide_gqa_source(rope_interleave=True)  # DeepSeek's RoPE layout
     with pytest.raises(ConfigError, match="kv_norm"):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from mla_analysis import load_model
-from mla_analysis.checkpoint import CheckpointError
+from mla_analysis.training.checkpoint import CheckpointError
 from mla_analysis.config import tiny
-from mla_analysis.convert import from_hf, to_hf
+from mla_analysis.conversion.cli import from_hf, to_hf
 from mla_analysis.models.transformer import Transformer
 
 transformers = pytest.importorskip("transformers")
@@ -181,7 +181,7 @@ def test_to_hf_rejects_what_the_architecture_cannot_express(tmp_path, overrides,
 
 
 def test_from_hf_rejects_unsupported_hf_options(tmp_path):
-    from mla_analysis.hf import from_hf_config
+    from mla_analysis.interop.state_dict import from_hf_config
 
     with pytest.raises(ValueError, match="attention_bias"):
         from_hf_config(transformers.LlamaConfig(attention_bias=True))
@@ -195,7 +195,7 @@ def test_from_hf_rejects_unsupported_hf_options(tmp_path):
 
 # ------------------------------------------------------------------------------------------ CLI
 def _cli(argv, capsys):
-    from mla_analysis.convert import main
+    from mla_analysis.conversion.cli import main
 
     rc = main([str(a) for a in argv])
     out, err = capsys.readouterr()
@@ -225,10 +225,10 @@ def test_cli_from_hf_then_to_hf(tmp_path, capsys):
 
 
 def test_cli_to_hf_arch_and_mha_to_mla(tmp_path, capsys):
-    from mla_analysis.checkpoint import save_checkpoint, save_model_config
-    from mla_analysis.conversion import mha_to_mla
+    from mla_analysis.training.checkpoint import save_checkpoint, save_model_config
+    from mla_analysis.conversion.mla import mha_to_mla
     from mla_analysis.data import DataConfig, build_train_batches
-    from mla_analysis.results import atomic_write_json
+    from mla_analysis.training.results import atomic_write_json
 
     torch.manual_seed(0)
     model = Transformer(tiny(attention="gqa", n_kv_heads=2)).eval()
@@ -323,7 +323,7 @@ def test_from_hf_reads_configs_written_without_the_newer_fields(tmp_path):
 
 def test_cli_mha_to_mla_without_the_latent_norm_is_exact_at_the_kv_rank(tmp_path, capsys):
     """--no-kv-norm at the rank of the source's K/V maps (2 x 2 kv heads x 8 = 32 < d_model 64) reproduces its logits."""
-    from mla_analysis.checkpoint import save_checkpoint, save_model_config
+    from mla_analysis.training.checkpoint import save_checkpoint, save_model_config
 
     torch.manual_seed(0)
     src = Transformer(tiny(d_model=64, n_heads=4, head_dim=8, attention="gqa", n_kv_heads=2, init_std=0.2)).eval()

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mla_analysis.accounting import kv_bytes_per_token
+from mla_analysis.models.accounting import kv_bytes_per_token
 from mla_analysis.config import ModelConfig
 
 TINY = [
@@ -69,7 +69,7 @@ def test_convert_node_kv_norm_false_reaches_the_converted_model():
     import torch
 
     from mla_analysis.config import ConvertConfig, tiny
-    from mla_analysis.convert_job import convert_model
+    from mla_analysis.conversion.job import convert_model
     from mla_analysis.models.transformer import Transformer
 
     torch.manual_seed(0)

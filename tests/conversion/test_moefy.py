@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from mla_analysis.config import tiny
-from mla_analysis.convert_job import heal
+from mla_analysis.conversion.job import heal
 from mla_analysis.data import DataConfig
 from mla_analysis.models.moe import MoE
 from mla_analysis.models.transformer import Transformer
-from mla_analysis.moefy import active_pattern, balanced_kmeans, dense_to_moe
-from mla_analysis.train import TrainConfig, train
+from mla_analysis.conversion.moefy import active_pattern, balanced_kmeans, dense_to_moe
+from mla_analysis.training.trainer import TrainConfig, train
 
 
 def _source(seed: int = 0) -> Transformer:

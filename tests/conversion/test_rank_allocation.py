@@ -8,10 +8,10 @@ import itertools
 import pytest
 import torch
 
-from mla_analysis.accounting import kv_bytes_per_token
-from mla_analysis.conversion import mha_to_mla
+from mla_analysis.models.accounting import kv_bytes_per_token
+from mla_analysis.conversion.mla import mha_to_mla
 from mla_analysis.models.transformer import Transformer
-from mla_analysis.rank_allocation import METHODS, allocate_ranks, energy_ranks, fisher_rows, water_fill
+from mla_analysis.conversion.rank_allocation import METHODS, allocate_ranks, energy_ranks, fisher_rows, water_fill
 
 from .test_conversion import _source as conversion_source
 

@@ -32,7 +32,7 @@ from mla_analysis.data.shakespeare import (
     tokenize_documents,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TEXTS = shakespeare_dir()  # installed by `make assets` (part of the install step)
 # the words of Gutenberg headers and licences ("License" alone is Shakespeare's word too)
 LICENCE = re.compile(r"gutenberg|\be-?text|copyright|small print|electronic (version|text)|public domain|licen[cs]e "
@@ -284,7 +284,7 @@ def test_probes_and_healing_on_a_real_model_with_real_text(hf_dir, cache, tmp_pa
             assert f"probe.spectra.L{layer}.{t}.erank" in m
     assert (out / "spectra_normalised.png").is_file() and (out / "cost.json").is_file()
     # the run dir carries the source's tokenizer, and is itself a source a later run or lm-eval can load
-    from mla_analysis.convert import load_tokenizer
+    from mla_analysis.conversion.cli import load_tokenizer
 
     text = "Now is the winter of our discontent"
     import transformers
@@ -297,7 +297,7 @@ def test_grad_accum_is_the_mean_gradient_of_its_micro_batches(tmp_path):
     from mla_analysis.config import ModelConfig
     from mla_analysis.data import train_batch
     from mla_analysis.models.transformer import Transformer
-    from mla_analysis.train import TrainConfig, lm_loss, lr_at, make_optimizer, train
+    from mla_analysis.training.trainer import TrainConfig, lm_loss, lr_at, make_optimizer, train
 
     mcfg = ModelConfig(vocab_size=128, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=64)
     dcfg = DataConfig(vocab_size=128, seq_len=32, eval_examples=4, eval_tasks=[], lm_weight=1.0, tasks={})

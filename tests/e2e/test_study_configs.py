@@ -8,11 +8,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import mla_analysis.schema  # noqa: F401  (registers the schema and the idiv resolver)
+import mla_analysis.runner.schema  # noqa: F401  (registers the schema and the idiv resolver)
 from mla_analysis.config import ConfigError, ModelConfig
-from mla_analysis.schema import _idiv
+from mla_analysis.runner.schema import _idiv
 
-CONF = str(Path(__file__).resolve().parent.parent / "conf")
+CONF = str(Path(__file__).resolve().parents[2] / "conf")
 EXPERIMENTS = sorted(p.stem for p in Path(CONF, "experiment").glob("*.yaml"))
 
 

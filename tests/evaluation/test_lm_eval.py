@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mla_analysis.checkpoint import save_checkpoint, save_model_config
+from mla_analysis.training.checkpoint import save_checkpoint, save_model_config
 from mla_analysis.config import ConfigError, tiny
 from mla_analysis.data import DataConfig, build_eval_sets, score_logits
 from mla_analysis.data.tasks import IGNORE
@@ -23,8 +23,8 @@ lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from mla_analysis.eval import TaskError, answer_spans, export_procedural_tasks, load_tasks, main  # noqa: E402
-from mla_analysis.lm_eval_model import MLAnalysisLM, ProceduralTokenizer  # noqa: E402
+from mla_analysis.evaluation.cli import TaskError, answer_spans, export_procedural_tasks, load_tasks, main  # noqa: E402
+from mla_analysis.evaluation.lm_eval_model import MLAnalysisLM, ProceduralTokenizer  # noqa: E402
 
 TASKS = ["mqar", "niah_multivalue", "arithmetic"]  # passkey and copy run in the other end-to-end tests
 

@@ -1,4 +1,4 @@
-"""Sliding-window perplexity and KL (mla_analysis.perplexity) against transformers' own loss and brute force."""
+"""Sliding-window perplexity and KL (mla_analysis.evaluation.perplexity) against transformers' own loss and brute force."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mla_analysis.convert import from_hf
-from mla_analysis.perplexity import (
+from mla_analysis.conversion.cli import from_hf
+from mla_analysis.evaluation.perplexity import (
     IGNORE,
     document_windows,
     kl_divergence,

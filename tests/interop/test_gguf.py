@@ -20,9 +20,9 @@ import torch
 
 from mla_analysis import assets
 from mla_analysis.assets import AssetError
-from mla_analysis.checkpoint import CheckpointError
+from mla_analysis.training.checkpoint import CheckpointError
 from mla_analysis.config import ConfigError
-from mla_analysis.convert import from_hf, load_tokenizer, main, resolve_hf_dir, save_tokenizer
+from mla_analysis.conversion.cli import from_hf, load_tokenizer, main, resolve_hf_dir, save_tokenizer
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -152,7 +152,7 @@ def test_unmapped_gguf_architecture_refused(tmp_path, cache, capsys):
 
 def test_tokenizer_missing_from_a_checkpoint_dir(tmp_path):
     from mla_analysis.config import tiny
-    from mla_analysis.convert import to_hf
+    from mla_analysis.conversion.cli import to_hf
     from mla_analysis.models.transformer import Transformer
 
     to_hf(Transformer(tiny()), tmp_path / "hf")
@@ -197,7 +197,7 @@ def test_named_model_without_its_package(tmp_path, cache, capsys, monkeypatch):
     with pytest.raises(CheckpointError, match="smollm3"):  # not a name, not a path
         from_hf("smollm3")
     for module, args in (
-        ("mla_analysis.convert", ["from-hf", "smollm2-135m", str(tmp_path / "run")]),
+        ("mla_analysis.conversion.cli", ["from-hf", "smollm2-135m", str(tmp_path / "run")]),
         ("mla_analysis.run", [f"hydra.run.dir={tmp_path / 'out'}", "train.init_from=smollm2-135m", "train.steps=0"]),
     ):
         p = subprocess.run([sys.executable, "-c", _HIDE, module, *args], cwd=tmp_path, capture_output=True, text=True,
@@ -255,7 +255,7 @@ def test_smollm2_tokenizer_and_run_dir(smollm2, tmp_path, capsys):
 
 def test_two_processes_converting_at_once_build_one_entry(tmp_path, cache):
     path = write_gguf(tmp_path / "tiny.gguf", seed=3)
-    code = "import sys; from mla_analysis.convert import resolve_hf_dir; print(resolve_hf_dir(sys.argv[1]))"
+    code = "import sys; from mla_analysis.conversion.cli import resolve_hf_dir; print(resolve_hf_dir(sys.argv[1]))"
     procs = [subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
     outs = [p.communicate(timeout=240) for p in procs]
@@ -271,7 +271,7 @@ def test_smollm2_through_the_lm_eval_adapter_by_name(smollm2):
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
 
-    from mla_analysis.lm_eval_model import MLAnalysisLM
+    from mla_analysis.evaluation.lm_eval_model import MLAnalysisLM
 
     path, hf_dir, ref, ids = smollm2
     gguf_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

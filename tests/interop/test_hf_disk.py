@@ -15,12 +15,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from mla_analysis import load_model
-from mla_analysis.checkpoint import CheckpointError
+from mla_analysis.training.checkpoint import CheckpointError
 from mla_analysis.config import tiny
-from mla_analysis.convert import from_hf, main, to_hf
+from mla_analysis.conversion.cli import from_hf, main, to_hf
 from mla_analysis.models.transformer import Transformer
 
-from .helpers import randomise
+from ..helpers import randomise
 
 transformers = pytest.importorskip("transformers")
 
@@ -197,7 +197,7 @@ def test_missing_expert_key_names_it(tmp_path):
 def test_cli_from_hf_carries_the_source_tokenizer(tmp_path, capsys):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from mla_analysis.convert import load_tokenizer, save_tokenizer
+    from mla_analysis.conversion.cli import load_tokenizer, save_tokenizer
 
     vocab = {w: i for i, w in enumerate(["[UNK]", "to", "be", "or", "not", ",", "that", "is", "the", "question"])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))

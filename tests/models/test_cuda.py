@@ -87,7 +87,7 @@ def test_moe_grouped_mm_is_cuda_bf16_default_and_matches_loop():
 
 def test_train_on_cuda_with_bf16_autocast_learns(tmp_path):
     from mla_analysis.data import DataConfig
-    from mla_analysis.train import TrainConfig, train
+    from mla_analysis.training.trainer import TrainConfig, train
 
     cfg = tiny(attention="mla", ffn="moe", score_func="sigmoid", bias_update_speed=0.001)
     data = DataConfig(vocab_size=128, seq_len=64, eval_examples=32)

@@ -6,14 +6,14 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mla_analysis.accounting import count_params, kv_bytes_per_token, kv_elements_per_token_layer
+from mla_analysis.models.accounting import count_params, kv_bytes_per_token, kv_elements_per_token_layer
 from mla_analysis.config import ModelConfig, tiny
-from mla_analysis.convert import from_hf
-from mla_analysis.hf import to_hf_config
+from mla_analysis.conversion.cli import from_hf
+from mla_analysis.interop.state_dict import to_hf_config
 from mla_analysis.models.transformer import Transformer
 
-from .helpers import randomise
-from .test_gpt2_qwen import VARIANTS as KNOB_VARIANTS
+from ..helpers import randomise
+from ..interop.test_gpt2_qwen import VARIANTS as KNOB_VARIANTS
 
 transformers = pytest.importorskip("transformers")
 
@@ -174,7 +174,7 @@ def test_count_params_matches_module(overrides):
 def test_flops_per_token_vs_torch_flop_counter(overrides):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mla_analysis.accounting import flops_per_token
+    from mla_analysis.models.accounting import flops_per_token
 
     cfg = tiny(mla_decode="naive", **overrides)
     model = Transformer(cfg).eval()
@@ -196,7 +196,7 @@ def test_flops_per_token_vs_torch_flop_counter(overrides):
 def test_decode_flops_per_token_vs_torch_flop_counter(overrides):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mla_analysis.accounting import decode_flops_per_token
+    from mla_analysis.models.accounting import decode_flops_per_token
 
     cfg = tiny(**overrides)
     model = Transformer(cfg).eval()
@@ -211,7 +211,7 @@ def test_decode_flops_per_token_vs_torch_flop_counter(overrides):
 
 def test_per_layer_kv_lora_ranks_cache_and_accounting_vs_tensors():
     """kv_lora_ranks gives each layer its own latent width: cache tensors, params and FLOPs follow it."""
-    from mla_analysis.accounting import count_params, kv_bytes_per_token
+    from mla_analysis.models.accounting import count_params, kv_bytes_per_token
     from mla_analysis.config import ConfigError
 
     for attention in ("mla", "mla_coupled_rope"):

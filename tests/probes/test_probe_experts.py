@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mla_analysis.checkpoint import save_checkpoint, save_model_config
+from mla_analysis.training.checkpoint import save_checkpoint, save_model_config
 from mla_analysis.config import ConfigError, tiny
 from mla_analysis.data import DataConfig
 from mla_analysis.data.tasks import MQARConfig

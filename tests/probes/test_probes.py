@@ -227,7 +227,7 @@ def test_published_configs_load_and_match_published_sizes():
     assert {f.stem for f in files} == {"deepseek_v2", "deepseek_v2_lite", "deepseek_v3", "deepseek_67b", "llama2_7b", "qwen25_7b"}
     for f in files:
         ModelConfig.from_dict(json.loads(f.read_text()))  # raises on unknown keys or invalid values
-    from mla_analysis.accounting import count_params, kv_elements_per_token_layer
+    from mla_analysis.models.accounting import count_params, kv_elements_per_token_layer
 
     cfgs = load_all()
     expected_total_b = {"deepseek_v2": 236, "deepseek_v2_lite": 15.7, "deepseek_v3": 671, "deepseek_67b": 67,

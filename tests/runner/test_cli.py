@@ -8,7 +8,7 @@ import pytest
 
 from mla_analysis import cli
 from mla_analysis.data import DataConfig
-from mla_analysis.train import TrainConfig, progress_bar, train
+from mla_analysis.training.trainer import TrainConfig, progress_bar, train
 
 
 def test_usage_lists_every_subcommand(capsys):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mla_analysis.report import load_rows, main as report_main
-from mla_analysis.results import ResultsError, atomic_write_json, load_record, make_record
+from mla_analysis.analysis.report import load_rows, main as report_main
+from mla_analysis.training.results import ResultsError, atomic_write_json, load_record, make_record
 
 from .test_run import FAST, run
 
@@ -131,7 +131,7 @@ def _dead_pid() -> int:
 def _write_lock(directory: Path, **holder) -> Path:
     import socket
 
-    from mla_analysis.lock import LOCK_FILE
+    from mla_analysis.runner.lock import LOCK_FILE
 
     directory.mkdir(parents=True, exist_ok=True)
     base = {"host": socket.gethostname(), "pid": os.getpid(), "start": None, "group": None, "since": "earlier"}
@@ -141,7 +141,7 @@ def _write_lock(directory: Path, **holder) -> Path:
 
 def test_lock_names_holder_and_takes_over_only_stale_locks(tmp_path, capsys):
     from mla_analysis.config import ConfigError
-    from mla_analysis.lock import RunLock, process_start
+    from mla_analysis.runner.lock import RunLock, process_start
 
     d = tmp_path / "run"
     path = _write_lock(d, start=process_start(os.getpid()))  # a live holder on this host: this process
@@ -160,7 +160,7 @@ def test_lock_names_holder_and_takes_over_only_stale_locks(tmp_path, capsys):
 
 def test_lock_ranks_above_zero_join_their_own_launch_only(tmp_path):
     from mla_analysis.config import ConfigError
-    from mla_analysis.lock import RunLock
+    from mla_analysis.runner.lock import RunLock
 
     d = tmp_path / "run"
     _write_lock(d, group="run1@host:29500")
@@ -170,7 +170,7 @@ def test_lock_ranks_above_zero_join_their_own_launch_only(tmp_path):
 
 
 def test_second_run_into_a_locked_dir_exits_2_and_touches_nothing(tmp_path):
-    from mla_analysis.lock import process_start
+    from mla_analysis.runner.lock import process_start
 
     out = tmp_path / "run"
     lock = _write_lock(out, start=process_start(os.getpid()))  # as if a first run were training in it
@@ -214,7 +214,7 @@ def test_checkpoint_write_failure_still_writes_results(tmp_path, capsys):
 
 
 def test_signal_during_final_eval_records_interrupted_and_resume_finishes(tmp_path, monkeypatch):
-    import mla_analysis.train as tr
+    import mla_analysis.training.trainer as tr
     from mla_analysis.run import run_job
 
     real = tr.evaluate
@@ -250,8 +250,8 @@ def test_every_numeric_train_option_is_validated(key, value):
     import dataclasses
 
     from mla_analysis.config import ConfigError
-    from mla_analysis.schema import validate_train
-    from mla_analysis.train import TrainConfig
+    from mla_analysis.runner.schema import validate_train
+    from mla_analysis.training.trainer import TrainConfig
 
     with pytest.raises(ConfigError, match=f"^train.{key}=") as info:
         validate_train(dataclasses.replace(TrainConfig(), **{key: value}))
@@ -262,8 +262,8 @@ def test_every_numeric_train_option_is_validated(key, value):
 def test_nonfinite_model_and_data_values_are_rejected():
     from mla_analysis.config import ConfigError, tiny
     from mla_analysis.data import DataConfig
-    from mla_analysis.schema import validate_run
-    from mla_analysis.train import TrainConfig
+    from mla_analysis.runner.schema import validate_run
+    from mla_analysis.training.trainer import TrainConfig
 
     data = DataConfig(vocab_size=128, seq_len=32)
     validate_run(tiny(), data, TrainConfig(), "cpu")
@@ -302,7 +302,7 @@ def _start_joblib_sweep(tmp_path) -> tuple[Path, subprocess.Popen]:
 @pytest.mark.slow
 def test_dying_joblib_worker_fails_only_its_job(tmp_path):
     sweep, proc = _start_joblib_sweep(tmp_path)
-    from mla_analysis.lock import LOCK_FILE
+    from mla_analysis.runner.lock import LOCK_FILE
 
     pids, deadline = {}, time.time() + 180
     while len(pids) < 2 and time.time() < deadline:  # each running job's lock names its worker process
@@ -326,7 +326,7 @@ def test_dying_joblib_worker_fails_only_its_job(tmp_path):
 
 
 def test_failed_row_shows_its_values_and_rows_name_their_run_dirs(tmp_path):
-    from mla_analysis.report import write_tables
+    from mla_analysis.analysis.report import write_tables
 
     config = {"model": {"name": "mla"}, "train": {"lr": float("inf")}, "seed": 0}
     atomic_write_json(tmp_path / "a" / "results.json", make_record("failed", config, {}, error="ConfigError: lr"))
@@ -342,7 +342,7 @@ def test_failed_row_shows_its_values_and_rows_name_their_run_dirs(tmp_path):
 
 
 def test_corrupt_records_are_one_line_and_all_corrupt_fails(tmp_path, capsys):
-    from mla_analysis.results import is_finished
+    from mla_analysis.training.results import is_finished
 
     for name, rec in (("a", {"status": "ok", "flat": [1]}), ("b", {"status": "ok", "flat": {}}),
                       ("c", {"status": 3, "flat": {}})):
@@ -368,7 +368,7 @@ def test_atomic_writes_keep_the_umask_mode(tmp_path, umask, mode):
 
 def test_latent_larger_than_k_and_v_warns_in_one_line():
     from mla_analysis.config import tiny
-    from mla_analysis.schema import kv_cache_warning
+    from mla_analysis.runner.schema import kv_cache_warning
 
     assert kv_cache_warning(tiny(attention="mla", kv_lora_rank=8)) is None
     assert kv_cache_warning(tiny(attention="mha")) is None

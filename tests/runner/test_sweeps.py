@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from mla_analysis.config import ConfigError
-from mla_analysis.search import PENALTY, SearchConfig, objective, resolve_reference
+from mla_analysis.analysis.search import PENALTY, SearchConfig, objective, resolve_reference
 
 from .test_run import FAST, run
 

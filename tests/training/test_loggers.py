@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mla_analysis.results import find_run_dirs, load_record
+from mla_analysis.training.results import find_run_dirs, load_record
 
 FAST = ["train.steps=4", "train.eval_every=2", "data.eval_examples=8", "train.progress=false", "train.batch_size=4",
         "device=cpu", "data.eval_tasks=[mqar]", "train.threads=1"]
@@ -192,7 +192,7 @@ def test_store_failing_mid_run_is_noted_and_the_run_finishes(tmp_path, blank_sto
     pytest.importorskip("tensorboard")
     from mlflow.tracking import MlflowClient
 
-    from mla_analysis.loggers import MLflowLogger
+    from mla_analysis.training.loggers import MLflowLogger
 
     flush = MLflowLogger.flush
     calls = []
@@ -226,7 +226,7 @@ def test_default_logger_none_writes_no_tracker_files(tmp_path):
 def test_absent_package_is_one_line_naming_the_extra(tmp_path, monkeypatch, capsys, name):
     from omegaconf import OmegaConf
 
-    from mla_analysis.loggers import prepare_sweep
+    from mla_analysis.training.loggers import prepare_sweep
 
     monkeypatch.setitem(sys.modules, name, None)  # `import NAME` raises ImportError
     run_dir = tmp_path / "run"

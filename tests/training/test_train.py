@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from mla_analysis import load_model
-from mla_analysis.checkpoint import CheckpointError, latest_checkpoint
+from mla_analysis.training.checkpoint import CheckpointError, latest_checkpoint
 from mla_analysis.config import tiny
 from mla_analysis.data import DataConfig
 from mla_analysis.data.tasks import MQARConfig
-from mla_analysis.train import NonFiniteLoss, TrainConfig, TrainingInterrupted, lr_at, train
+from mla_analysis.training.trainer import NonFiniteLoss, TrainConfig, TrainingInterrupted, lr_at, train
 
 
 def _data() -> DataConfig:
@@ -51,7 +51,7 @@ def test_resume_after_sigint_is_bitwise_identical(tmp_path, overrides):
 
 
 def test_nonfinite_loss_stops_with_step_and_keeps_checkpoint(tmp_path, monkeypatch):
-    import mla_analysis.train as tr
+    import mla_analysis.training.trainer as tr
 
     real = tr.lm_loss
     calls = {"n": 0}
