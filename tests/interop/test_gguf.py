@@ -197,7 +197,7 @@ def test_named_model_without_its_package(tmp_path, cache, capsys, monkeypatch):
     with pytest.raises(CheckpointError, match="smollm3"):  # not a name, not a path
         from_hf("smollm3")
     for module, args in (
-        ("mla_analysis.conversion.cli", ["from-hf", "smollm2-135m", str(tmp_path / "run")]),
+        ("mla_analysis.convert", ["from-hf", "smollm2-135m", str(tmp_path / "run")]),
         ("mla_analysis.run", [f"hydra.run.dir={tmp_path / 'out'}", "train.init_from=smollm2-135m", "train.steps=0"]),
     ):
         p = subprocess.run([sys.executable, "-c", _HIDE, module, *args], cwd=tmp_path, capture_output=True, text=True,
