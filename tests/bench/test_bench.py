@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from mla_analysis import bench
 from mla_analysis.interop.state_dict import state_dict_to_hf
+from mla_analysis.models.accounting import kv_bytes_per_token
+from mla_analysis.training.results import ResultsError
 
 pytest.importorskip("transformers")
 
@@ -168,18 +170,18 @@ def test_decode_models_variants_and_kv_accounting():
     for m in models.values():
         cache = m.new_cache(2, 65)
         # accounting's KV bytes/token (used for the bandwidth figure) matches what the cache allocates
-        assert cache.bytes_per_token() == bench.kv_bytes_per_token(m.cfg, torch.float32)
+        assert cache.bytes_per_token() == kv_bytes_per_token(m.cfg, torch.float32)
 
 
 def test_skip_reason_extrapolates_time_and_memory():
     dev = torch.device("cpu")
-    assert bench._skip_reason(None, 1024, 1, 100.0, dev, 5.0, 3) is None
+    assert bench.skip_reason(None, 1024, 1, 100.0, dev, 5.0, 3) is None
     prev = {"context": 1024, "step_s": 3.0, "peak_bytes": 1000}
-    assert "s/step" in bench._skip_reason(prev, 2048, 1, 100.0, dev, 5.0, 3)
-    assert bench._skip_reason(dict(prev, step_s=1.0), 2048, 1, 100.0, dev, 5.0, 3) is None
+    assert "s/step" in bench.skip_reason(prev, 2048, 1, 100.0, dev, 5.0, 3)
+    assert bench.skip_reason(dict(prev, step_s=1.0), 2048, 1, 100.0, dev, 5.0, 3) is None
     huge = dict(prev, step_s=0.1, peak_bytes=10**15)
-    assert "GB" in bench._skip_reason(huge, 2048, 1, 100.0, dev, 5.0, 3)
-    assert bench._skip_reason({"context": 1024, "skipped": "x"}, 2048, 1, 100.0, dev, 5.0, 3)
+    assert "GB" in bench.skip_reason(huge, 2048, 1, 100.0, dev, 5.0, 3)
+    assert bench.skip_reason({"context": 1024, "skipped": "x"}, 2048, 1, 100.0, dev, 5.0, 3)
 
 
 def test_sweep_wall_time(tmp_path):
@@ -193,7 +195,7 @@ def test_sweep_wall_time(tmp_path):
     assert w["runs"] == 3 and w["unreadable"] == 1 and w["statuses"] == {"ok": 3}
     assert w["sum_wall_s"] == 120.0 and w["max_wall_s"] == 50.0
     assert w["span_s"] == pytest.approx(100.0)  # earliest start now+0 (30 - 30) to the last end now+100
-    with pytest.raises(bench.ResultsError):
+    with pytest.raises(ResultsError):
         bench.sweep_wall_time(tmp_path / "missing")
 
 
