@@ -15,6 +15,7 @@ import torch
 from ..training.results import git_commit
 from .timing import median, time_interleaved
 
+
 def _proc_status(field_name: str) -> Optional[int]:
     try:
         m = re.search(rf"^{field_name}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)

@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+
 class BenchError(RuntimeError):
     """A benchmark precondition failed (e.g. the compared models disagree)."""
 
@@ -72,3 +73,26 @@ def profile_top(fn: Callable[[], Any], device: torch.device, reps: int = 2, top:
     rows = sorted(events, key=lambda e: getattr(e, attr, 0), reverse=True)[:top]
     return [{"op": e.key, "self_ms_per_call_of_fn": getattr(e, attr, 0) / 1e3 / reps,
              "share": getattr(e, attr, 0) / total, "calls_per_fn": e.count / reps} for e in rows]
+
+
+def time_decode(core, S: int, B: int, steps: int, vocab: int, device: torch.device):
+    """Prefill ``S`` random tokens into a fresh cache of ``core``, then ``steps`` greedy single-token decode steps;
+    returns (prefill seconds, per-step seconds, first decode logits [B, V]). The probes' and the claims' decode timer."""
+    g = torch.Generator().manual_seed(1234 + S + B)
+    prompt = torch.randint(0, vocab, (B, S), generator=g).to(device)
+    cache = core.new_cache(B, S + steps)
+    sync(device)
+    t0 = time.perf_counter()
+    logits = core(prompt, cache=cache)[:, -1]  # (B, V)
+    sync(device)
+    prefill = time.perf_counter() - t0
+    nxt = logits.argmax(-1, keepdim=True)  # (B, 1)
+    lat, first = [], None
+    for _ in range(steps):
+        t = time.perf_counter()
+        logits = core(nxt, cache=cache)[:, -1]
+        nxt = logits.argmax(-1, keepdim=True)
+        sync(device)
+        lat.append(time.perf_counter() - t)
+        first = logits.float().cpu() if first is None else first
+    return prefill, lat, first

@@ -13,6 +13,7 @@ from ..models.transformer import Transformer
 from .timing import BenchError, median, time_interleaved
 from .sizes import Sizes
 
+
 def cast_params_(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """Cast parameters to ``dtype``, keeping what the references keep in fp32: RoPE frequencies (buffers
     are not touched) and the MoE router weights (``gate.weight``)."""
