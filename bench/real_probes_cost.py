@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/real_probes_cost")
     args = ap.parse_args()
     from mla_analysis.data import DataConfig
-    from mla_analysis.hf_io import load_model
+    from mla_analysis.interop.hf_io import load_model
     from mla_analysis.probes import PROBES, check_probes
     from mla_analysis.probes import copying, kl, needles, next_line
 

@@ -5,7 +5,7 @@
 ``search`` and ``logger`` each have a module here; nothing in this package imports the rest of
 ``mla_analysis`` (``tests/test_architecture.py`` checks it).
 Closed choices are ``Choice`` Enums (``checks``), which OmegaConf checks when a config composes; what
-needs a registry of another package (task names, tokenizers) is checked there. ``mla_analysis.schema``
+needs a registry of another package (task names, tokenizers) is checked there. ``mla_analysis.runner.schema``
 assembles the groups into the run schema Hydra checks every YAML file of ``conf/`` against.
 """
 

@@ -14,7 +14,7 @@ class Direction(Choice):
 
 
 class Allocation(Choice):
-    """How a KV budget is split over layers (``mla_analysis.rank_allocation``)."""
+    """How a KV budget is split over layers (``mla_analysis.conversion.rank_allocation``)."""
 
     uniform = "uniform"
     energy = "energy"

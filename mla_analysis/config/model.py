@@ -325,7 +325,10 @@ def validate_model_config(cfg: ModelConfig, context_len: Optional[int] = None) -
 
 
 def tiny(**overrides: Any) -> ModelConfig:
-    """The tiny preset every test uses; keyword overrides are applied and validated."""
+    """The unit tests' preset (keyword overrides applied and validated); not ``scale=tiny``.
+
+    d_model 32 is half of ``conf/scale/tiny.yaml``'s 64 (the CPU studies' scale), so that the tests stay fast.
+    """
     base = dict(
         vocab_size=128,
         d_model=32,

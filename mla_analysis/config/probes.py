@@ -1,7 +1,7 @@
 """The ``probe`` group (conf/probe/): one dataclass per probe, its closed choices and its checks.
 
 ``probe=spectra`` composes ``{"spectra": SpectraConfig}`` onto the run's ``probe`` node (each
-conf/probe/<name>.yaml starts from its ``<name>_schema``, registered by ``mla_analysis.schema``), so
+conf/probe/<name>.yaml starts from its ``<name>_schema``, registered by ``mla_analysis.runner.schema``), so
 an override of a probe key is type-checked when the config composes; ``probe=[spectra,cost]`` selects
 several. ``probe_config(name, params)`` builds and checks the options from a plain dict (the probes'
 Python callers). What depends on the model (layer indices, context lengths past ``max_seq_len``) is

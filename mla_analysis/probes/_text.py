@@ -132,8 +132,8 @@ def shakespeare_split(data_cfg: Any, probe: str, which: str = "evaluation"):
 
 def load_reference(spec: Optional[str], data_cfg: Any, probe: str, device: torch.device) -> torch.nn.Module:
     """The reference model: ``spec`` (run dir, HF dir, .gguf or model name) or, when null, data.tokenizer's model."""
-    from ..checkpoint import CheckpointError
-    from ..hf_io import load_model
+    from ..training.checkpoint import CheckpointError
+    from ..interop.hf_io import load_model
 
     if spec is None:
         spec = getattr(data_cfg, "tokenizer", None)  # data.tokenizer=model resolves to train.init_from

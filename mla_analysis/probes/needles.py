@@ -14,7 +14,7 @@ haystack is cut to fit); the asked needle starts after ``round(depth x haystack 
 Needle, question and answer are tokenised on their own and spliced in as token ids, so the answer's tokens are
 known exactly. Scoring, teacher-forced on the answer tokens in one forward pass: ``logprob`` = sum of log p(answer
 token | true prefix) (nats), ``exact_match`` = every answer token is the argmax given its true prefix, which is
-what greedy decoding from the question would reproduce (mla_analysis/eval.py states the equivalence).
+what greedy decoding from the question would reproduce (mla_analysis/evaluation/cli.py states the equivalence).
 
 Keys (under ``probe.needles.``; ``<cell>`` = ``len<L>.depth<d:.2f>``): ``<task>.<cell>.exact_match.*`` (Wilson
 interval over examples), ``<task>.<cell>.logprob.*`` (interval as configured, over examples), ``<task>.exact_match``
@@ -174,7 +174,7 @@ def _plot(grids: dict, lengths: list[int], depths: list[float], path: Path) -> s
 @register("needles")
 def run(model: torch.nn.Module, params: dict, data_cfg: Any, run_dir: Path, device: torch.device) -> dict:
     """Passkey / key-value needle retrieval over length x depth in held-out text: exact match and answer log-prob."""
-    from ..results import atomic_write_json
+    from ..training.results import atomic_write_json
     from ._common import model_config, unwrap
 
     p = parse_params(params)

@@ -128,7 +128,7 @@ def task_yaml(data_file: Path, meta: dict) -> str:
 
 def write_task(out_dir: Path, docs: list[dict], meta: dict, final_dir: Optional[Path] = None) -> Path:
     """Write ``shakespeare_next_line.yaml`` + ``.jsonl`` into ``out_dir`` (the YAML names ``final_dir``'s jsonl)."""
-    from ..results import atomic_write_text
+    from ..training.results import atomic_write_text
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -166,7 +166,7 @@ def evaluate_task(lm, folder: Path) -> tuple[dict, list[dict]]:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from ..eval import load_tasks
+    from ..evaluation.cli import load_tasks
 
     tm = TaskManager(include_path=str(folder), include_defaults=False)
     results = lm_eval.simple_evaluate(model=lm, tasks=load_tasks(tm, [TASK]), task_manager=tm, num_fewshot=0,
@@ -192,7 +192,7 @@ def parse_params(params: dict) -> dict:
 @register("next_line")
 def run(model: torch.nn.Module, params: dict, data_cfg: Any, run_dir: Path, device: torch.device) -> dict:
     """acc / acc_norm of the held-out next-line task through lm-eval, with Wilson intervals over examples."""
-    from ..lm_eval_model import MLAnalysisLM
+    from ..evaluation.lm_eval_model import MLAnalysisLM
     from ._common import unwrap
 
     p = parse_params(params)
