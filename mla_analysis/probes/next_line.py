@@ -17,6 +17,8 @@ folder, lm-eval's own task index not built). Run it by hand:
 ``lm_eval --model mla_analysis --model_args pretrained=RUN_DIR --include_path FOLDER --tasks shakespeare_next_line``
 (after ``import mla_analysis``, e.g. ``python -c "import mla_analysis, lm_eval.__main__ as m; m.cli_evaluate()" ...``).
 
+Options: ``mla_analysis.config.probes.NextLineConfig`` (conf/probe/next_line.yaml).
+
 Keys (under ``probe.next_line.``): ``acc.*`` and ``acc_norm.*`` (``.mean/.ci_low/.ci_high/.n``: Wilson interval
 over examples, from lm-eval's per-example results), ``examples``, ``task_dir``, ``interval.*``.
 Functions: :func:`next_line_docs`, :func:`write_task`, :func:`task_dir`, :func:`evaluate_task`.
@@ -34,22 +36,11 @@ import torch
 
 from ..config import ConfigError
 from . import ProbeError, register
-from ._common import check_params, positive_int
+from ._common import options
 from ._text import flat, model_tokenizer, shakespeare_split, wilson_interval
 
 TASK = "shakespeare_next_line"
 VERSION = "1"  # bump when the example construction changes: old cache folders are then unused
-
-DEFAULTS: dict[str, Any] = {
-    "examples": 500,
-    "context_lines": 4,
-    "min_chars": 20,
-    "length_tolerance": 0.3,
-    "seed": 0,
-    "batch_size": 16,
-    "confidence_level": 0.95,
-}
-
 
 def spoken_lines(text: str, kinds: np.ndarray) -> tuple[list[str], np.ndarray]:
     """(lines of the text, [n_lines] bool: the line is spoken: every non-space character of kind "line")."""
@@ -176,17 +167,8 @@ def evaluate_task(lm, folder: Path) -> tuple[dict, list[dict]]:
 
 
 def parse_params(params: dict) -> dict:
-    """Defaults overlaid with params, every value checked (ConfigError naming ``probe.next_line.<key>``)."""
-    p = check_params("next_line", params, DEFAULTS)
-    for key in ("examples", "context_lines", "min_chars", "batch_size"):
-        positive_int("next_line", key, p[key])
-    for key, lo, hi in (("length_tolerance", 0.0, float("inf")), ("confidence_level", 0.0, 1.0)):
-        v = p[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo < v < hi:
-            raise ConfigError(f"probe.next_line.{key}={v!r} is invalid (allowed: a number in ({lo}, {hi}))")
-    if isinstance(p["seed"], bool) or not isinstance(p["seed"], int) or p["seed"] < 0:
-        raise ConfigError(f"probe.next_line.seed={p['seed']!r} is invalid (allowed: an integer >= 0)")
-    return p
+    """The options (``mla_analysis.config.probes.NextLineConfig``) checked, as a dict."""
+    return options("next_line", params)
 
 
 @register("next_line")

@@ -176,15 +176,17 @@ def test_several_probes_compose_and_an_unselected_probe_is_not_recorded():
     ("probe.experts.dense_fraction=all", "probe.experts.dense_fraction='all' is invalid (allowed: active | routed)"),
     ("probe.experts.energy_rank=abc", "probe.experts.energy_rank: Value 'abc' of type 'str' could not be converted"),
     ("probe.experts.bogus=1", "probe.experts.bogus: unknown key (allowed: batch_size, compare_to,"),
+    ("probe.kl.interval=normal", "probe.kl.interval='normal' is invalid (allowed: bootstrap | t)"),
 ])
 def test_probe_overrides_are_type_checked_when_the_config_composes(override, line):
-    assert precheck(["probe=experts", override]).startswith(line)
+    assert precheck([f"probe={override.split('.')[1]}", override]).startswith(line)
 
 
 @pytest.mark.parametrize("override,key", [
     ("probe.cost.dtypes=[fp7]", "probe.cost.dtypes[0]"),
     ("probe.retrieval.tasks=[mqar,needle]", "probe.retrieval.tasks[1]"),
     ("probe.retrieval.detail_tasks=[sort]", "probe.retrieval.detail_tasks[0]"),
+    ("probe.needles.tasks=[passkey,sort]", "probe.needles.tasks[1]"),
 ])
 def test_a_bad_choice_in_a_probe_list_names_the_element(override, key):
     msg = precheck([f"probe={override.split('.')[1]}", override])
@@ -200,6 +202,18 @@ def test_a_bad_choice_in_a_probe_list_names_the_element(override, key):
     ("head_ablation", {"layers": []}, r"^probe\.head_ablation\.layers=\[\] is invalid"),
     ("cost", {"claim_bits": 0}, r"^probe\.cost\.claim_bits=0 is invalid \(allowed: a number > 0\)"),
     ("cost", {"dtype": ["fp32"]}, r"^probe\.cost\.dtype: unknown key \(allowed: batch_sizes, claim_bits,"),
+    ("kl", {"interval": "normal"}, r"^probe\.kl\.interval='normal' is invalid \(allowed: bootstrap \| t\)$"),
+    ("kl", {"stride": 0}, r"^probe\.kl\.stride=0 is invalid \(allowed: an integer > 0\)$"),
+    ("kl", {"reference": 3}, r"^probe\.kl\.reference=3 is invalid"),
+    ("token_bins", {"bins": 0}, r"^probe\.token_bins\.bins=0 is invalid"),
+    ("token_bins", {"confidence_level": 1.0}, r"^probe\.token_bins\.confidence_level=1\.0 is invalid"),
+    ("copying", {"passage_len": 1}, r"^probe\.copying\.passage_len=1 is invalid \(allowed: an integer >= 2\)$"),
+    ("copying", {"resamples": 0}, r"^probe\.copying\.resamples=0 is invalid"),
+    ("needles", {"tasks": ["kv", "sort"]}, r"^probe\.needles\.tasks='sort' is invalid \(allowed: passkey \| kv\)$"),
+    ("needles", {"depths": [1.5]}, r"^probe\.needles\.depths=\[1\.5\] is invalid"),
+    ("needles", {"kv_needles": 31}, r"^probe\.needles\.kv_needles=31 is invalid \(allowed: 1\.\.30\)$"),
+    ("next_line", {"length_tolerance": 0}, r"^probe\.next_line\.length_tolerance=0 is invalid"),
+    ("next_line", {"resamples": 10}, r"^probe\.next_line\.resamples: unknown key"),
 ])
 def test_probe_options_are_checked_beside_their_dataclass(name, params, message):
     with pytest.raises(ConfigError, match=message):
@@ -215,3 +229,12 @@ def test_probe_options_are_normalised_and_their_choices_match_the_registries():
     assert retrieval.GRID_TASKS == ("mqar", "passkey", "niah", *NIAH_PRESETS)  # the data package's presets
     assert set(cost.TORCH_DTYPES) == set(probe_config("cost", {"dtypes": ["fp32", "bf16", "fp16"]}).dtypes)
     assert probe_config("cost", {"dtypes": "bf16"}).dtypes == ["bf16"]
+    from mla_analysis.config.probes import NEEDLE_KEYS, IntervalMethod, NeedleTask
+    from mla_analysis.probes import needles
+
+    n = probe_config("needles", {"tasks": "kv", "depths": [1, 0, 1], "lengths": [64, 32, 64]})
+    assert (n.tasks, n.depths, n.lengths) == ([NeedleTask.kv], [0.0, 1.0], [32, 64])
+    assert len(needles.KEYS) == NEEDLE_KEYS  # kv_needles' bound is the probe's word list
+    assert probe_config("copying", {"distances": [512, 256, 512]}).distances == [256, 512]
+    t = probe_config("token_bins", {"interval": "t", "bins": 3})  # KlConfig's keys and its own
+    assert t.interval is IntervalMethod.t and (t.bins, t.max_windows) == (3, 64)
