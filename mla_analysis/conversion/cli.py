@@ -8,6 +8,7 @@ bad input ends with one line on stderr and exit code 2)::
     python -m mla_analysis.convert mha-to-mla RUN_DIR OUT_RUN_DIR --kv-lora-rank R [--rope-dims N]
         [--strategy high|low|uniform|norm] [--factorization joint|split] [--target auto|mla|mla_coupled_rope]
         [--calib-examples N] [--no-kv-norm]
+    python -m mla_analysis.convert merge-kv-heads RUN_DIR OUT_RUN_DIR --kv-heads N   (kv_merge.merge_kv_heads)
 
 A run directory (``model_config.json`` + ``checkpoints/``) is what ``hf_io.load_model`` reads.
 ``--calib-examples N`` calibrates on the first N training sequences of the run's data config
@@ -132,8 +133,23 @@ def _cmd_mha_to_mla(args: argparse.Namespace) -> Path:
     return _write_dir(Path(args.out), fill)
 
 
+def _cmd_merge_kv_heads(args: argparse.Namespace) -> Path:
+    from .kv_merge import merge_kv_heads
+
+    run = resolve_hf_dir(args.run)
+    model = load_model(run)
+    new = merge_kv_heads(model, args.kv_heads, key="--kv-heads")  # ConfigError (exit 2) unless kv_heads divides the source's
+    info = {"source": str(run.resolve()), "command": "merge-kv-heads", "kv_heads": [model.cfg.kv_heads, args.kv_heads]}
+
+    def fill(tmp: Path) -> None:
+        _save_run(tmp, new, {"source": info["source"], "command": "merge-kv-heads"})
+        atomic_write_json(tmp / "conversion.json", info)
+
+    return _write_dir(Path(args.out), fill)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m mla_analysis.convert`` argument parser (subcommands from-hf, to-hf, mha-to-mla)."""
+    """The ``python -m mla_analysis.convert`` argument parser (subcommands from-hf, to-hf, mha-to-mla, merge-kv-heads)."""
     parser = _Parser(prog="python -m mla_analysis.convert", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("from-hf", help="Hugging Face checkpoint dir, .gguf file or model name -> toolkit run dir")
@@ -157,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-kv-norm", action="store_true",
                    help="no latent RMSNorm: exact at the source's K/V rank (not exportable as DeepSeek)")
     p.set_defaults(func=_cmd_mha_to_mla)
+    p = sub.add_parser("merge-kv-heads", help="MHA/GQA run dir -> fewer K/V heads by mean-pooling (kv_merge.merge_kv_heads)")
+    p.add_argument("run")
+    p.add_argument("out")
+    p.add_argument("--kv-heads", type=int, required=True, help="K/V heads after merging (a divisor of the source's)")
+    p.set_defaults(func=_cmd_merge_kv_heads)
     return parser
 
 

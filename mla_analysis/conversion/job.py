@@ -12,7 +12,9 @@ A job with a ``convert`` config node (``schema.ConvertConfig``) runs ``run_conve
    summing to ``kv_budget`` chosen by ``allocation`` (``rank_allocation.allocate_ranks``), with
    ``rope_dims`` / ``strategy`` / ``target`` / ``factorization`` / ``whiten``; calibration = the first
    ``calib_examples`` training sequences (training batch 0 of that size). ``direction=moe``:
-   ``moefy.dense_to_moe`` with ``moe_method`` (kmeans | upcycle).
+   ``moefy.dense_to_moe`` with ``moe_method`` (kmeans | upcycle). ``direction=gqa`` (the equal-byte
+   baselines): ``kv_merge.merge_kv_heads`` to ``kv_heads`` K/V heads (null = keep the source's), then
+   the cache quantised to ``kv_quant_bits`` (16 = off) per ``kv_quant_group`` channels.
 3. Heal: ``heal`` = ``train(..., model=converted)`` for ``heal_steps`` steps at ``heal_lr`` (None = train.lr),
    warmup min(train.warmup_steps, heal_steps // 10); the other train settings as given. Healing reads
    training batches 0..heal_steps-1 (the data stream restarts; the source saw them early in its
@@ -41,6 +43,7 @@ from typing import Any, Optional
 import torch
 
 from ..config import ConfigError, ModelConfig
+from ..config.model import KV_QUANT_BITS
 from ..config.convert import ALLOCATIONS, DIRECTIONS, FACTORIZATIONS, MOE_METHODS, STRATEGIES, TARGETS, ConvertConfig
 from ..interop.hf_io import load_model
 from ..data import DataConfig, build_eval_sets, train_batch
@@ -86,6 +89,16 @@ def validate_convert(c: ConvertConfig, model_cfg: ModelConfig) -> None:
         raise bad("heal_steps", "an integer >= 0")
     if c.heal_lr is not None and c.heal_lr <= 0:
         raise bad("heal_lr", "null or a number > 0")
+    if c.direction == "gqa":
+        from .kv_merge import merged_config
+
+        merged_config(model_cfg, model_cfg.kv_heads if c.kv_heads is None else c.kv_heads)  # raises on convert.kv_heads
+        if c.kv_quant_bits not in KV_QUANT_BITS:
+            raise bad("kv_quant_bits", " | ".join(map(str, KV_QUANT_BITS)) + " (16 = off)")
+        d_h = model_cfg.attn_head_dim
+        if c.kv_quant_bits != 16 and (c.kv_quant_group <= 0 or d_h % c.kv_quant_group):
+            raise bad("kv_quant_group", f"a divisor of head_dim={d_h}")
+        return
     if c.direction == "moe":
         if model_cfg.ffn != "dense":
             raise ConfigError(f"model.ffn={model_cfg.ffn!r} is invalid for convert.direction=moe (allowed: dense)")
@@ -162,6 +175,11 @@ def convert_model(c: ConvertConfig, source: Transformer, calib: tuple[torch.Tens
 
     source = source.cpu().float().eval()
     inputs = calib[0]
+    if c.direction == "gqa":
+        from .kv_merge import merge_kv_heads, quantize_kv_cache
+
+        merged = source if c.kv_heads is None else merge_kv_heads(source, c.kv_heads)
+        return quantize_kv_cache(merged, c.kv_quant_bits, c.kv_quant_group)
     if c.direction == "moe":
         return dense_to_moe(source, c.n_routed_experts, c.n_activated_experts, c.n_shared_experts,
                             method=c.moe_method, calib=inputs, noise=c.upcycle_noise, seed=seed)

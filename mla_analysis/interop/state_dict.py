@@ -26,7 +26,8 @@ LLAMA_ARCHS = ("llama", "mistral")
 EXPORT_ARCHS = ("deepseek_v3", "deepseek_v2", "llama", "qwen2", "gpt2")
 IMPORT_ARCHS = DEEPSEEK_ARCHS + LLAMA_ARCHS + ("qwen2", "gpt2")
 # what a Llama-layout (RoPE, RMSNorm, SwiGLU, bias-free) model has; GPT-2 has the other choice of each
-_LLAMA_LAYOUT = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, rope_inv_freq=None)
+_LLAMA_LAYOUT = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, rope_inv_freq=None,
+                     kv_quant_bits=16)  # a quantised cache is a runtime setting HF configs do not carry
 
 
 # ----------------------------------------------------------------------------------------- configs
@@ -66,7 +67,8 @@ def _require(cfg: ModelConfig, arch: str, **wanted: Any) -> None:
 def _gpt2_config(cfg: ModelConfig):
     import transformers
 
-    _require(cfg, "gpt2", attention="mha", ffn="dense", pos_emb="learned", norm="layernorm", mlp="gelu", bias=True)
+    _require(cfg, "gpt2", attention="mha", ffn="dense", pos_emb="learned", norm="layernorm", mlp="gelu", bias=True,
+             kv_quant_bits=16)
     if cfg.attn_head_dim * cfg.n_heads != cfg.d_model:
         raise ConfigError(f"model.head_dim={cfg.head_dim} cannot be exported as gpt2 (allowed: d_model / n_heads)")
     return transformers.GPT2Config(

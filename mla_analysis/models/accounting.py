@@ -40,9 +40,18 @@ def kv_elements_per_token_layer(cfg: ModelConfig, layer: int = 0) -> int:
     return 2 * cfg.kv_heads * cfg.attn_head_dim  # 2 n_g d_h (MHA: n_g = n_h, MQA: n_g = 1)
 
 
+def kv_bytes_per_token_layer(cfg: ModelConfig, layer: int = 0, dtype: Union[str, torch.dtype, float] = "bf16") -> float:
+    """Cache bytes per token in one layer: elements x dtype, or (kv_quant_bits 8 / 4) codes + fp16 scales + zeros."""
+    if cfg.kv_quant_bits == 16 or cfg.is_mla:
+        return kv_elements_per_token_layer(cfg, layer) * dtype_bytes(dtype)
+    d_h, groups = cfg.attn_head_dim, cfg.attn_head_dim // cfg.kv_quant_group
+    per_head = d_h * cfg.kv_quant_bits / 8 + groups * 2 * 2  # codes + one fp16 scale and one fp16 zero per group
+    return 2 * cfg.kv_heads * per_head  # K and V of each K/V head; the cache dtype does not apply
+
+
 def kv_bytes_per_token(cfg: ModelConfig, dtype: Union[str, torch.dtype, float] = "bf16") -> float:
     """Exact KV-cache bytes per token of context over all layers, for one sequence."""
-    return sum(kv_elements_per_token_layer(cfg, i) for i in range(cfg.n_layers)) * dtype_bytes(dtype)
+    return sum(kv_bytes_per_token_layer(cfg, i, dtype) for i in range(cfg.n_layers))
 
 
 def _attention_params(cfg: ModelConfig, layer: int = 0) -> int:
