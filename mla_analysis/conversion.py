@@ -57,10 +57,26 @@ Partial RoPE at kv_lora_rank 64 (whitened), coupled / "mla" (shared key): rope_d
 1.774 / 1.800, low 5.09 / 4.01, uniform 2.94 / 2.95 ("norm" chose high's pairs); rope_dims 4: high
 2.58 / 2.51, low, uniform and norm all >= 4.1.
 
+4. Real-model pieces (issue #18). ``strategy="2norm"``: MHA2MLA's 2_norm.py, per layer and per KV head, pair i
+   = dims pair_dims(d_h)[i] (rotate-half or interleaved), score = mean||k_pair|| x sum over the group's query
+   heads of mean||q_pair|| (pre-RoPE, calibration tokens); different pairs per layer / head go to the layers'
+   ``rope_inv_freq`` buffers (``model.rope_layer_freqs``). ``rope_heads="per_kv_head"``: one RoPE key per source
+   KV head (``model.qk_rope_heads``), copied exactly; query head h uses key h // group. ``rope_key="rorope"``
+   (TransMLA): per kept pair the top eigenvector u of the heads' pair-energy matrix C (whitened) mixes the KV
+   heads into the one shared key (a real orthogonal mixing applied to both components commutes with the
+   rotation; u^T C u >= any single head's energy), query head h scales its pair by u[kv head]; every head's
+   remainder k_j - u_j k' keeps its key un-rotated in the latent (qk_nope_head_dim = head_dim). Exact when the
+   heads' pair keys are real multiples of one key. ``bkv=True`` (TransMLA's BKV): K rows divided by
+   mean||K_lat u|| / mean||V u|| before the joint factorisation and multiplied back in W^UK (exact at full rank).
+   ``to_interleaved_rope`` permutes the rope rows of a converted halves-layout model into DeepSeek's layout
+   (exact), which with the latent norm, one shared key, one rank and default frequencies exports as DeepseekV3
+   (``hf.exportable_to_deepseek``).
+
 Departures from the literature:
-- The RoPE module is one per model (not per layer or head), so the kept pairs are one set for every
-  layer and head; MHA2MLA chooses per head. The "norm" score uses the RMS of the pair norms
-  (from the activation covariance) instead of their mean and sums it over heads and layers.
+- Except for "2norm", the kept pairs are one set for every layer and head. The "norm" score uses the RMS
+  of the pair norms (from the activation covariance) instead of their mean and sums it over heads and layers.
+- MHA2MLA factorises one latent per KV head; here one joint latent over all heads (at least as good at equal
+  size). RoRoPE without FreqFold.
 - The target frequencies are the source's frequencies of the kept pairs. "uniform" (with n_pairs
   divisible by n_keep) and "high" (no rope_scaling; via rope_theta' = theta^(d_rope / d_h)) are
   expressible by rope_theta; otherwise (e.g. "low", "norm", YaRN sources) they are stored in the

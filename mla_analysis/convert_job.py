@@ -187,7 +187,8 @@ def calibration(c: ConvertConfig, data_cfg: DataConfig) -> tuple[tuple[torch.Ten
         )
     ids = torch.as_tensor(stream.tokens[: n * T + 1], dtype=torch.long)
     inputs, targets = ids[:-1].view(n, T), ids[1:].view(n, T)  # (n, T) each
-    plays = sorted({d.name for d in stream.docs})
+    used = n * T + 1
+    plays = [d.name for d, (start, _) in zip(stream.docs, stream.spans) if start < used]  # the documents read
     return (inputs, targets), {"convert.calib.text": "shakespeare calibration plays: " + ", ".join(plays),
                                "convert.calib.tokens": int(inputs.numel())}
 
