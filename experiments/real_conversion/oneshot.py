@@ -5,6 +5,8 @@ Calibration: 8 x 512 tokens of the calibration plays (data/shakespeare.py's defa
 convert_job.calibration); evaluation: 2 x 1,024 tokens of Hamlet (an evaluation play, modern edition) from token 3,000.
 The calibration statistics are computed once and reused by every conversion (same calib tokens for all).
 Run: PYTHONPATH=. python experiments/real_conversion/oneshot.py OUT.json [budget ...]
+Environment: KV_NORMS=0,1 (latent norm off / on; default both), LAYOUTS=comma list of the names below (default all).
+Each conversion took ~600 s on 2 heavily shared cores (load 9) before sym_sqrt was memoised per layer below.
 """
 
 from __future__ import annotations
@@ -60,6 +62,19 @@ def cached_stats(model, calib_ids, pair_norms=False, sample_tokens=0, batch_size
 
 
 conversion.collect_calibration_stats = cached_stats
+_roots = {}
+_orig_sqrt = conversion.sym_sqrt
+
+
+def cached_sqrt(cov, ridge=1e-6):
+    """sym_sqrt per covariance object: the cached statistics hand every variant the same tensors."""
+    key = (id(cov), ridge)
+    if key not in _roots:
+        _roots[key] = (cov, _orig_sqrt(cov, ridge))  # keeps cov alive, so its id is not reused
+    return _roots[key][1]
+
+
+conversion.sym_sqrt = cached_sqrt
 
 records = json.loads(out_path.read_text()) if out_path.exists() else []
 done = {r["name"] for r in records}
@@ -70,10 +85,14 @@ LAYOUTS = {  # name -> convert options (rope dims per key)
     "shared+rorope": dict(rope_dims=16, strategy="high", rope_key="rorope", target="mla"),
     "perhead+2norm": dict(rope_dims=8, strategy="2norm", rope_heads="per_kv_head"),
 }
+import os
+
+kv_norms = [bool(int(x)) for x in os.environ.get("KV_NORMS", "0,1").split(",")]
+chosen = os.environ.get("LAYOUTS", ",".join(LAYOUTS)).split(",")
 for budget in budgets:
-    for layout, kw in LAYOUTS.items():
-        for bkv in (False, True):
-            for kv_norm in (True, False):
+    for kv_norm in kv_norms:
+        for layout, kw in ((n, LAYOUTS[n]) for n in chosen):
+            for bkv in (False, True):
                 name = f"{budget}/{layout}/bkv={bkv}/kv_norm={kv_norm}"
                 if name in done:
                     continue
