@@ -5,7 +5,7 @@ Calibration: 8 x 512 tokens of the calibration plays (data/shakespeare.py's defa
 convert_job.calibration); evaluation: 2 x 1,024 tokens of Hamlet (an evaluation play, modern edition) from token 3,000.
 The calibration statistics are computed once and reused by every conversion (same calib tokens for all).
 Run: PYTHONPATH=. python experiments/real_conversion/oneshot.py OUT.json [budget ...]
-Environment: KV_NORMS=0,1 (latent norm off / on; default both), LAYOUTS=comma list of the names below (default all).
+Environment: KV_NORMS=0,1 (latent norm off / on; default both), BKVS=0,1 (BKV off / on), LAYOUTS=comma list of the names below (default all).
 Each conversion took ~600 s on 2 heavily shared cores (load 9) before sym_sqrt was memoised per layer below.
 """
 
@@ -84,6 +84,9 @@ LAYOUTS = {  # name -> convert options (rope dims per key)
     "shared+high": dict(rope_dims=16, strategy="high"),
     "shared+rorope": dict(rope_dims=16, strategy="high", rope_key="rorope", target="mla"),
     "perhead+2norm": dict(rope_dims=8, strategy="2norm", rope_heads="per_kv_head"),
+    # extras: TransMLA's setting (every pair's principal mixture keeps RoPE), and per-head keys at 16 dims
+    "shared+rorope64": dict(rope_dims=64, strategy="high", rope_key="rorope", target="mla"),
+    "perhead16+2norm": dict(rope_dims=16, strategy="2norm", rope_heads="per_kv_head"),
 }
 import os
 
@@ -92,7 +95,7 @@ chosen = os.environ.get("LAYOUTS", ",".join(LAYOUTS)).split(",")
 for budget in budgets:
     for kv_norm in kv_norms:
         for layout, kw in ((n, LAYOUTS[n]) for n in chosen):
-            for bkv in (False, True):
+            for bkv in [bool(int(x)) for x in os.environ.get("BKVS", "0,1").split(",")]:
                 name = f"{budget}/{layout}/bkv={bkv}/kv_norm={kv_norm}"
                 if name in done:
                     continue
