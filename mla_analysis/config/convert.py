@@ -23,13 +23,25 @@ class Allocation(Choice):
     whitened = "whitened"
 
 
-class Strategy(Choice):
-    """Which rotary frequency pairs keep RoPE in the converted model."""
+# Which rotary frequency pairs keep RoPE in the converted model: high | low | uniform | norm | 2norm (MHA2MLA's
+# 2-norm, per layer and KV head from mean activation norms). Functional form: "2norm" is not an identifier,
+# and OmegaConf looks members up by name.
+Strategy = Choice("Strategy", [(v, v) for v in ("high", "low", "uniform", "norm", "2norm")])
 
-    high = "high"
-    low = "low"
-    uniform = "uniform"
-    norm = "norm"
+
+class RopeHeads(Choice):
+    """The converted model's decoupled RoPE keys."""
+
+    shared = "shared"  # DeepSeek: one k_rope for all heads (exportable)
+    per_kv_head = "per_kv_head"  # MHA2MLA: one k_rope per source KV head (model.qk_rope_heads = n_kv_heads)
+
+
+class RopeKey(Choice):
+    """How a shared key is built from several KV heads (conversion.mha_to_mla's rope_key)."""
+
+    lstsq = "lstsq"  # complex rank-1 fit per kept pair
+    mean = "mean"
+    rorope = "rorope"  # TransMLA: principal mixture of the heads keeps RoPE, the rest goes NoPE through the latent
 
 
 class Target(Choice):
@@ -54,6 +66,8 @@ MOE_METHODS = MoeMethod.values()
 STRATEGIES = Strategy.values()
 TARGETS = Target.values()
 FACTORIZATIONS = Factorization.values()
+ROPE_HEADS = RopeHeads.values()
+ROPE_KEYS = RopeKey.values()
 
 
 @dataclass
@@ -65,14 +79,22 @@ class ConvertConfig:
     cache_dir: str = "outputs/convert_cache"  # content-hashed, file-locked source / scratch trainings
     kv_lora_rank: Optional[int] = None  # latent rank of every layer ...
     kv_budget: Optional[int] = None  # ... or the total over layers, split by `allocation`
+    # ... or cache elements per token per layer INCLUDING the RoPE keys (kv_lora_rank = cache_budget - rope part);
+    # unlike kv_budget (latent ranks summed over layers, no RoPE) it is the bytes a token costs per layer
+    cache_budget: Optional[int] = None
     allocation: Allocation = Allocation.uniform  # uniform | energy | fisher | whitened (rank_allocation.py)
     rope_dims: Optional[int] = None  # rotary dims kept per head (null = all: mla_coupled_rope)
-    strategy: Strategy = Strategy.high  # which frequency pairs keep RoPE: high | low | uniform | norm
+    strategy: Strategy = Strategy.high  # which frequency pairs keep RoPE: high | low | uniform | norm | 2norm
+    rope_heads: RopeHeads = RopeHeads.shared  # shared (DeepSeek) | per_kv_head (MHA2MLA)
+    rope_key: RopeKey = RopeKey.lstsq  # shared key from several KV heads: lstsq | mean | rorope (TransMLA)
+    bkv: bool = False  # TransMLA's BKV: balance mean||K|| against mean||V|| before the joint factorisation
     target: Target = Target.auto  # auto | mla | mla_coupled_rope
     factorization: Factorization = Factorization.joint  # joint | split
     whiten: bool = True  # activation-whitened SVD (calibration covariance)
     kv_norm: bool = True  # keep DeepSeek's latent RMSNorm; false = none (exact at the source's K/V rank, not exportable)
-    calib_examples: int = 64  # calibration sequences (training batch 0 of this size)
+    # calibration sequences of data.seq_len tokens: data.source=shakespeare takes them from the calibration plays
+    # (consecutive windows; too few tokens is a config error), other sources from training batch 0
+    calib_examples: int = 64
     heal_steps: int = 200
     heal_lr: Optional[float] = None  # null = train.lr
     scratch: bool = True  # also train the converted architecture from scratch (equal tokens), cached

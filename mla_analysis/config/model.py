@@ -119,6 +119,13 @@ class ModelConfig:
     # RMSNorm on the latent c_kv as DeepSeek-V2/V3 (kv_a_layernorm); False = identity, which makes an SVD
     # conversion exact at the source's K/V rank (a norm over d_c < d_model rescales every token's K and V)
     kv_norm: bool = True
+    # decoupled RoPE keys per token (attention="mla"): 1 = DeepSeek's one shared k_rope; n (a divisor of n_heads) =
+    # one k_rope per group of n_heads / n query heads (MHA2MLA keeps one per original KV head), cached n x d_h^R
+    qk_rope_heads: int = 1
+    # per-layer RoPE frequencies (attention="mla"): each layer holds a persistent buffer rope_inv_freq
+    # (qk_rope_heads, qk_rope_head_dim / 2) in its state dict (conversions that keep different pairs per layer
+    # and head, e.g. strategy 2norm); False = the model's one RotaryEmbedding for every layer, as before
+    rope_layer_freqs: bool = False
     # positions
     rope_theta: float = 10000.0
     rope_interleave: bool = False  # True: pairs (x0,x1),(x2,x3)... as DeepSeek; False: halves, as Llama
@@ -285,6 +292,15 @@ def validate_model_config(cfg: ModelConfig, context_len: Optional[int] = None) -
             raise _err("qk_nope_head_dim", cfg.qk_nope_head_dim, "an integer >= 0")
         if cfg.v_head_dim <= 0:
             raise _err("v_head_dim", cfg.v_head_dim, "an integer > 0")
+        if isinstance(cfg.qk_rope_heads, bool) or not isinstance(cfg.qk_rope_heads, int) or cfg.qk_rope_heads <= 0 \
+                or cfg.n_heads % cfg.qk_rope_heads:
+            divisors = [d for d in range(1, cfg.n_heads + 1) if cfg.n_heads % d == 0]
+            raise _err("qk_rope_heads", cfg.qk_rope_heads, f"a divisor of n_heads={cfg.n_heads}: {divisors}")
+    if cfg.attention != "mla":
+        # only the decoupled layout has rope keys of its own (coupled RoPE rotates the up-projected keys)
+        for key, off in (("qk_rope_heads", 1), ("rope_layer_freqs", False)):
+            if getattr(cfg, key) != off:
+                raise _err(key, getattr(cfg, key), f"{off!r} for attention={cfg.attention!r} (only mla)")
     if cfg.rope_theta <= 0:
         raise _err("rope_theta", cfg.rope_theta, "a number > 0")
     rs = cfg.rope_scaling

@@ -5,20 +5,25 @@ bad input ends with one line on stderr and exit code 2)::
 
     python -m mla_analysis.convert from-hf SRC OUT_RUN_DIR     (SRC: an HF dir, a .gguf file or a model name)
     python -m mla_analysis.convert to-hf RUN_DIR OUT_HF_DIR [--arch llama|qwen2|gpt2|deepseek_v3|deepseek_v2]
-    python -m mla_analysis.convert mha-to-mla RUN_DIR OUT_RUN_DIR --kv-lora-rank R [--rope-dims N]
-        [--strategy high|low|uniform|norm] [--factorization joint|split] [--target auto|mla|mla_coupled_rope]
+    python -m mla_analysis.convert mha-to-mla RUN_DIR OUT_RUN_DIR (--kv-lora-rank R | --cache-budget C)
+        [--rope-dims N] [--strategy high|low|uniform|norm|2norm] [--rope-heads shared|per_kv_head]
+        [--rope-key lstsq|mean|rorope] [--bkv] [--factorization joint|split] [--target auto|mla|mla_coupled_rope]
         [--calib-examples N] [--no-kv-norm]
     python -m mla_analysis.convert merge-kv-heads RUN_DIR OUT_RUN_DIR --kv-heads N   (kv_merge.merge_kv_heads)
 
 A run directory (``model_config.json`` + ``checkpoints/``) is what ``hf_io.load_model`` reads.
-``--calib-examples N`` calibrates on the first N training sequences of the run's data config
-(``RUN_DIR/results.json``), never on its held-out eval set.
+``--calib-examples N`` calibrates on N sequences of the run's data config (``RUN_DIR/results.json``): with
+data.source=shakespeare windows of the calibration plays, otherwise the first N training sequences; never its
+held-out eval set. ``--cache-budget C``: cache elements per token and layer, RoPE keys included (the latent rank
+is what they leave). The options are checked as ``convert.*`` keys (``convert_job.validate_convert``) before
+anything is computed; an error names the flag.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -66,11 +71,13 @@ def _save_run(run_dir: Path, model: torch.nn.Module, state: dict) -> None:
     save_checkpoint(run_dir, model, None, step=0, state=state)
 
 
-def _calibration_ids(run_dir: Path, n: int) -> torch.Tensor:
-    """The first n training sequences [n, L] of the run's data config (RUN_DIR/results.json)."""
+def _calibration_ids(run_dir: Path, n: int) -> tuple[torch.Tensor, str]:
+    """n calibration sequences [n, L] of the run's data config (RUN_DIR/results.json) and what text they are."""
     from omegaconf import OmegaConf
 
-    from ..data import DataConfig, build_train_batches
+    from ..config import ConvertConfig
+    from ..data import DataConfig
+    from .job import calibration
 
     record_path = run_dir / "results.json"
     record = read_json(record_path)
@@ -81,7 +88,8 @@ def _calibration_ids(run_dir: Path, n: int) -> torch.Tensor:
         data_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), data))
     except Exception as e:  # OmegaConf raises several types for unknown keys / wrong types
         raise ResultsError(f"{record_path}: config.data does not fit DataConfig ({type(e).__name__})") from None
-    return build_train_batches(data_cfg, n).batch_at(0)[0]
+    (inputs, _), about = calibration(ConvertConfig(calib_examples=n), data_cfg)
+    return inputs, about["convert.calib.text"]
 
 
 def _cmd_from_hf(args: argparse.Namespace) -> Path:
@@ -105,25 +113,58 @@ def _cmd_to_hf(args: argparse.Namespace) -> Path:
     return _write_dir(Path(args.out), lambda tmp: to_hf(model, tmp, args.arch))
 
 
+def _as_flags(e: ConfigError) -> ConfigError:
+    # validate_convert names convert.* keys; on this command line they are flags (convert.cache_budget -> --cache-budget)
+    return ConfigError(re.sub(r"convert\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e)))
+
+
 def _cmd_mha_to_mla(args: argparse.Namespace) -> Path:
+    from ..config import ConvertConfig
+    from .job import rope_cache_elements, validate_convert
     from .mla import mha_to_mla
 
     run = resolve_hf_dir(args.run)
     if args.calib_examples is not None and args.calib_examples <= 0:
         raise ConfigError(f"--calib-examples={args.calib_examples} is invalid (allowed: an integer > 0)")
     model = load_model(run)
-    calib = _calibration_ids(run, args.calib_examples) if args.calib_examples else None
+    choices = dict(strategy=args.strategy, rope_heads=args.rope_heads, rope_key=args.rope_key,
+                   factorization=args.factorization, target=args.target)
+    for key, value in choices.items():  # closed choices, checked as the convert node checks them
+        allowed = {"strategy": "high | low | uniform | norm | 2norm", "rope_heads": "shared | per_kv_head",
+                   "rope_key": "lstsq | mean | rorope", "factorization": "joint | split",
+                   "target": "auto | mla | mla_coupled_rope"}[key]
+        if value not in allowed.split(" | "):
+            raise ConfigError(f"--{key.replace('_', '-')}={value!r} is invalid (allowed: {allowed})")
+    c = ConvertConfig(kv_lora_rank=args.kv_lora_rank, cache_budget=args.cache_budget, rope_dims=args.rope_dims,
+                      kv_norm=not args.no_kv_norm, bkv=args.bkv, calib_examples=args.calib_examples or 1, **choices)
+    if not model.cfg.is_mla:
+        try:
+            validate_convert(c, model.cfg)
+        except ConfigError as e:
+            raise _as_flags(e) from None
+    for flag, on in (("--strategy=2norm", args.strategy == "2norm"), ("--bkv", args.bkv)):
+        if on and not args.calib_examples:
+            raise ConfigError(f"{flag} needs --calib-examples N (calibration activations)")
+    rank = args.kv_lora_rank
+    if args.cache_budget is not None:
+        rank = args.cache_budget - rope_cache_elements(c, model.cfg)
+    calib, calib_text = _calibration_ids(run, args.calib_examples) if args.calib_examples else (None, None)
     new = mha_to_mla(
         model,
-        args.kv_lora_rank,
+        rank,
         rope_dims=args.rope_dims,
         strategy=args.strategy,
         calib=calib,
         factorization=args.factorization,
         target=args.target,
         kv_norm=not args.no_kv_norm,
+        rope_heads=args.rope_heads,
+        rope_key=args.rope_key,
+        bkv=args.bkv,
     )
     info = dict(source=str(run.resolve()), args={k: v for k, v in vars(args).items() if k != "func"})
+    if calib is not None:
+        info.update(calib_text=calib_text, calib_tokens=int(calib.numel()))
     info.update(new.conversion_info)
 
     def fill(tmp: Path) -> None:
@@ -164,9 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("mha-to-mla", help="MHA/GQA/MQA run dir -> MLA run dir by SVD (conversion.mha_to_mla)")
     p.add_argument("run")
     p.add_argument("out")
-    p.add_argument("--kv-lora-rank", type=int, required=True)
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--kv-lora-rank", type=int, default=None, help="latent rank of every layer")
+    size.add_argument("--cache-budget", type=int, default=None,
+                      help="cache elements per token and layer, RoPE keys included (the latent gets the rest)")
     p.add_argument("--rope-dims", type=int, default=None, help="rotary dims kept per head (default: all)")
-    p.add_argument("--strategy", default="high", help="high | low | uniform | norm")
+    p.add_argument("--strategy", default="high", help="high | low | uniform | norm | 2norm")
+    p.add_argument("--rope-heads", default="shared", help="shared (DeepSeek) | per_kv_head (MHA2MLA)")
+    p.add_argument("--rope-key", default="lstsq", help="shared key from the KV heads: lstsq | mean | rorope")
+    p.add_argument("--bkv", action="store_true", help="balance K against V norms before the joint SVD (TransMLA)")
     p.add_argument("--factorization", default="joint", help="joint | split")
     p.add_argument("--target", default="auto", help="auto | mla | mla_coupled_rope")
     p.add_argument("--calib-examples", type=int, default=None, help="training sequences for whitening")

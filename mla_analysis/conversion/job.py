@@ -8,10 +8,14 @@ A job with a ``convert`` config node (``schema.ConvertConfig``) runs ``run_conve
    under an exclusive ``fcntl`` file lock, so the jobs of a sweep (parallel joblib workers included)
    train it once and every later job (and later sweep) loads it. An interrupted cached training resumes
    from its checkpoint.
-2. Convert. ``direction=mla``: ``mha_to_mla`` at ``kv_lora_rank`` per layer, or at per-layer ranks
-   summing to ``kv_budget`` chosen by ``allocation`` (``rank_allocation.allocate_ranks``), with
-   ``rope_dims`` / ``strategy`` / ``target`` / ``factorization`` / ``whiten``; calibration = the first
-   ``calib_examples`` training sequences (training batch 0 of that size). ``direction=moe``:
+2. Convert. ``direction=mla``: ``mha_to_mla`` at ``kv_lora_rank`` per layer, at per-layer ranks
+   summing to ``kv_budget`` chosen by ``allocation`` (``rank_allocation.allocate_ranks``), or at
+   ``cache_budget`` cache elements per token and layer (RoPE keys included: kv_lora_rank = cache_budget -
+   rope keys x rope_dims), with ``rope_dims`` / ``strategy`` / ``rope_heads`` / ``rope_key`` / ``bkv`` / ``target`` /
+   ``factorization`` / ``whiten``. Calibration (``calibration``): ``calib_examples`` windows of data.seq_len tokens;
+   with data.source=shakespeare consecutive windows of the calibration plays (never training or evaluation text;
+   fewer tokens than asked is a config error before any compute), otherwise training batch 0 of that size; the
+   record says which (``convert.calib.text``, ``convert.calib.tokens``). ``direction=moe``:
    ``moefy.dense_to_moe`` with ``moe_method`` (kmeans | upcycle). ``direction=gqa`` (the equal-byte
    baselines): ``kv_merge.merge_kv_heads`` to ``kv_heads`` K/V heads (null = keep the source's), then
    the cache quantised to ``kv_quant_bits`` (16 = off) per ``kv_quant_group`` channels.
@@ -44,10 +48,12 @@ import torch
 
 from ..config import ConfigError, ModelConfig
 from ..config.model import KV_QUANT_BITS
-from ..config.convert import ALLOCATIONS, DIRECTIONS, FACTORIZATIONS, MOE_METHODS, STRATEGIES, TARGETS, ConvertConfig
+from ..config.convert import (ALLOCATIONS, DIRECTIONS, FACTORIZATIONS, MOE_METHODS, ROPE_HEADS, ROPE_KEYS, STRATEGIES,
+                               TARGETS, ConvertConfig)
 from ..interop.hf_io import load_model
 from ..data import DataConfig, build_eval_sets, train_batch
 from ..models.transformer import Transformer
+from .mla import full_latent_rank
 from .rank_allocation import allocate_ranks
 from ..training.results import RESULTS_FILE, atomic_write_json, environment, is_finished, load_record, make_record
 from ..training.trainer import TrainConfig, evaluate, resolve_device, total_steps, train
@@ -79,7 +85,7 @@ def validate_convert(c: ConvertConfig, model_cfg: ModelConfig) -> None:
 
     choices = {"direction": DIRECTIONS, "allocation": ALLOCATIONS, "strategy": STRATEGIES,
                "target": TARGETS, "factorization": FACTORIZATIONS,
-               "moe_method": MOE_METHODS}
+               "moe_method": MOE_METHODS, "rope_heads": ROPE_HEADS, "rope_key": ROPE_KEYS}
     for key, allowed in choices.items():
         if getattr(c, key) not in allowed:
             raise bad(key, " | ".join(allowed))
@@ -112,13 +118,39 @@ def validate_convert(c: ConvertConfig, model_cfg: ModelConfig) -> None:
     if model_cfg.is_mla:
         raise ConfigError(f"model.attention={model_cfg.attention!r} is invalid for convert.direction=mla (allowed: mha | gqa | mqa)")
     d_h, L = model_cfg.attn_head_dim, model_cfg.n_layers
-    if (c.kv_lora_rank is None) == (c.kv_budget is None):
+    if c.rope_dims is not None and (c.rope_dims <= 0 or c.rope_dims % 2 or c.rope_dims > d_h):
+        raise bad("rope_dims", f"null (all) or an even integer in 2..head_dim={d_h}")
+    if sum(x is not None for x in (c.kv_lora_rank, c.kv_budget, c.cache_budget)) != 1:
         raise ConfigError(
-            f"convert.kv_lora_rank={c.kv_lora_rank} / convert.kv_budget={c.kv_budget}: set exactly one "
-            "(allowed: a per-layer rank, or a total over layers)"
+            f"convert.kv_lora_rank={c.kv_lora_rank} / convert.kv_budget={c.kv_budget} / convert.cache_budget="
+            f"{c.cache_budget}: set exactly one (allowed: a per-layer rank, a total over layers, or cache elements "
+            "per token and layer)"
         )
     if c.kv_lora_rank is not None and c.kv_lora_rank <= 0:
         raise bad("kv_lora_rank", "an integer > 0")
+    target = resolved_target(c, model_cfg)
+    if target == "mla_coupled_rope" and (c.rope_heads != "shared" or c.rope_key == "rorope"):
+        key = "rope_heads" if c.rope_heads != "shared" else "rope_key"
+        raise bad(key, f"{'shared' if key == 'rope_heads' else 'lstsq | mean'} with target mla_coupled_rope "
+                       "(set convert.rope_dims below head_dim or convert.target=mla)")
+    if c.rope_key == "rorope" and c.rope_heads != "shared":
+        raise bad("rope_key", "lstsq | mean with convert.rope_heads=per_kv_head (RoRoPE builds one shared key)")
+    full = full_latent_rank(model_cfg, c.rope_dims, target, c.rope_key)
+    if c.cache_budget is not None:
+        rope = rope_cache_elements(c, model_cfg)
+        if not rope + 1 <= c.cache_budget <= rope + full:
+            raise bad("cache_budget", f"{rope + 1}..{rope + full} (rope keys {rope} + latent rank 1..{full}, the "
+                                      "source's full K/V rank)")
+        if c.factorization == "split" and (c.cache_budget - rope) % 2:
+            raise bad("cache_budget", f"a latent rank cache_budget - {rope} that is even with convert.factorization=split")
+    # kv_lora_rank may exceed the K/V rank (up to d_model: ballast that keeps the latent norm near the identity)
+    top = (2 if c.factorization == "split" else 1) * model_cfg.d_model
+    if c.kv_lora_rank is not None and c.kv_lora_rank > top:
+        raise bad("kv_lora_rank", f"1..{top} (above d_model the latent holds nothing more of the source)")
+    if c.kv_budget is not None and c.allocation != "uniform" and (
+            c.strategy == "2norm" or c.rope_heads != "shared" or c.rope_key == "rorope" or c.bkv):
+        raise bad("allocation", "uniform with convert.strategy=2norm / rope_heads=per_kv_head / rope_key=rorope / bkv "
+                                "(the allocation's latent matrices are those of the shared-key strategies)")
     if c.kv_budget is not None:
         if not L <= c.kv_budget <= L * model_cfg.d_model:
             raise bad("kv_budget", f"{L}..{L * model_cfg.d_model} (n_layers..n_layers * d_model)")
@@ -126,10 +158,52 @@ def validate_convert(c: ConvertConfig, model_cfg: ModelConfig) -> None:
             raise bad("factorization", "joint with convert.kv_budget (allocation is defined for the joint latent)")
     elif c.allocation != "uniform":
         raise bad("allocation", "uniform with convert.kv_lora_rank (set convert.kv_budget to allocate)")
-    if c.factorization == "split" and c.kv_lora_rank % 2:
+    if c.factorization == "split" and c.kv_lora_rank is not None and c.kv_lora_rank % 2:
         raise bad("kv_lora_rank", "an even integer with convert.factorization=split")
-    if c.rope_dims is not None and (c.rope_dims <= 0 or c.rope_dims % 2 or c.rope_dims > d_h):
-        raise bad("rope_dims", f"null (all) or an even integer in 2..head_dim={d_h}")
+
+
+def resolved_target(c: ConvertConfig, model_cfg: ModelConfig) -> str:
+    """convert.target with auto resolved as mha_to_mla does (coupled only when every dim keeps RoPE in one key)."""
+    if c.target != "auto":
+        return str(c.target)
+    all_rope = c.rope_dims is None or c.rope_dims == model_cfg.attn_head_dim
+    return "mla_coupled_rope" if all_rope and c.rope_heads == "shared" and c.rope_key != "rorope" else "mla"
+
+
+def rope_cache_elements(c: ConvertConfig, model_cfg: ModelConfig) -> int:
+    """Cached RoPE elements per token and layer of the converted model: rope keys x rope_dims (0 for coupled RoPE)."""
+    if resolved_target(c, model_cfg) == "mla_coupled_rope":
+        return 0
+    d_rope = model_cfg.attn_head_dim if c.rope_dims is None else c.rope_dims
+    return (model_cfg.kv_heads if c.rope_heads == "per_kv_head" else 1) * d_rope
+
+
+def calibration(c: ConvertConfig, data_cfg: DataConfig) -> tuple[tuple[torch.Tensor, torch.Tensor], dict[str, Any]]:
+    """The calibration (inputs, targets), each (calib_examples, seq_len), and what they are (text, tokens).
+
+    data.source=shakespeare: consecutive windows of the calibration plays (data/shakespeare.py's split); a
+    ConfigError naming convert.calib_examples when they hold fewer tokens. Other sources: training batch 0.
+    """
+    n, T = c.calib_examples, data_cfg.seq_len
+    if data_cfg.source != "shakespeare":
+        inputs, targets = train_batch(data_cfg, 0, n)
+        return (inputs, targets), {"convert.calib.text": f"training batch 0 of data.source={data_cfg.source}",
+                                   "convert.calib.tokens": int(inputs.numel())}
+    from ..data.shakespeare import split_tokens
+
+    stream = split_tokens(data_cfg, "calibration")
+    have = (len(stream) - 1) // T  # windows of T inputs and T shifted targets
+    if have < n:
+        raise ConfigError(
+            f"convert.calib_examples={n} is invalid (allowed: 1..{have}: the calibration plays hold {len(stream)} "
+            f"tokens, {have} windows of data.seq_len={T})"
+        )
+    ids = torch.as_tensor(stream.tokens[: n * T + 1], dtype=torch.long)
+    inputs, targets = ids[:-1].view(n, T), ids[1:].view(n, T)  # (n, T) each
+    used = n * T + 1
+    plays = [d.name for d, (start, _) in zip(stream.docs, stream.spans) if start < used]  # the documents read
+    return (inputs, targets), {"convert.calib.text": "shakespeare calibration plays: " + ", ".join(plays),
+                               "convert.calib.tokens": int(inputs.numel())}
 
 
 def _content_key(model_cfg: ModelConfig, data_cfg: DataConfig, tcfg: TrainConfig, seed: int) -> str:
@@ -184,9 +258,13 @@ def convert_model(c: ConvertConfig, source: Transformer, calib: tuple[torch.Tens
         return dense_to_moe(source, c.n_routed_experts, c.n_activated_experts, c.n_shared_experts,
                             method=c.moe_method, calib=inputs, noise=c.upcycle_noise, seed=seed)
     ranks, rank = None, c.kv_lora_rank
+    if c.cache_budget is not None:
+        rank = c.cache_budget - rope_cache_elements(c, source.cfg)  # the latent gets what the rope keys leave
     if c.kv_budget is not None:
+        # the new strategies allocate uniformly only (validate_convert): their shapes are the shared-key ones
+        strategy = c.strategy if c.strategy != "2norm" else "high"
         ranks = allocate_ranks(source, c.kv_budget, c.allocation, calib=calib, rope_dims=c.rope_dims,
-                               strategy=c.strategy)
+                               strategy=strategy)
         rank = max(1, c.kv_budget // source.cfg.n_layers)  # the config's nominal rank
     import warnings
 
@@ -194,13 +272,14 @@ def convert_model(c: ConvertConfig, source: Transformer, calib: tuple[torch.Tens
         warnings.simplefilter("ignore")  # frequencies outside the config are reported in conversion_info
         return mha_to_mla(source, rank, rope_dims=c.rope_dims, strategy=c.strategy, calib=inputs,
                           factorization=c.factorization, target=c.target, whiten=c.whiten, kv_lora_ranks=ranks,
-                          kv_norm=c.kv_norm)
+                          kv_norm=c.kv_norm, rope_heads=str(c.rope_heads), rope_key=str(c.rope_key), bkv=c.bkv)
 
 
 def run_convert(c: ConvertConfig, model_cfg: ModelConfig, data_cfg: DataConfig, tcfg: TrainConfig, run_dir: str | Path,
                 seed: int = 0, device: str = "auto") -> dict[str, Any]:
     """Source (trained+cached or loaded) -> convert -> heal [-> scratch baseline]; train()-shaped result."""
     validate_convert(c, model_cfg)
+    calib = calibration(c, data_cfg) if c.direction == "mla" else None  # too little calibration text: before compute
     run_dir = Path(run_dir)
     dev = resolve_device(device)
     timings: dict[str, float] = {}
@@ -215,7 +294,10 @@ def run_convert(c: ConvertConfig, model_cfg: ModelConfig, data_cfg: DataConfig, 
     metrics: dict[str, Any] = _prefixed("convert.source", evaluate(source, eval_sets, dev, tcfg.eval_batch_size))
 
     t0 = time.time()
-    calib = train_batch(data_cfg, 0, c.calib_examples)  # (inputs, targets), each (B, T)
+    if calib is None:
+        calib = (train_batch(data_cfg, 0, c.calib_examples), {})  # direction=moe: (inputs, targets) of batch 0
+    (calib, calib_info) = calib
+    metrics.update(calib_info)
     torch.manual_seed(seed)
     new = convert_model(c, source, calib, seed)
     timings["convert_s"] = time.time() - t0
@@ -243,4 +325,5 @@ def run_convert(c: ConvertConfig, model_cfg: ModelConfig, data_cfg: DataConfig, 
             "device": healed["device"], "model": healed["model"]}
 
 
-__all__ = ["cached_train", "convert_model", "heal", "run_convert", "validate_convert"]
+__all__ = ["cached_train", "calibration", "convert_model", "heal", "resolved_target", "rope_cache_elements", "run_convert",
+           "validate_convert"]

@@ -57,10 +57,26 @@ Partial RoPE at kv_lora_rank 64 (whitened), coupled / "mla" (shared key): rope_d
 1.774 / 1.800, low 5.09 / 4.01, uniform 2.94 / 2.95 ("norm" chose high's pairs); rope_dims 4: high
 2.58 / 2.51, low, uniform and norm all >= 4.1.
 
+4. Real-model pieces (issue #18). ``strategy="2norm"``: MHA2MLA's 2_norm.py, per layer and per KV head, pair i
+   = dims pair_dims(d_h)[i] (rotate-half or interleaved), score = mean||k_pair|| x sum over the group's query
+   heads of mean||q_pair|| (pre-RoPE, calibration tokens); different pairs per layer / head go to the layers'
+   ``rope_inv_freq`` buffers (``model.rope_layer_freqs``). ``rope_heads="per_kv_head"``: one RoPE key per source
+   KV head (``model.qk_rope_heads``), copied exactly; query head h uses key h // group. ``rope_key="rorope"``
+   (TransMLA): per kept pair the top eigenvector u of the heads' pair-energy matrix C (whitened) mixes the KV
+   heads into the one shared key (a real orthogonal mixing applied to both components commutes with the
+   rotation; u^T C u >= any single head's energy), query head h scales its pair by u[kv head]; every head's
+   remainder k_j - u_j k' keeps its key un-rotated in the latent (qk_nope_head_dim = head_dim). Exact when the
+   heads' pair keys are real multiples of one key. ``bkv=True`` (TransMLA's BKV): K rows divided by
+   mean||K_lat u|| / mean||V u|| before the joint factorisation and multiplied back in W^UK (exact at full rank).
+   ``to_interleaved_rope`` permutes the rope rows of a converted halves-layout model into DeepSeek's layout
+   (exact), which with the latent norm, one shared key, one rank and default frequencies exports as DeepseekV3
+   (``hf.exportable_to_deepseek``).
+
 Departures from the literature:
-- The RoPE module is one per model (not per layer or head), so the kept pairs are one set for every
-  layer and head; MHA2MLA chooses per head. The "norm" score uses the RMS of the pair norms
-  (from the activation covariance) instead of their mean and sums it over heads and layers.
+- Except for "2norm", the kept pairs are one set for every layer and head. The "norm" score uses the RMS
+  of the pair norms (from the activation covariance) instead of their mean and sums it over heads and layers.
+- MHA2MLA factorises one latent per KV head; here one joint latent over all heads (at least as good at equal
+  size). RoRoPE without FreqFold.
 - The target frequencies are the source's frequencies of the kept pairs. "uniform" (with n_pairs
   divisible by n_keep) and "high" (no rope_scaling; via rope_theta' = theta^(d_rope / d_h)) are
   expressible by rope_theta; otherwise (e.g. "low", "norm", YaRN sources) they are stored in the
@@ -87,13 +103,12 @@ from typing import Optional
 import torch
 
 from ..config import ModelConfig
-from ..config.convert import FACTORIZATIONS, STRATEGIES, TARGETS
+from ..config.convert import FACTORIZATIONS, ROPE_HEADS, ROPE_KEYS, STRATEGIES, TARGETS  # noqa: F401  (re-exported)
 from ..training.forward_hooks import run_hooked
 from ..models.rope import RotaryEmbedding, softmax_scale
 from ..models.transformer import Transformer
 
 ROPE_STRATEGIES = STRATEGIES  # the convert.strategy choices (mla_analysis.config.convert.Strategy)
-ROPE_KEYS = ("lstsq", "mean")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +231,8 @@ def factorize(
 
 
 def _rank1_shared_key(
-    m: torch.Tensor, cov: Optional[torch.Tensor], mode: str
+    m: torch.Tensor, cov: Optional[torch.Tensor], mode: str,
+    roots: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Complex rank-1 fit m (H_kv, D) ~= alpha (H_kv,) outer beta (D,): per-head scale, shared key."""
     if mode == "mean":
@@ -225,7 +241,7 @@ def _rank1_shared_key(
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
         beta = vh[0]  # (D,)
     else:
-        half, inv_half = sym_sqrt(cov)
+        half, inv_half = sym_sqrt(cov) if roots is None else roots  # roots: sym_sqrt(cov), once per layer
         u, s, vh = torch.linalg.svd(m @ half.to(m.dtype), full_matrices=False)
         beta = vh[0] @ inv_half.to(m.dtype)  # (D,)
     # scale so that mean |alpha_h|^2 = 1: the shared key has the heads' typical magnitude
@@ -265,7 +281,8 @@ def collect_attention_covariances(model: Transformer, calib: torch.Tensor, batch
 # ---------------------------------------------------------------------------------------------
 # Conversion
 # ---------------------------------------------------------------------------------------------
-def _target_config(cfg: ModelConfig, target: str, kv_lora_rank: int, rope_dims: int, kv_norm: bool) -> ModelConfig:
+def _target_config(cfg: ModelConfig, target: str, kv_lora_rank: int, rope_dims: int, kv_norm: bool,
+                   rope_heads: int = 1, nope_dims: Optional[int] = None) -> ModelConfig:
     d_h = cfg.attn_head_dim
     return dataclasses.replace(
         cfg,
@@ -276,11 +293,107 @@ def _target_config(cfg: ModelConfig, target: str, kv_lora_rank: int, rope_dims: 
         head_dim=None,
         kv_lora_rank=kv_lora_rank,
         q_lora_rank=None,
-        qk_nope_head_dim=d_h - rope_dims,
+        qk_nope_head_dim=d_h - rope_dims if nope_dims is None else nope_dims,
         qk_rope_head_dim=rope_dims,
         v_head_dim=d_h,
         kv_norm=kv_norm,
+        qk_rope_heads=rope_heads,
     )
+
+
+def two_norm_scores(q_pair_norm: torch.Tensor, k_pair_norm: torch.Tensor) -> torch.Tensor:
+    """MHA2MLA's 2-norm score (H_kv, n_pairs): mean||k_{j,i}|| times the sum over group j's query heads of mean||q_{h,i}||.
+
+    q_pair_norm (H, n_pairs) and k_pair_norm (H_kv, n_pairs) are means over calibration tokens of the pre-RoPE
+    pair norms (``collect_calibration_stats``); query head h belongs to kv head h // (H / H_kv) (SDPA's grouping).
+    """
+    H, n_pairs = q_pair_norm.shape
+    H_kv = k_pair_norm.shape[0]
+    return q_pair_norm.view(H_kv, H // H_kv, n_pairs).sum(1) * k_pair_norm  # (H_kv, n_pairs)
+
+
+def rorope_mixing(wa: torch.Tensor, wb: torch.Tensor, cov: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """TransMLA's RoRoPE for one frequency pair: the principal direction u (H_kv,) across the kv heads, and C.
+
+    wa, wb (H_kv, D): the pair's two key rows per kv head. C[j, m] = E[a_j a_m + b_j b_m] = wa_j C_u wa_m^T +
+    wb_j C_u wb_m^T (C_u = cov, identity without calibration); one real orthogonal mixing of the heads, applied to
+    both components of the pair, commutes with the rotation, and u (unit, top eigenvector of C) puts the most
+    positional energy u^T C u >= max_j C[j, j] into one mixed head. Returns (u, C).
+    """
+    cov = torch.eye(wa.shape[1], dtype=wa.dtype) if cov is None else cov.to(wa.dtype)
+    c = wa @ cov @ wa.T + wb @ cov @ wb.T  # (H_kv, H_kv)
+    evals, evecs = torch.linalg.eigh((c + c.T) / 2)
+    u = evecs[:, -1]
+    return (u if float(u.sum()) >= 0 else -u), c  # sign fixed: deterministic
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration statistics
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def collect_calibration_stats(model: Transformer, calib: torch.Tensor, pair_norms: bool = False, sample_tokens: int = 0,
+                              batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+    """Per layer: ``cov`` E[u u^T] (D, D, float64) of u = x / attn_norm.weight; with ``pair_norms`` the mean pre-RoPE
+    pair norms ``q_pair_norm`` (H, n_pairs) and ``k_pair_norm`` (H_kv, n_pairs) over all calibration tokens (MHA2MLA's
+    2_norm.py); with ``sample_tokens`` the first that many rows of u as ``u`` (N, D) float32 (BKV's mean norms).
+    """
+    cfg = model.cfg
+    D, H, H_kv, d_h = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.attn_head_dim
+    a, b = pair_dims(d_h, cfg.rope_interleave)
+    stats: list[dict] = [dict(cov=torch.zeros(D, D, dtype=torch.float64), n=0, q=0.0, k=0.0, u=[], kept=0)
+                         for _ in model.layers]
+    hooks = []
+    for i, block in enumerate(model.layers):
+        g_inv = safe_inv(block.attn_norm.weight.detach().double().cpu())
+
+        def hook(mod, args, st=stats[i], g_inv=g_inv):
+            x = args[0].detach()
+            u = x.double().cpu().reshape(-1, D) * g_inv  # (N, D)
+            st["cov"] += u.T @ u
+            st["n"] += u.shape[0]
+            if pair_norms:
+                q = mod.wq(x).double().cpu().reshape(-1, H, d_h)  # (N, H, d_h), before RoPE
+                k = mod.wk(x).double().cpu().reshape(-1, H_kv, d_h)  # (N, H_kv, d_h)
+                st["q"] = st["q"] + torch.hypot(q[..., a], q[..., b]).sum(0)  # (H, n_pairs): sum of ||q_pair||
+                st["k"] = st["k"] + torch.hypot(k[..., a], k[..., b]).sum(0)  # (H_kv, n_pairs)
+            if st["kept"] < sample_tokens:
+                take = u[: sample_tokens - st["kept"]].float()
+                st["u"].append(take)
+                st["kept"] += take.shape[0]
+
+        hooks.append(block.attn.register_forward_pre_hook(hook))
+    calib = calib.reshape(-1, calib.shape[-1]) if calib.dim() > 1 else calib[None]
+    run_hooked(model, hooks, calib, batch_size)
+    out = []
+    for st in stats:
+        n = max(st["n"], 1)
+        layer = dict(cov=st["cov"] / n)
+        if pair_norms:
+            layer.update(q_pair_norm=st["q"] / n, k_pair_norm=st["k"] / n)
+        if sample_tokens:
+            layer["u"] = torch.cat(st["u"]) if st["u"] else torch.zeros(0, D)
+        out.append(layer)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion
+# ---------------------------------------------------------------------------------------------
+def latent_key_dim(head_dim: int, rope_dims: int, target: str, rope_key: str = "lstsq") -> int:
+    """Key dims per head that go through the latent: all for mla_coupled_rope and RoRoPE, else the NoPE dims."""
+    if target == "mla_coupled_rope" or rope_key == "rorope":
+        return head_dim
+    return head_dim - rope_dims
+
+
+def full_latent_rank(cfg: ModelConfig, rope_dims: Optional[int] = None, target: str = "auto",
+                     rope_key: str = "lstsq") -> int:
+    """The largest useful latent rank of a source: min(d_model, rows of its K/V latent map) (GQA: kv heads' rows)."""
+    d_h = cfg.attn_head_dim
+    rope_dims = d_h if rope_dims is None else rope_dims
+    if target == "auto":
+        target = "mla_coupled_rope" if rope_dims == d_h else "mla"
+    return min(cfg.d_model, cfg.kv_heads * (latent_key_dim(d_h, rope_dims, target, rope_key) + d_h))
 
 
 @torch.no_grad()
@@ -296,17 +409,27 @@ def mha_to_mla(
     rope_key: str = "lstsq",
     kv_lora_ranks: Optional[list[int]] = None,
     kv_norm: bool = True,
+    rope_heads: str = "shared",
+    bkv: bool = False,
+    bkv_tokens: int = 4096,
 ) -> Transformer:
     """Convert an MHA/GQA/MQA Transformer into MLA at kv_lora_rank by (whitened) SVD; see the module doc.
 
     rope_dims: rotary dims kept per head (even; None = head_dim, all). strategy: high | low | uniform |
-    norm (norm without calib scores isotropic inputs, i.e. the weights alone). calib: token ids (B, T)
-    whose attention inputs give the covariance for whitening, "norm" and kv_norm's scale. target:
+    norm | 2norm (norm without calib scores isotropic inputs, i.e. the weights alone; 2norm = MHA2MLA's
+    per-layer, per-KV-head choice from mean activation norms, needs calib). calib: token ids (B, T)
+    whose attention inputs give the covariance for whitening, "norm" / "2norm" and kv_norm's scale. target:
     "auto" picks mla_coupled_rope when all dims keep RoPE (exact at full rank), else "mla". whiten:
-    None = whiten when calib is given. rope_key: shared decoupled key for target "mla", "lstsq"
-    (complex rank-1 fit) or "mean". The result carries ``conversion_info`` (kept pairs, frequencies,
+    None = whiten when calib is given. rope_heads: "shared" (DeepSeek: one k_rope for all heads) or
+    "per_kv_head" (MHA2MLA: one k_rope per source KV head, copied exactly; target "mla"). rope_key, for the
+    shared key from several kv heads: "lstsq" (complex rank-1 fit), "mean", or "rorope" (TransMLA: per pair the
+    principal mixture of the kv heads keeps RoPE, the rest of every head's key goes, un-rotated, through the
+    latent; qk_nope_head_dim = head_dim). bkv: TransMLA's BKV, K rows scaled by mean||K_lat|| / mean||V|| over the
+    first ``bkv_tokens`` calibration tokens before the joint factorisation, undone in wkv_b (needs calib).
+    The result carries ``conversion_info`` (kept pairs, frequencies,
     per-layer reconstruction errors); kept frequencies that rope_theta cannot express (e.g. "low",
-    "norm") go to the config's ``rope_inv_freq``. Sources with learned positions, LayerNorm or
+    "norm") go to the config's ``rope_inv_freq``; pairs that differ per layer or head (2norm) go to the
+    layers' ``rope_inv_freq`` buffers (``model.rope_layer_freqs``). Sources with learned positions, LayerNorm or
     biases raise ValueError.
     kv_lora_ranks: per-layer latent ranks (written to cfg.kv_lora_ranks; see rank_allocation.py);
     kv_lora_rank then only names the config's nominal rank.
@@ -319,7 +442,7 @@ def mha_to_mla(
     for key, supported in (("pos_emb", "rope"), ("norm", "rmsnorm"), ("bias", False), ("attn_qkv_bias", False)):
         if getattr(src, key) != supported:
             raise ValueError(f"source {key}={getattr(src, key)!r} is unsupported by mha_to_mla (allowed: {supported!r})")
-    d_h, H, H_kv, D = src.attn_head_dim, src.n_heads, src.kv_heads, src.d_model
+    d_h, H, H_kv, D, L = src.attn_head_dim, src.n_heads, src.kv_heads, src.d_model, src.n_layers
     n_pairs = d_h // 2
     rope_dims = d_h if rope_dims is None else rope_dims
     if rope_dims <= 0 or rope_dims % 2 or rope_dims > d_h:
@@ -338,13 +461,26 @@ def mha_to_mla(
         raise ValueError(f"strategy={strategy!r} is invalid (allowed: {' | '.join(ROPE_STRATEGIES)})")
     if rope_key not in ROPE_KEYS:
         raise ValueError(f"rope_key={rope_key!r} is invalid (allowed: {' | '.join(ROPE_KEYS)})")
+    if rope_heads not in ROPE_HEADS:
+        raise ValueError(f"rope_heads={rope_heads!r} is invalid (allowed: {' | '.join(ROPE_HEADS)})")
     if target == "auto":
-        target = "mla_coupled_rope" if rope_dims == d_h else "mla"
+        target = "mla_coupled_rope" if rope_dims == d_h and rope_heads == "shared" and rope_key != "rorope" else "mla"
     whiten = calib is not None if whiten is None else whiten
     if whiten and calib is None:
         raise ValueError("whiten=True needs calib")
+    for flag, on in (("strategy='2norm'", strategy == "2norm"), ("bkv=True", bkv)):
+        if on and calib is None:
+            raise ValueError(f"{flag} needs calib (calibration activations)")
+    if target == "mla_coupled_rope" and (rope_heads != "shared" or rope_key == "rorope"):
+        raise ValueError(f"rope_heads={rope_heads!r} / rope_key={rope_key!r} need target 'mla' (decoupled RoPE keys)")
+    if rope_key == "rorope" and rope_heads != "shared":
+        raise ValueError("rope_key='rorope' builds one shared key (allowed: rope_heads='shared')")
+    n_rope = H_kv if rope_heads == "per_kv_head" else 1
+    layer_pairs = strategy == "2norm"  # per layer (and per rope head) pair choice
 
-    covs = collect_attention_covariances(model, calib) if calib is not None else [None] * src.n_layers
+    stats = (collect_calibration_stats(model, calib, pair_norms=layer_pairs, sample_tokens=bkv_tokens if bkv else 0)
+             if calib is not None else None)
+    covs = [st["cov"] for st in stats] if stats is not None else [None] * L
     group = H // H_kv
     a_idx, b_idx = pair_dims(d_h, src.rope_interleave)
 
@@ -362,29 +498,40 @@ def mha_to_mla(
             dict(g=g, wq=wq.view(H, d_h, D), wk=wk.view(H_kv, d_h, D), wk_rep=wk_rep, wv_rep=wv_rep, wo=at.wo.weight)
         )
 
+    # kept pairs: keeps[l] (n_rope, r) per layer, rope key j of layer l keeps pairs keeps[l][j] (ascending)
     scores = None
     if strategy == "norm":
         scores = sum(
             pair_norm_scores(l["wq"].reshape(H * d_h, D), l["wk_rep"].reshape(H * d_h, D), H, src.rope_interleave, c)
             for l, c in zip(layers, covs)
         )
-    keep = select_rope_pairs(strategy, n_pairs, rope_dims // 2, scores)  # (r,)
-    drop = torch.tensor([i for i in range(n_pairs) if i not in set(keep.tolist())], dtype=torch.long)
-    rope_src = _layout(a_idx[keep], b_idx[keep], src.rope_interleave)  # (d_rope,) source dims, target order
-    nope_src = torch.cat((a_idx[drop], b_idx[drop])).sort().values  # (d_nope,)
-    t_a, t_b = pair_dims(rope_dims, src.rope_interleave)  # target rows of each kept pair
+    if layer_pairs:
+        scores = []
+        keeps = []
+        for st in stats:
+            s = two_norm_scores(st["q_pair_norm"], st["k_pair_norm"])  # (H_kv, n_pairs)
+            s = s if n_rope == H_kv else s.sum(0, keepdim=True)  # (n_rope, n_pairs): a shared key sums its heads
+            scores.append(s.tolist())
+            keeps.append(torch.stack([select_rope_pairs("norm", n_pairs, rope_dims // 2, row) for row in s]))
+    else:
+        keep = select_rope_pairs(strategy, n_pairs, rope_dims // 2, scores)  # (r,)
+        keeps = [keep.expand(n_rope, -1)] * L
+    one_set = all(torch.equal(k, keeps[0][0].expand_as(k)) for k in keeps)
+    keep = keeps[0][0]  # the pairs when one set serves every layer and head
 
     # target config; express the kept frequencies through rope_theta where possible
-    new_cfg = _target_config(src, target, kv_lora_rank, rope_dims, kv_norm)
+    nope_dims = d_h if rope_key == "rorope" else d_h - rope_dims
+    new_cfg = _target_config(src, target, kv_lora_rank, rope_dims, kv_norm, n_rope, nope_dims)
     if kv_lora_ranks is not None:
         new_cfg = dataclasses.replace(new_cfg, kv_lora_ranks=[int(r) for r in kv_lora_ranks])
     # the frequencies the source actually uses (its buffer), not a recomputation from its config
     src_inv_freq, attn_factor = model.rope.inv_freq.detach().float().cpu(), model.rope.attention_factor
     want_inv_freq = src_inv_freq[keep]
-    if src.rope_scaling is None and torch.equal(keep, torch.arange(len(keep))) and rope_dims != d_h:
+    if not one_set:
+        new_cfg = dataclasses.replace(new_cfg, rope_layer_freqs=True)  # each layer's buffer holds its pairs' freqs
+    elif src.rope_scaling is None and torch.equal(keep, torch.arange(len(keep))) and rope_dims != d_h:
         new_cfg = dataclasses.replace(new_cfg, rope_theta=src.rope_theta ** (rope_dims / d_h))
-    from_theta = RotaryEmbedding.from_config(new_cfg).inv_freq
-    if not torch.allclose(from_theta, want_inv_freq, rtol=1e-6, atol=0):
+    if one_set and not torch.allclose(RotaryEmbedding.from_config(new_cfg).inv_freq, want_inv_freq, rtol=1e-6, atol=0):
         # not expressible by rope_theta / rope_scaling: store them, so a config + state-dict reload keeps them
         new_cfg = dataclasses.replace(new_cfg, rope_inv_freq=want_inv_freq.tolist())
     freq_in_config = True
@@ -399,22 +546,55 @@ def mha_to_mla(
 
     q_scale = softmax_scale(src) / softmax_scale(new_cfg)  # score = scale * q.k on both sides
     nope_q_scale = q_scale * attn_factor**2  # YaRN's cos/sin factor no longer reaches NoPE dims
+    t_a, t_b = pair_dims(rope_dims, src.rope_interleave)  # target rows of each kept pair
+    rope_of_head = torch.arange(H) // (H // n_rope)  # query head h -> its rope key (= its kv head when per_kv_head)
     info_layers = []
-    for layer, blk, cov in zip(layers, new.layers, covs):
+    for li, (layer, blk, cov) in enumerate(zip(layers, new.layers, covs)):
         kv_lora_rank = blk.attn.kv_lora_rank  # this layer's rank (cfg.kv_lora_ranks when given)
         g_inv = safe_inv(layer["g"])
-        wq, wk_rep, wv_rep = layer["wq"], layer["wk_rep"], layer["wv_rep"]
-        q_rope = wq[:, rope_src] * q_scale  # (H, d_rope, D), target rope order
-        q_nope = wq[:, nope_src] * nope_q_scale  # (H, d_nope, D)
+        wq, wk, wk_rep, wv_rep = layer["wq"], layer["wk"], layer["wk_rep"], layer["wv_rep"]
+        rope_src = [_layout(a_idx[k], b_idx[k], src.rope_interleave) for k in keeps[li]]  # (d_rope,) per rope key
+        nope_src = [torch.cat((a_idx[d], b_idx[d])).sort().values  # (d_nope,) per rope key
+                    for d in (torch.tensor([i for i in range(n_pairs) if i not in set(k.tolist())], dtype=torch.long)
+                              for k in keeps[li])]
+        q_rope = torch.stack([wq[h, rope_src[j]] for h, j in enumerate(rope_of_head.tolist())]) * q_scale  # (H, d_rope, D)
         linfo: dict = {}
-        if target == "mla":
+        if rope_key == "rorope":
+            q_nope = wq * nope_q_scale  # (H, d_h, D): every dim keeps its un-rotated part
+        else:
+            q_nope = torch.stack([wq[h, nope_src[j]] for h, j in enumerate(rope_of_head.tolist())]) * nope_q_scale
+        if target == "mla" and n_rope > 1:
+            # one rope key per kv head: its kept rows as they are (exact), NoPE rows through the latent
+            k_rope = torch.cat([wk[j, rope_src[j]] for j in range(n_rope)])  # (n_rope * d_rope, D)
+            k_lat = torch.stack([wk_rep[h, nope_src[j]] for h, j in enumerate(rope_of_head.tolist())])  # (H, d_nope, D)
+        elif target == "mla" and rope_key == "rorope":
+            # per kept pair: the principal mixture of the kv heads keeps RoPE; every head's remainder goes NoPE
+            k_rope = torch.zeros(rope_dims, D, dtype=torch.float64)
+            wk_res = wk.clone()  # (H_kv, d_h, D)
+            captured, best_head = [], []
+            for j, i in enumerate(keeps[li][0].tolist()):
+                u, c = rorope_mixing(wk[:, a_idx[i]], wk[:, b_idx[i]], cov if whiten else None)
+                ka, kb = u @ wk[:, a_idx[i]], u @ wk[:, b_idx[i]]  # (D,) each: the mixed head's pair rows
+                k_rope[t_a[j]], k_rope[t_b[j]] = ka, kb
+                wk_res[:, a_idx[i]] -= u[:, None] * ka
+                wk_res[:, b_idx[i]] -= u[:, None] * kb
+                uh = u.repeat_interleave(group)[:, None]  # (H, 1): query head h scales its pair by u[kv head]
+                q_rope[:, t_a[j]] *= uh
+                q_rope[:, t_b[j]] *= uh
+                tr = float(c.trace().clamp_min(1e-30))
+                captured.append(float(u @ c @ u) / tr)
+                best_head.append(float(c.diagonal().max()) / tr)
+            linfo["rorope_energy"] = captured  # share of the pair's key energy on the rotated key
+            linfo["rorope_best_head_energy"] = best_head  # the best single source head's share
+            k_lat = wk_res.repeat_interleave(group, dim=0)  # (H, d_h, D)
+        elif target == "mla":
             # shared decoupled key: per kept pair, complex rank-1 fit over the kv heads
-            wk = layer["wk"]  # (H_kv, d_h, D)
             k_rope = torch.zeros(rope_dims, D, dtype=torch.float64)
             rel_err = []
-            for j, i in enumerate(keep.tolist()):
+            roots = sym_sqrt(cov) if whiten and rope_key == "lstsq" else None  # one eigendecomposition per layer
+            for j, i in enumerate(keeps[li][0].tolist()):
                 mc = torch.complex(wk[:, a_idx[i]], wk[:, b_idx[i]])  # (H_kv, D): k_h = a_h + i b_h
-                alpha, beta = _rank1_shared_key(mc, cov if whiten else None, rope_key)
+                alpha, beta = _rank1_shared_key(mc, cov if whiten else None, rope_key, roots)
                 fit = alpha[:, None] * beta[None]  # (H_kv, D)
                 rel_err.append(float((mc - fit).abs().norm() / mc.abs().norm().clamp_min(1e-30)))
                 k_rope[t_a[j]], k_rope[t_b[j]] = beta.real, beta.imag
@@ -425,16 +605,25 @@ def mha_to_mla(
                 q_rope[:, t_a[j]] = ar * qa + ai * qb
                 q_rope[:, t_b[j]] = ar * qb - ai * qa
             linfo["rope_key_rel_err"] = rel_err
-            k_lat = wk_rep[:, nope_src]  # (H, d_nope, D): only NoPE keys go through the latent
+            k_lat = wk_rep[:, nope_src[0]]  # (H, d_nope, D): only NoPE keys go through the latent
         else:
-            k_lat = torch.cat((wk_rep[:, nope_src], wk_rep[:, rope_src]), dim=1)  # (H, d_h, D), rope last
+            k_lat = torch.cat((wk_rep[:, nope_src[0]], wk_rep[:, rope_src[0]]), dim=1)  # (H, d_h, D), rope last
         d_k = k_lat.shape[1]
         kv = torch.cat((k_lat, wv_rep), dim=1)  # (H, d_k + d_h, D): wkv_b's per-head row layout
+        k_bal = 1.0
+        if bkv:
+            # BKV: balance mean ||K_lat u|| against mean ||V u|| so the joint SVD does not favour the larger one
+            u_s = stats[li]["u"].double()  # (N, D)
+            k_norm = torch.einsum("nd,hkd->nhk", u_s, k_lat).norm(dim=-1).mean()
+            v_norm = torch.einsum("nd,hkd->nhk", u_s, wv_rep).norm(dim=-1).mean()
+            k_bal = float(k_norm / v_norm.clamp_min(1e-30)) if float(k_norm) > 0 else 1.0
+            linfo["bkv_scale"] = k_bal
+        kv_fit = torch.cat((k_lat / k_bal, wv_rep), dim=1)  # (H, d_k + d_h, D)
         if factorization == "joint":
-            b, a = factorize(kv.reshape(-1, D), kv_lora_rank, cov, whiten)  # (H*(d_k+d_h), r), (r, D)
+            b, a = factorize(kv_fit.reshape(-1, D), kv_lora_rank, cov, whiten)  # (H*(d_k+d_h), r), (r, D)
         else:
             half = kv_lora_rank // 2
-            b_k, a_k = factorize(k_lat.reshape(-1, D), half, cov, whiten)  # (H*d_k, r/2), (r/2, D)
+            b_k, a_k = factorize(kv_fit[:, :d_k].reshape(-1, D), half, cov, whiten)  # (H*d_k, r/2), (r/2, D)
             b_v, a_v = factorize(wv_rep.reshape(-1, D), half, cov, whiten)  # (H*d_h, r/2), (r/2, D)
             a = torch.cat((a_k, a_v))  # (r, D)
             b = torch.cat(
@@ -444,6 +633,8 @@ def mha_to_mla(
                 ),
                 dim=1,
             ).reshape(-1, kv_lora_rank)  # (H*(d_k+d_h), r): block-diagonal per head
+        b = b.view(H, d_k + d_h, kv_lora_rank)  # (H, d_k + d_h, r)
+        b = torch.cat((b[:, :d_k] * k_bal, b[:, d_k:]), dim=1).reshape(-1, kv_lora_rank)  # BKV undone in W^UK
         cov_eff = torch.eye(D, dtype=torch.float64) if cov is None else cov
         ms_c = float(torch.einsum("rd,de,re->", a, cov_eff, a) / kv_lora_rank)  # E[ms(c)]
         # kv_norm divides by sqrt(ms(c) + eps): include its eps so a constant ms(c) cancels exactly
@@ -460,25 +651,31 @@ def mha_to_mla(
 
         attn = blk.attn
         dt = attn.wo.weight.dtype
-        wq_new = torch.cat((q_nope, q_rope), dim=1).reshape(H * d_h, D) * g_inv  # back to x-space
+        wq_new = torch.cat((q_nope, q_rope), dim=1).reshape(-1, D) * g_inv  # (H * d_qk, D), back to x-space
         attn.wq.weight.copy_(wq_new.to(dt))
         lat = a * g_inv  # (r, D): c = Q^T (x / g)
-        wkv_a = lat if target == "mla_coupled_rope" else torch.cat((lat, k_rope * g_inv))  # (r [+ d_rope], D)
+        wkv_a = lat if target == "mla_coupled_rope" else torch.cat((lat, k_rope * g_inv))  # (r [+ n d_rope], D)
         attn.wkv_a.weight.copy_(wkv_a.to(dt))
         if kv_norm:
             attn.kv_norm.weight.fill_(rho)
         attn.wkv_b.weight.copy_(b.to(dt))
         attn.wo.weight.copy_(layer["wo"])  # v_head_dim = head_dim, same head-major layout
+        if attn.rope_inv_freq is not None:
+            attn.rope_inv_freq.copy_(src_inv_freq[keeps[li]].to(attn.rope_inv_freq.dtype))  # (n_rope, d_rope/2)
 
     new.conversion_info = dict(
         target=target,
         factorization=factorization,
         whiten=whiten,
         strategy=strategy,
-        rope_pairs=keep.tolist(),
-        rope_inv_freq=want_inv_freq.tolist(),
+        rope_heads=rope_heads,
+        rope_key=rope_key,
+        bkv=bkv,
+        rope_pairs=keep.tolist() if one_set else [k.tolist() for k in keeps],
+        rope_inv_freq=want_inv_freq.tolist() if one_set else [src_inv_freq[k].tolist() for k in keeps],
         rope_freq_in_config=freq_in_config,
-        pair_scores=None if scores is None else scores.tolist(),
+        rope_layer_freqs=not one_set,
+        pair_scores=None if scores is None else (scores.tolist() if isinstance(scores, torch.Tensor) else scores),
         layers=info_layers,
         kv_lora_ranks=[blk.attn.kv_lora_rank for blk in new.layers],
         kv_norm=kv_norm,
@@ -486,12 +683,50 @@ def mha_to_mla(
     return new
 
 
+@torch.no_grad()
+def to_interleaved_rope(model: Transformer) -> Transformer:
+    """The same MLA model with its rotated dims in the interleaved layout (DeepSeek's) instead of halves: exact.
+
+    Only the decoupled rope rows are rotated (q_rope per head, k_rope), so permuting them from (a_0..a_r, b_0..b_r)
+    to (a_0, b_0, a_1, b_1, ...) in both and flipping ``rope_interleave`` leaves every score unchanged; NoPE dims,
+    latent and values are untouched. Makes a converted Llama-layout model exportable as DeepseekV3.
+    """
+    cfg = model.cfg
+    if cfg.attention != "mla":
+        raise ValueError(f"attention={cfg.attention!r} is invalid (allowed: mla; coupled RoPE rotates the latent's keys)")
+    if cfg.rope_interleave:
+        return model
+    d_r, d_n, H = cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.n_heads
+    half = torch.arange(d_r // 2)
+    perm = _layout(half, half + d_r // 2, True)  # (d_rope,): interleaved row t <- halves row perm[t]
+    new = Transformer(dataclasses.replace(cfg, rope_interleave=True)).to(model.embed.weight)
+    new.load_state_dict(model.state_dict())
+    for blk in new.layers:
+        at = blk.attn
+        wq = at.wq.weight.view(H, d_n + d_r, -1)  # (H, d_qk, D)
+        wq[:, d_n:] = wq[:, d_n:][:, perm].clone()
+        r = at.kv_lora_rank
+        k_r = at.wkv_a.weight[r:].view(at.qk_rope_heads, d_r, -1)  # (n_rope, d_rope, D)
+        k_r.copy_(k_r[:, perm].clone())
+    if hasattr(model, "conversion_info"):
+        new.conversion_info = dict(model.conversion_info, rope_interleave=True)
+    return new
+
+
 __all__ = [
     "FACTORIZATIONS",
+    "ROPE_HEADS",
+    "ROPE_KEYS",
     "ROPE_STRATEGIES",
     "collect_attention_covariances",
+    "collect_calibration_stats",
     "factorize",
+    "full_latent_rank",
+    "latent_key_dim",
     "mha_to_mla",
+    "rorope_mixing",
+    "to_interleaved_rope",
+    "two_norm_scores",
     "pair_dims",
     "pair_norm_scores",
     "select_rope_pairs",

@@ -133,6 +133,8 @@ def to_hf_config(cfg: ModelConfig, arch: str | None = None):
     if cfg.attention != "mla":
         raise ConfigError(f"model.attention={cfg.attention!r} cannot be exported as {arch} (allowed: mla)")
     _require(cfg, arch, kv_norm=True)  # DeepSeek checkpoints always have kv_a_layernorm
+    # one k_rope shared by all heads, rotated by the config's frequencies in every layer
+    _require(cfg, arch, qk_rope_heads=1, rope_layer_freqs=False)
     moe = cfg.ffn == "moe"
     ds = dict(
         num_key_value_heads=cfg.n_heads,
@@ -163,6 +165,23 @@ def to_hf_config(cfg: ModelConfig, arch: str | None = None):
         raise ConfigError("model.norm_topk_prob=True cannot be exported as deepseek_v2 (allowed: false)")
     topk_method = "group_limited_greedy" if cfg.n_group > 1 else "greedy"
     return transformers.DeepseekV2Config(topk_method=topk_method, **ds, **common)
+
+
+def exportable_to_deepseek(cfg: ModelConfig, arch: str = "deepseek_v3") -> tuple[bool, str]:
+    """Whether ``cfg`` exports to DeepSeek's HF format, and if not the one-line reason ``to_hf_config`` gives.
+
+    DeepseekV3 (and V2) have the latent norm (kv_a_layernorm), one shared RoPE key, one kv_lora_rank for all layers,
+    frequencies from rope_theta / rope_scaling only and interleaved RoPE pairs (V3): converted variants without
+    the norm, with per-KV-head RoPE keys, per-layer frequencies or ranks, or kept pairs rope_theta cannot express
+    do not export.
+    """
+    if arch not in DEEPSEEK_ARCHS:
+        raise ValueError(f"arch={arch!r} is invalid (allowed: {', '.join(DEEPSEEK_ARCHS)})")
+    try:
+        to_hf_config(cfg, arch)
+    except ConfigError as e:
+        return False, str(e)
+    return True, ""
 
 
 def _gpt2_from_hf_config(hf_cfg: Any) -> ModelConfig:

@@ -34,7 +34,7 @@ def dtype_bytes(dtype: Union[str, torch.dtype, float, int]) -> float:
 def kv_elements_per_token_layer(cfg: ModelConfig, layer: int = 0) -> int:
     """Cached elements per token in layer ``layer`` (DeepSeek-V2 Table 1 forms)."""
     if cfg.attention == "mla":
-        return cfg.layer_kv_lora_rank(layer) + cfg.qk_rope_head_dim  # d_c + d_h^R
+        return cfg.layer_kv_lora_rank(layer) + cfg.qk_rope_heads * cfg.qk_rope_head_dim  # d_c + n_rope d_h^R
     if cfg.attention == "mla_coupled_rope":
         return cfg.layer_kv_lora_rank(layer)
     return 2 * cfg.kv_heads * cfg.attn_head_dim  # 2 n_g d_h (MHA: n_g = n_h, MQA: n_g = 1)
@@ -67,7 +67,7 @@ def _attention_params(cfg: ModelConfig, layer: int = 0) -> int:
     r = cfg.layer_kv_lora_rank(layer)
     norm = r if cfg.kv_norm else 0  # the latent RMSNorm's weight
     if cfg.attention == "mla":
-        kv = D * (r + cfg.qk_rope_head_dim) + norm + r * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+        kv = D * (r + cfg.qk_rope_heads * cfg.qk_rope_head_dim) + norm + r * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)
     else:  # coupled RoPE: no separate rope key, full key from the latent
         kv = D * r + norm + r * H * (qk + cfg.v_head_dim)
     return q + kv + H * cfg.v_head_dim * D
@@ -154,7 +154,8 @@ def decode_flops_per_token(cfg: ModelConfig, context_len: int, path: Optional[st
 
     naive: the cached latent is up-projected to per-head K/V at every step (2 d_c H (d_nope + d_v) S);
     absorb: W^UK / W^UV are applied to the query / output instead, and attention runs over the
-    latent (2 H (d_c + d_rope) S for scores, 2 H d_c S for the weighted sum).
+    latent (2 H (d_c + n_rope d_rope) S for scores, 2 H d_c S for the weighted sum; with n_rope > 1 rope keys
+    each head's query row is zero outside its key's slot, counted as computed).
     """
     path = path or (cfg.mla_decode if cfg.attention == "mla" else "naive")
     H, L, S = cfg.n_heads, cfg.n_layers, context_len
@@ -173,5 +174,5 @@ def decode_flops_per_token(cfg: ModelConfig, context_len: int, path: Optional[st
             total += up + 2 * H * (nope + rope + v) * S
         else:
             absorb = 2 * H * nope * r + 2 * H * r * v  # q_nope W^UK and o_lat W^UV for the new token
-            total += absorb + 2 * H * (r + rope) * S + 2 * H * r * S
+            total += absorb + 2 * H * (r + cfg.qk_rope_heads * rope) * S + 2 * H * r * S
     return total

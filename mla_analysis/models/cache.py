@@ -5,8 +5,9 @@ What each variant caches per layer and token is the point of MLA:
   ``cfg.kv_quant_bits`` 8 or 4 instead their uint8 codes ``k_codes`` / ``v_codes`` (B, S, H_kv, d_h*bits/8)
   and fp16 ``*_scale`` / ``*_zero`` (B, S, H_kv, d_h/kv_quant_group) (models/kv_quant.py; the cache
   dtype does not apply to them).
-- MLA: only the normalised latent ``c_kv`` (B, S, d_c) and the shared decoupled RoPE key
-  ``k_rope`` (B, S, d_h^R), stored side by side in one (B, S, d_c + d_h^R) buffer per layer.
+- MLA: only the normalised latent ``c_kv`` (B, S, d_c) and the decoupled RoPE key(s)
+  ``k_rope`` (B, S, n d_h^R) (n = qk_rope_heads, 1 = DeepSeek's shared key), stored side by side in one
+  (B, S, d_c + n d_h^R) buffer per layer.
 - MLA with coupled RoPE (ablation): only ``c_kv``.
 Buffers are allocated once for ``max_len`` tokens; ``seq_len`` counts the tokens written so far.
 """
@@ -26,7 +27,7 @@ def cache_shapes(cfg: ModelConfig, batch_size: int, max_len: int, layer: int = 0
     if cfg.attention == "mla":
         return {
             "c_kv": (batch_size, max_len, cfg.layer_kv_lora_rank(layer)),
-            "k_rope": (batch_size, max_len, cfg.qk_rope_head_dim),
+            "k_rope": (batch_size, max_len, cfg.qk_rope_heads * cfg.qk_rope_head_dim),
         }
     if cfg.attention == "mla_coupled_rope":
         return {"c_kv": (batch_size, max_len, cfg.layer_kv_lora_rank(layer))}

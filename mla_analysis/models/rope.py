@@ -106,16 +106,17 @@ class RotaryEmbedding(nn.Module):
         return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate x [B, T, H, d] by cos/sin [T, d/2] (computed in fp32, returned in x's dtype)."""
+        """Rotate x [B, T, H, d] by cos/sin [T, d/2] or [T, H, d/2] (computed in fp32, returned in x's dtype)."""
         return apply_rope(x, cos, sin, self.interleave)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """Rotate the last dim of x [B, T, H, d] with cos/sin [T, d/2] in the given layout."""
+    """Rotate the last dim of x [B, T, H, d] with cos/sin [T, d/2] (or per head [T, H, d/2]) in the given layout."""
     dtype = x.dtype
     xf = x.float()
-    cos = cos[None, :, None, :]  # (1, T, 1, d/2)
-    sin = sin[None, :, None, :]
+    # per-head frequencies (MLA's per-layer rope_inv_freq) come as (T, H, d/2); one set for all heads as (T, d/2)
+    cos = cos[None] if cos.dim() == 3 else cos[None, :, None, :]  # (1, T, H or 1, d/2)
+    sin = sin[None] if sin.dim() == 3 else sin[None, :, None, :]
     if interleave:
         x1, x2 = xf[..., 0::2], xf[..., 1::2]  # (B, T, H, d/2) each
         out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # (B, T, H, d/2, 2)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..bench import timing
 from ..models import accounting
 from ..config import Attention, MlaDecode, ModelConfig
 from ..models.mla import MLA, MLACoupledRoPE

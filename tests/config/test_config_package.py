@@ -25,7 +25,7 @@ def test_a_choice_composes_from_its_name_and_reads_as_a_string():
 
 def test_a_value_outside_the_choice_is_one_line_naming_key_and_choices():
     assert precheck(["+experiment=convert_mha", "hydra.mode=RUN", "convert.strategy=middle"]) == (
-        "convert.strategy='middle' is invalid (allowed: high | low | uniform | norm)")
+        "convert.strategy='middle' is invalid (allowed: high | low | uniform | norm | 2norm)")
     assert precheck(["+experiment=rank_search", "search.mode=maxx"]) == "search.mode='maxx' is invalid (allowed: min | max)"
     assert OmegaConf.to_object(OmegaConf.structured(SearchConfig)).mode == "min"
 
