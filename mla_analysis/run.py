@@ -29,7 +29,7 @@ from .runner import schema  # noqa: F401  (registers the structured configs)
 from .assets import AssetError
 from .config import ConfigError
 from .data import prepare_data_config
-from .interop.hf_io import load_model, save_tokenizer
+from .interop.hf_io import load_model, model_config_of, save_tokenizer
 from .training.loggers import Tracker, start_tracking
 from .probes import ProbeError, check_probes, run_probes
 from .training.results import (RESULTS_FILE, ResultsError, atomic_write_json, environment, flatten, is_finished, load_record,
@@ -118,8 +118,13 @@ def _run_job(cfg: DictConfig, run_dir: Path, multirun: bool, stop: Any) -> Optio
             init_model = load_model(tcfg.init_from)
             model_cfg = init_model.cfg
             config["model"] = model_cfg.to_dict()
-        # real text: data.tokenizer=model -> init_from's tokenizer, data.vocab_size = its size
-        data_cfg = prepare_data_config(data_cfg, tcfg.init_from, init_model.cfg.max_seq_len if init_model else None)
+        token_source, max_len = tcfg.init_from, init_model.cfg.max_seq_len if init_model else None
+        convert_source = cfg.convert.get("source") if cfg.get("convert") is not None else None
+        if init_model is None and convert_source is not None:  # converting an existing model: its shape and tokenizer
+            model_cfg = model_config_of(convert_source)
+            token_source, max_len = convert_source, model_cfg.max_seq_len
+        # real text: data.tokenizer=model -> that model's tokenizer, data.vocab_size = its size
+        data_cfg = prepare_data_config(data_cfg, token_source, max_len)
         config["data"].update(tokenizer=data_cfg.tokenizer, vocab_size=data_cfg.vocab_size)
         validate_run(model_cfg, data_cfg, tcfg, cfg.device)
         warning = kv_cache_warning(model_cfg)

@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # the names below, for readers and type checkers; imported on
     from .gguf import hf_dir_from_gguf
 
 _EXPORTS = {name: module for module, names in {
-    "hf_io": ("INDEX_FILE", "TOKENIZER_FILES", "from_hf", "to_hf", "load_model", "resolve_hf_dir", "has_tokenizer",
+    "hf_io": ("INDEX_FILE", "TOKENIZER_FILES", "from_hf", "to_hf", "load_model", "model_config_of", "resolve_hf_dir", "has_tokenizer",
         "load_tokenizer", "save_tokenizer"),
     "state_dict": ("EXPORT_ARCHS", "IMPORT_ARCHS", "to_hf_config", "from_hf_config", "state_dict_from_hf",
         "state_dict_to_hf"),

@@ -181,6 +181,17 @@ def to_hf(
     return out
 
 
+def model_config_of(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a run directory, an HF checkpoint dir, a .gguf file or a model name, without reading weights."""
+    path = Path(path)
+    if (path / MODEL_CONFIG_FILE).exists():
+        return ModelConfig.from_dict(read_json(path / MODEL_CONFIG_FILE))
+    hf_dir = resolve_hf_dir(path)  # a .gguf file or a named model -> its cached HF dir (built once)
+    if (hf_dir / "config.json").exists():
+        return from_hf_config(_read_hf_config(hf_dir))
+    raise CheckpointError(f"{path}: neither a run directory ({MODEL_CONFIG_FILE}) nor a Hugging Face checkpoint (config.json)")
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
     """The model of a run directory (its last checkpoint), a Hugging Face checkpoint dir, a .gguf file or a model name."""
     from ..models.transformer import Transformer

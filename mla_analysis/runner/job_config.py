@@ -43,7 +43,17 @@ def check_config(cfg: DictConfig) -> None:
     if convert is not None:
         from ..conversion.job import validate_convert
 
-        validate_convert(convert, model_cfg)
+        source_cfg = model_cfg
+        if convert.source is not None:  # an existing model is converted: its shape decides what is valid
+            from ..interop.hf_io import model_config_of
+            from ..training.checkpoint import CheckpointError
+
+            try:
+                source_cfg = model_config_of(convert.source)
+            except CheckpointError as e:
+                raise ConfigError(f"convert.source={convert.source!r}: {e}") from None
+        validate_convert(convert, source_cfg)
+        model_cfg = source_cfg
     if tcfg.init_from is not None:
         from .schema import validate_train
 

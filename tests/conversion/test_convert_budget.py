@@ -91,7 +91,7 @@ def test_validate_convert_names_each_key():
 
 
 def test_run_cli_bad_cache_budget_exits_2_before_training(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     r = subprocess.run([sys.executable, "-m", "mla_analysis.run", "+experiment=convert_mha", "hydra.mode=RUN",
                         f"hydra.run.dir={tmp_path / 'run'}", f"convert.cache_dir={tmp_path / 'cache'}",
                         "convert.kv_budget=null", "convert.cache_budget=100000", "convert.rope_dims=4"],

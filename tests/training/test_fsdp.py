@@ -22,7 +22,7 @@ from mla_analysis.models.transformer import Transformer
 from mla_analysis.training.trainer import freeze_untrainable, lm_loss, lr_at, make_optimizer
 from tests.training.fsdp_setup import BATCH, CUT, DATA, MODEL, SEED, STEPS, WORLD, tcfg
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:
@@ -35,7 +35,7 @@ def _free_port() -> int:
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", f"--master_port={_free_port()}",
-           str(ROOT / "tests" / "fsdp_worker.py"), str(out)]
+           str(ROOT / "tests" / "training" / "fsdp_worker.py"), str(out)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert p.returncode == 0, p.stderr[-3000:]
