@@ -14,7 +14,8 @@ Options: ``mla_analysis.config.probes.KlConfig`` (conf/probe/kl.yaml).
 Keys (under ``probe.kl.``; statistics as ``<name>.mean/.ci_low/.ci_high/.n/.tokens``, units = windows,
 mla_analysis/probes/_text.py): ``kl`` (nats/token), ``delta_nll`` (NLL(model) - NLL(reference)), ``nll``,
 ``nll_ref``, ``top1_agree`` (argmax of both models equal), ``kl.<doc>`` (per-play mean KL), ``seq_len``,
-``stride``, ``windows``, ``interval.method/.level/.resamples/.unit``.
+``stride``, ``windows``, ``interval.method/.level/.resamples/.unit``. ``kl_windows.json`` in the run dir: per-window
+sums of kl / nll / nll_ref and token counts, for paired comparisons of runs scored on the same windows.
 Functions: :func:`compare_tokens` (the [n, L] tensors), :func:`window_sums`, :func:`kl_metrics`.
 """
 
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
+from ..training.results import atomic_write_json
 from . import register
 from ._common import options
 from ._text import autocast, flat, head_chunks, interval_fields, load_reference, ratio_interval, shakespeare_split
@@ -136,4 +138,16 @@ def run(model: torch.nn.Module, params: dict, data_cfg: Any, run_dir: Path, devi
 
     p = options("kl", params)  # KlConfig
     windows, tokens = compared(unwrap(model), p, data_cfg, device, "kl")
+    write_windows(tokens, windows, run_dir / "kl_windows.json")
     return kl_metrics(tokens, windows, p)
+
+
+def write_windows(tokens: dict[str, torch.Tensor], windows, path: Path) -> None:
+    """Per-window sums and token counts (kl, nll, nll_ref) to ``path``: paired comparisons between runs on the same windows."""
+    mask = windows[1] != IGNORE
+    out: dict[str, Any] = {"doc": [windows.names[j] for j in np.asarray(windows.doc)], "stride": int(windows.stride)}
+    for name in ("kl", "nll", "nll_ref"):
+        s, c = window_sums(tokens[name], mask)
+        out[name] = [float(x) for x in s]
+        out["tokens"] = [int(x) for x in c]
+    atomic_write_json(path, out)

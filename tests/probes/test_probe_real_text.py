@@ -115,6 +115,31 @@ def test_kl_zero_against_itself_and_brute_force_against_a_perturbed_copy(tiny_cf
     assert float(kl[mask].min()) > 0
 
 
+def test_kl_windows_file_holds_per_window_sums(tmp_path):
+    """kl_windows.json: per-window sums and counts that add up to the brute-force totals over the scored tokens."""
+    import json
+    from types import SimpleNamespace
+
+    from mla_analysis.probes.kl import write_windows
+
+    y = torch.tensor([[1, 2, -100, 3], [-100, -100, 4, 5]])
+    tokens = {name: torch.arange(8, dtype=torch.float).reshape(2, 4) * k for k, name in enumerate(("kl", "nll", "nll_ref"), 1)}
+    windows = SimpleNamespace(doc=[0, 1], names=["a.modern", "b.modern"], stride=4)
+    write_windows(tokens, _Windows(y, windows), tmp_path / "kl_windows.json")
+    d = json.loads((tmp_path / "kl_windows.json").read_text())
+    assert d["doc"] == ["a.modern", "b.modern"] and d["tokens"] == [3, 2]
+    assert d["kl"] == [0 + 1 + 3, 6 + 7] and d["nll"] == [2 * (0 + 1 + 3), 2 * (6 + 7)]
+
+
+class _Windows(tuple):
+    """(inputs, targets) with the doc / names / stride attributes of perplexity.EvalWindows."""
+
+    def __new__(cls, targets, meta):
+        self = super().__new__(cls, (None, targets))
+        self.doc, self.names, self.stride = meta.doc, meta.names, meta.stride
+        return self
+
+
 def test_probe_keys_checked_before_compute():
     check_probes({"kl": {}, "token_bins": {"bins": 3}, "copying": {}, "needles": {}, "next_line": {}})
     with pytest.raises(ConfigError, match="probe.kl.windows: unknown key"):
