@@ -12,7 +12,9 @@ A job with a ``convert`` config node (``schema.ConvertConfig``) runs ``run_conve
    summing to ``kv_budget`` chosen by ``allocation`` (``rank_allocation.allocate_ranks``), with
    ``rope_dims`` / ``strategy`` / ``target`` / ``factorization`` / ``whiten``; calibration = the first
    ``calib_examples`` training sequences (training batch 0 of that size). ``direction=moe``:
-   ``moefy.dense_to_moe`` with ``moe_method`` (kmeans | upcycle).
+   ``moefy.dense_to_moe`` with ``moe_method`` (kmeans | upcycle), ``active_fraction`` (sets the routed top-k),
+   ``moe_gate_weights`` and the healing balance ``moe_aux_alpha`` / ``moe_bias_update_speed``.
+   ``calib_split=calibration`` takes the calibration from the calibration plays (data=shakespeare) instead.
 3. Heal: ``heal`` = ``train(..., model=converted)`` for ``heal_steps`` steps at ``heal_lr`` (None = train.lr),
    warmup min(train.warmup_steps, heal_steps // 10); the other train settings as given. Healing reads
    training batches 0..heal_steps-1 (the data stream restarts; the source saw them early in its
@@ -41,7 +43,8 @@ from typing import Any, Optional
 import torch
 
 from .config import ConfigError, ModelConfig
-from .config.convert import ALLOCATIONS, DIRECTIONS, FACTORIZATIONS, MOE_METHODS, STRATEGIES, TARGETS, ConvertConfig
+from .config.convert import (ALLOCATIONS, CALIB_SPLITS, DIRECTIONS, FACTORIZATIONS, MOE_METHODS, STRATEGIES, TARGETS,
+                             ConvertConfig)
 from .hf_io import load_model
 from .data import DataConfig, build_eval_sets, train_batch
 from .models.transformer import Transformer
@@ -68,7 +71,7 @@ def heal(
     return {"before": before, "after": out["metrics"], **out}
 
 
-def validate_convert(c: ConvertConfig, model_cfg: ModelConfig) -> None:
+def validate_convert(c: ConvertConfig, model_cfg: ModelConfig, data_cfg: Optional[DataConfig] = None) -> None:
     """Raise ConfigError naming the first invalid ``convert.*`` value (before anything is trained)."""
 
     def bad(key: str, allowed: str) -> ConfigError:
@@ -76,7 +79,7 @@ def validate_convert(c: ConvertConfig, model_cfg: ModelConfig) -> None:
 
     choices = {"direction": DIRECTIONS, "allocation": ALLOCATIONS, "strategy": STRATEGIES,
                "target": TARGETS, "factorization": FACTORIZATIONS,
-               "moe_method": MOE_METHODS}
+               "moe_method": MOE_METHODS, "calib_split": CALIB_SPLITS}
     for key, allowed in choices.items():
         if getattr(c, key) not in allowed:
             raise bad(key, " | ".join(allowed))
@@ -86,6 +89,8 @@ def validate_convert(c: ConvertConfig, model_cfg: ModelConfig) -> None:
         raise bad("heal_steps", "an integer >= 0")
     if c.heal_lr is not None and c.heal_lr <= 0:
         raise bad("heal_lr", "null or a number > 0")
+    if c.calib_split == "calibration" and getattr(data_cfg, "source", None) != "shakespeare":
+        raise bad("calib_split", "train unless data.source=shakespeare (the calibration plays)")
     if c.direction == "moe":
         if model_cfg.ffn != "dense":
             raise ConfigError(f"model.ffn={model_cfg.ffn!r} is invalid for convert.direction=moe (allowed: dense)")
@@ -95,6 +100,18 @@ def validate_convert(c: ConvertConfig, model_cfg: ModelConfig) -> None:
             raise bad("n_shared_experts", "0 with convert.moe_method=upcycle")
         if c.moe_method == "kmeans" and (c.n_shared_experts < 0 or model_cfg.d_ff % (c.n_routed_experts + c.n_shared_experts)):
             raise bad("n_routed_experts", f"n_routed + n_shared dividing model.d_ff={model_cfg.d_ff}")
+        if c.active_fraction is not None:
+            from .moefy import active_experts
+
+            try:
+                active_experts(c.active_fraction, c.n_routed_experts, c.n_shared_experts)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"convert.{e}") from None
+        if c.moe_method == "upcycle" and c.moe_gate_weights not in (None, "score"):
+            raise bad("moe_gate_weights", "null | score with convert.moe_method=upcycle")
+        for key in ("moe_aux_alpha", "moe_bias_update_speed"):
+            if not isinstance(getattr(c, key), (int, float)) or getattr(c, key) < 0:
+                raise bad(key, "a number >= 0")
         return
     if model_cfg.is_mla:
         raise ConfigError(f"model.attention={model_cfg.attention!r} is invalid for convert.direction=mla (allowed: mha | gqa | mqa)")
@@ -155,6 +172,33 @@ def _prefixed(prefix: str, metrics: dict[str, Any]) -> dict[str, Any]:
     return {f"{prefix}.{k}": v for k, v in metrics.items() if k not in ("step", "tokens")}
 
 
+def moe_top_k(c: ConvertConfig) -> int:
+    """Routed experts per token: from ``active_fraction`` when set, else ``n_activated_experts``."""
+    if c.active_fraction is None:
+        return c.n_activated_experts
+    from .moefy import active_experts
+
+    return active_experts(c.active_fraction, c.n_routed_experts, c.n_shared_experts)
+
+
+def calibration_batch(c: ConvertConfig, data_cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) (B, T) of the calibration: training batch 0, or ``calib_examples`` evenly spaced
+    non-overlapping windows of the calibration plays (``calib_split=calibration``; data.eval_edition's texts)."""
+    if c.calib_split != "calibration":
+        return train_batch(data_cfg, 0, c.calib_examples)
+    import numpy as np
+
+    from .data.shakespeare import split_tokens
+
+    tokens = torch.from_numpy(np.asarray(split_tokens(data_cfg, "calibration").tokens, dtype=np.int64))
+    n_win = (len(tokens) - 1) // data_cfg.seq_len
+    if n_win < 1:
+        raise ConfigError(f"convert.calib_split=calibration: the calibration plays hold fewer than data.seq_len={data_cfg.seq_len} tokens")
+    starts = torch.linspace(0, n_win - 1, min(c.calib_examples, n_win)).round().long() * data_cfg.seq_len  # (B,)
+    win = torch.stack([tokens[s : s + data_cfg.seq_len + 1] for s in starts.tolist()])  # (B, T+1)
+    return win[:, :-1], win[:, 1:]
+
+
 def convert_model(c: ConvertConfig, source: Transformer, calib: tuple[torch.Tensor, torch.Tensor], seed: int = 0) -> Transformer:
     """The converted (unhealed) model the ``convert`` node describes."""
     from .conversion import mha_to_mla
@@ -163,8 +207,10 @@ def convert_model(c: ConvertConfig, source: Transformer, calib: tuple[torch.Tens
     source = source.cpu().float().eval()
     inputs = calib[0]
     if c.direction == "moe":
-        return dense_to_moe(source, c.n_routed_experts, c.n_activated_experts, c.n_shared_experts,
-                            method=c.moe_method, calib=inputs, noise=c.upcycle_noise, seed=seed)
+        return dense_to_moe(source, c.n_routed_experts, moe_top_k(c), c.n_shared_experts,
+                            method=c.moe_method, calib=inputs, noise=c.upcycle_noise, seed=seed,
+                            gate_weights=None if c.moe_gate_weights is None else str(c.moe_gate_weights),
+                            aux_alpha=float(c.moe_aux_alpha), bias_update_speed=float(c.moe_bias_update_speed))
     ranks, rank = None, c.kv_lora_rank
     if c.kv_budget is not None:
         ranks = allocate_ranks(source, c.kv_budget, c.allocation, calib=calib, rope_dims=c.rope_dims,
@@ -182,14 +228,14 @@ def convert_model(c: ConvertConfig, source: Transformer, calib: tuple[torch.Tens
 def run_convert(c: ConvertConfig, model_cfg: ModelConfig, data_cfg: DataConfig, tcfg: TrainConfig, run_dir: str | Path,
                 seed: int = 0, device: str = "auto") -> dict[str, Any]:
     """Source (trained+cached or loaded) -> convert -> heal [-> scratch baseline]; train()-shaped result."""
-    validate_convert(c, model_cfg)
+    validate_convert(c, model_cfg, data_cfg)
     run_dir = Path(run_dir)
     dev = resolve_device(device)
     timings: dict[str, float] = {}
     t0 = time.time()
     if c.source is not None:
         source = load_model(c.source, device=dev)
-        validate_convert(c, source.cfg)
+        validate_convert(c, source.cfg, data_cfg)
     else:
         source, _ = cached_train("source", model_cfg, data_cfg, tcfg, seed, device, c.cache_dir)
     timings["source_s"] = time.time() - t0
@@ -197,7 +243,7 @@ def run_convert(c: ConvertConfig, model_cfg: ModelConfig, data_cfg: DataConfig, 
     metrics: dict[str, Any] = _prefixed("convert.source", evaluate(source, eval_sets, dev, tcfg.eval_batch_size))
 
     t0 = time.time()
-    calib = train_batch(data_cfg, 0, c.calib_examples)  # (inputs, targets), each (B, T)
+    calib = calibration_batch(c, data_cfg)  # (inputs, targets), each (B, T)
     torch.manual_seed(seed)
     new = convert_model(c, source, calib, seed)
     timings["convert_s"] = time.time() - t0
@@ -225,4 +271,4 @@ def run_convert(c: ConvertConfig, model_cfg: ModelConfig, data_cfg: DataConfig, 
             "device": healed["device"], "model": healed["model"]}
 
 
-__all__ = ["cached_train", "convert_model", "heal", "run_convert", "validate_convert"]
+__all__ = ["cached_train", "calibration_batch", "convert_model", "heal", "moe_top_k", "run_convert", "validate_convert"]

@@ -132,6 +132,8 @@ def to_hf_config(cfg: ModelConfig, arch: str | None = None):
         raise ConfigError(f"model.attention={cfg.attention!r} cannot be exported as {arch} (allowed: mla)")
     _require(cfg, arch, kv_norm=True)  # DeepSeek checkpoints always have kv_a_layernorm
     moe = cfg.ffn == "moe"
+    if moe and cfg.gate_weights != "score":
+        raise ConfigError(f"model.gate_weights={cfg.gate_weights!r} cannot be exported as {arch} (allowed: score)")
     ds = dict(
         num_key_value_heads=cfg.n_heads,
         kv_lora_rank=cfg.kv_lora_rank,

@@ -43,7 +43,7 @@ def check_config(cfg: DictConfig) -> None:
     if convert is not None:
         from .convert_job import validate_convert
 
-        validate_convert(convert, model_cfg)
+        validate_convert(convert, model_cfg, data_cfg)
     if tcfg.init_from is not None:
         from .schema import validate_train
 

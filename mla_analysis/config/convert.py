@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .checks import Choice
+from .model import GateWeights
 
 
 class Direction(Choice):
@@ -47,7 +48,15 @@ class MoeMethod(Choice):
     upcycle = "upcycle"
 
 
+class CalibSplit(Choice):
+    """Where the calibration sequences come from."""
+
+    train = "train"  # training batch 0 (any data source)
+    calibration = "calibration"  # windows of the calibration plays (data.source=shakespeare)
+
+
 DIRECTIONS = Direction.values()
+CALIB_SPLITS = CalibSplit.values()
 ALLOCATIONS = Allocation.values()
 MOE_METHODS = MoeMethod.values()
 STRATEGIES = Strategy.values()
@@ -71,7 +80,8 @@ class ConvertConfig:
     factorization: Factorization = Factorization.joint  # joint | split
     whiten: bool = True  # activation-whitened SVD (calibration covariance)
     kv_norm: bool = True  # keep DeepSeek's latent RMSNorm; false = none (exact at the source's K/V rank, not exportable)
-    calib_examples: int = 64  # calibration sequences (training batch 0 of this size)
+    calib_examples: int = 64  # calibration sequences (training batch 0 of this size, or calibration-play windows)
+    calib_split: CalibSplit = CalibSplit.train  # train (batch 0) | calibration (data=shakespeare's calibration plays)
     heal_steps: int = 200
     heal_lr: Optional[float] = None  # null = train.lr
     scratch: bool = True  # also train the converted architecture from scratch (equal tokens), cached
@@ -79,4 +89,9 @@ class ConvertConfig:
     n_routed_experts: int = 8
     n_activated_experts: int = 2
     n_shared_experts: int = 0
+    # direction=moe: active fraction (k + shared) / (routed + shared) of the FFN width; sets n_activated_experts
+    active_fraction: Optional[float] = None
+    moe_gate_weights: Optional[GateWeights] = None  # null = unit for kmeans, score for upcycle (moefy.py)
+    moe_aux_alpha: float = 0.0  # healing with DeepSeek-V2's expert balance loss (alpha_1)
+    moe_bias_update_speed: float = 0.0  # healing with DeepSeek-V3's auxiliary-loss-free bias (gamma)
     upcycle_noise: float = 0.01
