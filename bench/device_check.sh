@@ -23,7 +23,7 @@ step() {  # step NAME SECONDS CMD...: run CMD under a time limit, log to OUT_DIR
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$out/summary.txt"
 $py -c "import torch, transformers, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee -a "$out/summary.txt"
 
-step test_cuda 150 $py -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step test_cuda 150 $py -m pytest -q -p no:cacheprovider tests/models/test_cuda.py
 step bench 330 $py -m mla_analysis.bench --device cuda --profile --out "$out/BENCHMARKS.md" ${note:+--note "$note"}
 
 # The real-model figures (issue 22) on the GPU: SmolLM2-135M in bf16, the toolkit's decode as CUDA-graph replays;
@@ -50,6 +50,6 @@ for name, fn in (("plain", plain), ("padded", padded), ("plain", plain), ("padde
 EOF
 
 # the whole suite with device=auto resolving to CUDA (lm-eval and the sweep launchers are not installed there)
-step suite 200 env OMP_NUM_THREADS=2 $py -m pytest -v -p no:cacheprovider -n 8 --ignore=tests/test_lm_eval.py \
-  --ignore=tests/test_sweeps.py
+step suite 200 env OMP_NUM_THREADS=2 $py -m pytest -v -p no:cacheprovider -n 8 --ignore=tests/evaluation/test_lm_eval.py \
+  --ignore=tests/runner/test_sweeps.py
 grep -E "FAILED|ERROR" "$out/suite.log" | sort -u | head -20 | tee -a "$out/summary.txt"

@@ -6,9 +6,10 @@ their units). Run from the repository root (the model and the plays from the cac
 
     python bench/real_probes_cost.py [--device cpu|cuda] [--seq_len 1024]
 
-Prints one line per probe: measured units, seconds per unit, and the extrapolated seconds at the DEFAULTS
-of conf/probe/<name>.yaml (kl / token_bins: max_windows windows of seq_len; copying: examples x distances;
-needles: tasks x lengths x depths x examples; next_line: examples). The load average is printed with them:
+Prints one line per probe: measured units, seconds per unit, and the extrapolated seconds at the defaults
+of conf/probe/<name>.yaml (KlConfig, CopyingConfig, ... of mla_analysis/config/probes.py; kl / token_bins:
+max_windows windows of seq_len; copying: examples x distances; needles: tasks x lengths x depths x examples;
+next_line: examples). The load average is printed with them:
 on a shared machine the CPU numbers are upper bounds.
 """
 
@@ -28,9 +29,11 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/real_probes_cost")
     args = ap.parse_args()
     from mla_analysis.data import DataConfig
-    from mla_analysis.hf_io import load_model
+    from mla_analysis.interop.hf_io import load_model
+    from mla_analysis.config.probes import CopyingConfig, KlConfig, NeedlesConfig, NextLineConfig
     from mla_analysis.probes import PROBES, check_probes
-    from mla_analysis.probes import copying, kl, needles, next_line
+
+    kl, copying, needles, next_line = KlConfig(), CopyingConfig(), NeedlesConfig(), NextLineConfig()  # study sizes
 
     check_probes({"kl": {}})  # loads the probe registry
     dev = torch.device(args.device)
@@ -66,28 +69,28 @@ def main() -> None:
                      "resamples": 10})  # other windows than the warm-up's: kl's one-entry memo misses
     t_ref = timed("kl", {"max_windows": 1, "seq_len": 64})  # reference load + split lookup + one tiny window
     per = max(t - t_ref, 1e-9) / n
-    rows.append(("kl", n, per, kl.DEFAULTS["max_windows"] * per + t_ref))
+    rows.append(("kl", n, per, kl.max_windows * per + t_ref))
     t_bins = timed("token_bins", {"max_windows": 1, "seq_len": 64, "bins": 3})  # memo hit: labels + counts only
     rows.append(("token_bins (after kl)", 1, t_bins, t_bins))
     # copying: per example per distance
     total = 0.0
-    for d in copying.DEFAULTS["distances"]:
+    for d in copying.distances:
         t = timed("copying", {"distances": [d], "examples": 2, "batch_size": 2})
-        total += t / 2 * copying.DEFAULTS["examples"]
-        rows.append((f"copying d={d}", 2, t / 2, t / 2 * copying.DEFAULTS["examples"]))
+        total += t / 2 * copying.examples
+        rows.append((f"copying d={d}", 2, t / 2, t / 2 * copying.examples))
     rows.append(("copying (all distances)", 0, 0.0, total))
     # needles: per example per length (both tasks)
     total = 0.0
-    for L in needles.DEFAULTS["lengths"]:
+    for L in needles.lengths:
         t = timed("needles", {"lengths": [L], "depths": [0.5], "examples": 1, "figures": False, "batch_size": 1})
         per = t / 2  # two tasks, one example each
-        cost = per * len(needles.DEFAULTS["tasks"]) * len(needles.DEFAULTS["depths"]) * needles.DEFAULTS["examples"]
+        cost = per * len(needles.tasks) * len(needles.depths) * needles.examples
         total += cost
         rows.append((f"needles len={L}", 2, per, cost))
     rows.append(("needles (grid)", 0, 0.0, total))
     n = 40
     t = timed("next_line", {"examples": n, "batch_size": 16})
-    rows.append(("next_line", n, t / n, t / n * next_line.DEFAULTS["examples"]))
+    rows.append(("next_line", n, t / n, t / n * next_line.examples))
 
 
 if __name__ == "__main__":

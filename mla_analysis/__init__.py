@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 __all__ = ["load_model", "ModelConfig", "Transformer", "__version__"]
 
 # lm-eval's model="mla_analysis": a lazy registry entry added once lm-eval is imported (lm-eval itself is not imported here)
-from ._lm_eval_hook import install as _install_lm_eval_hook  # noqa: E402
+from .evaluation.registration import install as _install_lm_eval_hook  # noqa: E402
 
 _install_lm_eval_hook()
 
@@ -15,7 +15,7 @@ _install_lm_eval_hook()
 def __getattr__(name: str):
     # lazy imports keep `import mla_analysis` cheap (the lm-eval registration is imported on demand too)
     if name == "load_model":
-        from .hf_io import load_model
+        from .interop.hf_io import load_model
 
         return load_model
     if name == "ModelConfig":

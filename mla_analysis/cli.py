@@ -15,11 +15,11 @@ from typing import Callable, Optional, Sequence
 # subcommand -> (module, what it does); the module's main(argv) (run: cli()) does the work
 COMMANDS = {
     "run": ("mla_analysis.run", "train / convert / probe one job or a sweep (Hydra overrides)"),
-    "report": ("mla_analysis.report", "comparison tables from run or sweep directories"),
-    "figures": ("mla_analysis.figures", "figures from run or sweep directories"),
+    "report": ("mla_analysis.analysis.report", "comparison tables from run or sweep directories"),
+    "figures": ("mla_analysis.analysis.figures", "figures from run or sweep directories"),
     "claims": ("mla_analysis.run", "the claims audit: run +experiment=claims (CLAIMS.md)"),
-    "eval": ("mla_analysis.eval", "lm-eval tasks on a run or Hugging Face directory"),
-    "convert": ("mla_analysis.convert", "from-hf / to-hf / mha-to-mla conversions"),
+    "eval": ("mla_analysis.evaluation.cli", "lm-eval tasks on a run or Hugging Face directory"),
+    "convert": ("mla_analysis.conversion.cli", "from-hf / to-hf / mha-to-mla conversions"),
     "bench": ("mla_analysis.bench", "speed benchmarks as side-by-side ratios (BENCHMARKS.md)"),
 }
 

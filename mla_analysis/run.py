@@ -2,11 +2,11 @@
 
 Each job trains one model, evaluates it and writes ``results.json`` in its Hydra output directory.
 A sweep (``-m``, or an experiment declaring ``hydra.mode: MULTIRUN``) ends with ``comparison.md``
-and ``comparison.csv`` in the sweep directory (``mla_analysis.callbacks.ComparisonTables``).
+and ``comparison.csv`` in the sweep directory (``mla_analysis.runner.callbacks.ComparisonTables``).
 Errors: a bad config ends with one line naming the key and exit code 2, and no results file; in a
 sweep every job's config is validated before the first job starts, a failing job records
 ``status: failed`` with the reason, the other jobs go on, and the sweep exits 1 at the end.
-The run (or sweep) directory is locked before Hydra writes into it (``mla_analysis.lock``).
+The run (or sweep) directory is locked before Hydra writes into it (``mla_analysis.runner.lock``).
 """
 
 from __future__ import annotations
@@ -25,19 +25,19 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from . import schema  # noqa: F401  (registers the structured configs)
+from .runner import schema  # noqa: F401  (registers the structured configs)
 from .assets import AssetError
 from .config import ConfigError
 from .data import prepare_data_config
-from .hf_io import load_model, save_tokenizer
-from .loggers import Tracker, start_tracking
+from .interop.hf_io import load_model, save_tokenizer
+from .training.loggers import Tracker, start_tracking
 from .probes import ProbeError, check_probes, run_probes
-from .results import (RESULTS_FILE, ResultsError, atomic_write_json, environment, flatten, is_finished, load_record,
+from .training.results import (RESULTS_FILE, ResultsError, atomic_write_json, environment, flatten, is_finished, load_record,
                       make_record)
-from .job_config import check_config, job_objects, record_config  # noqa: F401  (check_config: run's API)
-from .launcher import launched_dirs, register_launchers
-from .search import objective, resolve_reference
-from .train import NonFiniteLoss, TrainingInterrupted, export_submitit_env, train
+from .runner.job_config import check_config, job_objects, record_config  # noqa: F401  (check_config: run's API)
+from .runner.launcher import launched_dirs, register_launchers
+from .analysis.search import objective, resolve_reference
+from .training.trainer import NonFiniteLoss, TrainingInterrupted, export_submitit_env, train
 
 
 def _primary_metric(metrics: dict[str, Any]) -> Optional[float]:
@@ -72,7 +72,7 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
     Signals (SIGINT/SIGTERM) stay deferred until the record is written: a run stopped at any point
     after start-up is recorded ``interrupted`` with a checkpoint to resume from, and exits 128 + signal.
     """
-    from .train import StopFlag
+    from .training.trainer import StopFlag
 
     if is_finished(run_dir) and ((multirun and cfg.skip_finished) or cfg.train.resume):
         # a finished run is never rewritten: a sweep rerun skips it, train.resume=true leaves it as it is
@@ -80,7 +80,7 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
         return _return_value(cfg, load_record(run_dir)["metrics"])
     job_lock = None
     if multirun:  # a job dir names its worker (host, pid) while it runs; the sweep dir is locked by cli()
-        from .lock import RunLock
+        from .runner.lock import RunLock
 
         job_lock = RunLock(run_dir).acquire()
     try:
@@ -97,7 +97,7 @@ def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
 
 
 def _run_job(cfg: DictConfig, run_dir: Path, multirun: bool, stop: Any) -> Optional[float]:
-    from .schema import kv_cache_warning, validate_run
+    from .runner.schema import kv_cache_warning, validate_run
 
     results_path = run_dir / RESULTS_FILE
     export_submitit_env()  # a multi-task submitit job: one rank per task, as under torchrun
@@ -130,14 +130,14 @@ def _run_job(cfg: DictConfig, run_dir: Path, multirun: bool, stop: Any) -> Optio
         reference = resolve_reference(search) if search is not None else None
         tracker = start_tracking(cfg, config, run_dir, multirun)
         if cfg.get("claims") is not None:  # the claims audit: arithmetic, a timing and the studies' records
-            from .claims import run_claims
+            from .analysis.claims import run_claims
 
             if probe_cfg:
                 raise ConfigError(f"probe={','.join(probe_cfg)}: the claims audit has no model to probe (use probe=none)")
 
             out = run_claims(OmegaConf.to_object(cfg.claims), run_dir, cfg.device)
-        elif cfg.get("convert") is not None:  # convert a trained model and heal it (mla_analysis/convert_job.py)
-            from .convert_job import run_convert
+        elif cfg.get("convert") is not None:  # convert a trained model and heal it (mla_analysis/conversion/job.py)
+            from .conversion.job import run_convert
 
             out = run_convert(OmegaConf.to_object(cfg.convert), model_cfg, data_cfg, tcfg, run_dir, cfg.seed, cfg.device)
             config["model"] = out["model"].cfg.to_dict()
@@ -268,7 +268,7 @@ def _keys_at(parent: str, overrides: list[str]) -> list[str]:
         node = OmegaConf.select(cfg, parent) if parent else cfg
         return sorted(str(k) for k in node.keys())
     except Exception:
-        return ["see mla_analysis/schema.py"]
+        return ["see mla_analysis/runner/schema.py"]
 
 
 def precheck(argv: list[str]) -> Optional[str]:
@@ -352,7 +352,7 @@ def lock_output_dir(argv: list[str]) -> tuple[Optional[Any], list[str], Optional
     Raises ConfigError naming the directory and the holder when another run holds it, or when the
     directory cannot be written. Under torchrun, ranks > 0 only check that rank 0 holds it for them.
     """
-    from .lock import RunLock, launch_group
+    from .runner.lock import RunLock, launch_group
 
     try:
         resolved = resolve_output_dir(argv)
@@ -371,7 +371,7 @@ def lock_output_dir(argv: list[str]) -> tuple[Optional[Any], list[str], Optional
 
 def sweep_failures(sweep_dir: Path) -> list[str]:
     """'DIR: status' for each job of a sweep whose record is not ok (the jobs the launchers ran, else all found)."""
-    from .results import find_run_dirs
+    from .training.results import find_run_dirs
 
     dirs = launched_dirs() or [d for d in find_run_dirs([sweep_dir]) if d != sweep_dir]
     bad = []

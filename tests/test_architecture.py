@@ -90,8 +90,8 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_graph_reader_sees_lazy_imports_and_cycles():
     """The reader itself: an import inside a function is an edge, and a two-module loop is a cycle."""
     graph = _graph()
-    assert "mla_analysis.hf_io" in graph["mla_analysis.run"]  # a top-level import
-    assert "mla_analysis.claims" in graph["mla_analysis.run"]  # imported inside _run_job only
+    assert "mla_analysis.interop.hf_io" in graph["mla_analysis.run"]  # a top-level import
+    assert "mla_analysis.analysis.claims" in graph["mla_analysis.run"]  # imported inside _run_job only
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
@@ -128,3 +128,29 @@ def test_every_subpackage_says_what_it_owns():
             continue
         doc = ast.get_docstring(ast.parse(init.read_text()))
         assert doc and len(doc.split()) >= 10, f"{init.relative_to(PKG.parent)}: no module docstring"
+
+
+# the package root: the entry points and the cached assets; everything else lives in a subpackage of its stage
+ROOT_MODULES = {"__init__", "run", "cli", "assets"}
+SHIMS = {"convert", "eval", "figures", "report"}  # `python -m mla_analysis.<x>` as documented
+SUBPACKAGES = {"config", "models", "data", "training", "interop", "conversion", "evaluation", "probes", "bench",
+               "analysis", "runner", "published_configs"}
+
+
+def test_the_root_holds_only_entry_points_and_shims():
+    modules = {p.stem for p in PKG.glob("*.py")}
+    assert modules == ROOT_MODULES | SHIMS
+    packages = {p.parent.name for p in PKG.glob("*/__init__.py")}
+    assert packages == SUBPACKAGES
+
+
+def test_a_shim_only_forwards_to_its_module():
+    """Each shim is a few lines: its docstring, imports of one module of a subpackage, and the __main__ call."""
+    modules = _modules()
+    for name in sorted(SHIMS):
+        path = PKG / f"{name}.py"
+        tree = ast.parse(path.read_text())
+        targets = {m for m, _ in _imports(f"mla_analysis.{name}", path, False, modules)}
+        assert len(targets) == 1 and next(iter(targets)).count(".") == 2, (name, targets)
+        assert len(path.read_text().splitlines()) <= 12, name
+        assert not [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))], name

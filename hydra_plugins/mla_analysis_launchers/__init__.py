@@ -1,1 +1,1 @@
-"""Hydra launcher plugins of mla-analysis (implementation: ``mla_analysis/launcher.py``)."""
+"""Hydra launcher plugins of mla-analysis (implementation: ``mla_analysis/runner/launcher.py``)."""

@@ -1,5 +1,5 @@
 """The launchers ``hydra/launcher=basic`` and ``joblib`` resolve to under ``mla_analysis.run`` (Hydra only
-instantiates plugins defined under ``hydra_plugins``; the work is done in ``mla_analysis.launcher``)."""
+instantiates plugins defined under ``hydra_plugins``; the work is done in ``mla_analysis.runner.launcher``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra.core.utils import JobReturn
 from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
 
-from mla_analysis.launcher import launch_isolated, prepare_jobs
+from mla_analysis.runner.launcher import launch_isolated, prepare_jobs
 
 
 class ValidatingBasicLauncher(BasicLauncher):

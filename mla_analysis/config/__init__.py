@@ -5,7 +5,7 @@
 ``search`` and ``logger`` each have a module here; nothing in this package imports the rest of
 ``mla_analysis`` (``tests/test_architecture.py`` checks it).
 Closed choices are ``Choice`` Enums (``checks``), which OmegaConf checks when a config composes; what
-needs a registry of another package (task names, tokenizers) is checked there. ``mla_analysis.schema``
+needs a registry of another package (task names, tokenizers) is checked there. ``mla_analysis.runner.schema``
 assembles the groups into the run schema Hydra checks every YAML file of ``conf/`` against.
 """
 
@@ -17,18 +17,20 @@ from .logger import LoggerConfig, MLflowConfig, TensorBoardConfig
 from .model import (ATTENTION_VARIANTS, FFN_KINDS, MLA_DECODE_PATHS, MLA_VARIANTS, MLP_KINDS, NORMS, POS_EMBS,
                     SCORE_FUNCS, Attention, ConfigError, Ffn, MlaDecode, Mlp, ModelConfig, Norm, PosEmb, RopeScaling,
                     RopeType, ScoreFunc, tiny, validate_model_config)
-from .probes import (PROBE_CONFIGS, CostConfig, ExpertsConfig, HeadAblationConfig, LmEvalConfig, RetrievalConfig,
-                     SpectraConfig, probe_config)
+from .probes import (PROBE_CONFIGS, CopyingConfig, CostConfig, ExpertsConfig, HeadAblationConfig, IntervalConfig,
+                     IntervalMethod, KlConfig, LmEvalConfig, NeedlesConfig, NeedleTask, NextLineConfig, RetrievalConfig,
+                     SpectraConfig, TokenBinsConfig, probe_config)
 from .run import check_run
 from .search import SearchConfig
 from .train import PARALLEL, TRAINABLE, Parallel, TrainConfig, Trainable, validate_train
 
 __all__ = [
     "ATTENTION_VARIANTS", "FFN_KINDS", "MLA_DECODE_PATHS", "MLA_VARIANTS", "MLP_KINDS", "NORMS", "POS_EMBS",
-    "PARALLEL", "SCORE_FUNCS", "TRAINABLE", "Attention", "ClaimsConfig", "ConfigError", "ConvertConfig", "CostConfig", "DataConfig",
-    "Edition", "ExpertsConfig", "Ffn", "HeadAblationConfig", "LmEvalConfig", "LoggerConfig", "MLflowConfig",
-    "MlaDecode", "Mlp", "ModelConfig", "NiahHaystack", "NiahType", "Norm", "Parallel", "PosEmb", "PROBE_CONFIGS",
-    "RetrievalConfig", "RopeScaling", "RopeType", "ScoreFunc", "SearchConfig", "Source", "SpectraConfig",
-    "TensorBoardConfig", "TrainConfig", "Trainable", "check_data", "check_finite", "check_run", "probe_config", "tiny",
-    "validate_model_config", "validate_train",
+    "PARALLEL", "SCORE_FUNCS", "TRAINABLE", "Attention", "ClaimsConfig", "ConfigError", "ConvertConfig",
+    "CopyingConfig", "CostConfig", "DataConfig", "Edition", "ExpertsConfig", "Ffn", "HeadAblationConfig",
+    "IntervalConfig", "IntervalMethod", "KlConfig", "LmEvalConfig", "LoggerConfig", "MLflowConfig", "MlaDecode",
+    "Mlp", "ModelConfig", "NeedlesConfig", "NeedleTask", "NextLineConfig", "NiahHaystack", "NiahType", "Norm",
+    "Parallel", "PosEmb", "PROBE_CONFIGS", "RetrievalConfig", "RopeScaling", "RopeType", "ScoreFunc",
+    "SearchConfig", "Source", "SpectraConfig", "TensorBoardConfig", "TokenBinsConfig", "TrainConfig", "Trainable",
+    "check_data", "check_finite", "check_run", "probe_config", "tiny", "validate_model_config", "validate_train",
 ]

@@ -12,10 +12,11 @@ from .model import GateWeights
 class Direction(Choice):
     mla = "mla"  # mha_to_mla
     moe = "moe"  # dense_to_moe
+    gqa = "gqa"  # kv_merge: fewer K/V heads by mean-pooling (convert.kv_heads), optionally a quantised cache
 
 
 class Allocation(Choice):
-    """How a KV budget is split over layers (``mla_analysis.rank_allocation``)."""
+    """How a KV budget is split over layers (``mla_analysis.conversion.rank_allocation``)."""
 
     uniform = "uniform"
     energy = "energy"
@@ -68,7 +69,7 @@ FACTORIZATIONS = Factorization.values()
 class ConvertConfig:
     """``convert`` node (+experiment=convert_mha / convert_moe): convert a trained model, heal it; see convert_job."""
 
-    direction: Direction = Direction.mla  # mla (mha_to_mla) | moe (dense_to_moe)
+    direction: Direction = Direction.mla  # mla (mha_to_mla) | moe (dense_to_moe) | gqa (kv_merge: the baselines)
     source: Optional[str] = None  # run dir / HF dir to convert; null = train the model group (cached)
     cache_dir: str = "outputs/convert_cache"  # content-hashed, file-locked source / scratch trainings
     kv_lora_rank: Optional[int] = None  # latent rank of every layer ...
@@ -95,3 +96,8 @@ class ConvertConfig:
     moe_aux_alpha: float = 0.0  # healing with DeepSeek-V2's expert balance loss (alpha_1)
     moe_bias_update_speed: float = 0.0  # healing with DeepSeek-V3's auxiliary-loss-free bias (gamma)
     upcycle_noise: float = 0.01
+    # direction=gqa: K/V heads after mean-pooling (null = the source's: no merge) and the cache's
+    # quantisation (model.kv_quant_bits / kv_quant_group of the converted model; 16 = off)
+    kv_heads: Optional[int] = None
+    kv_quant_bits: int = 16
+    kv_quant_group: int = 64

@@ -12,6 +12,8 @@ from typing import Any, List, Optional
 
 from .checks import Choice, ConfigError, coerce_choices, plain
 
+KV_QUANT_BITS = (16, 8, 4)  # kv_quant_bits: 16 = off
+
 
 class Attention(Choice):
     """``model.attention``: the attention variant (mapped to a class in ``mla_analysis.models``)."""
@@ -111,6 +113,10 @@ class ModelConfig:
     # MHA / GQA / MQA (one class; n_kv_heads selects the grouping; None = the variant's default)
     n_kv_heads: Optional[int] = None
     head_dim: Optional[int] = None  # None = d_model // n_heads
+    # KV-cache quantisation (MHA family; models/kv_quant.py): 16 = off, 8 | 4 = per-token group-wise
+    # asymmetric codes of K (after RoPE) and V plus an fp16 scale and zero per group of kv_quant_group channels
+    kv_quant_bits: int = 16
+    kv_quant_group: int = 64
     # MLA (DeepSeek-V2 notation: d_c = kv_lora_rank, d_h^R = qk_rope_head_dim)
     kv_lora_rank: int = 32
     # per-layer latent ranks (rank allocation at a fixed KV budget); None = kv_lora_rank in every layer
@@ -245,6 +251,15 @@ def validate_model_config(cfg: ModelConfig, context_len: Optional[int] = None) -
         if cfg.n_kv_heads is None or cfg.n_kv_heads <= 0 or cfg.n_heads % cfg.n_kv_heads:
             divisors = [d for d in range(1, cfg.n_heads + 1) if cfg.n_heads % d == 0]
             raise _err("n_kv_heads", cfg.n_kv_heads, f"a divisor of n_heads={cfg.n_heads}: {divisors}")
+    if cfg.kv_quant_bits not in KV_QUANT_BITS:
+        raise _err("kv_quant_bits", cfg.kv_quant_bits, " | ".join(map(str, KV_QUANT_BITS)) + " (16 = off)")
+    if cfg.kv_quant_bits != 16:
+        if cfg.is_mla:
+            raise _err("kv_quant_bits", cfg.kv_quant_bits, f"16 for attention={cfg.attention!r} (quantised caches: mha | gqa | mqa)")
+        d_h = cfg.attn_head_dim
+        if cfg.kv_quant_group <= 0 or d_h % cfg.kv_quant_group or (cfg.kv_quant_bits == 4 and d_h % 2):
+            divisors = [g for g in range(1, d_h + 1) if d_h % g == 0]
+            raise _err("kv_quant_group", cfg.kv_quant_group, f"a divisor of head_dim={d_h}: {divisors} (int4: even head_dim)")
     if cfg.is_mla:
         for key, off in (("pos_emb", PosEmb.rope), ("bias", False), ("attn_qkv_bias", False)):
             if getattr(cfg, key) != off:
@@ -336,7 +351,10 @@ def validate_model_config(cfg: ModelConfig, context_len: Optional[int] = None) -
 
 
 def tiny(**overrides: Any) -> ModelConfig:
-    """The tiny preset every test uses; keyword overrides are applied and validated."""
+    """The unit tests' preset (keyword overrides applied and validated); not ``scale=tiny``.
+
+    d_model 32 is half of ``conf/scale/tiny.yaml``'s 64 (the CPU studies' scale), so that the tests stay fast.
+    """
     base = dict(
         vocab_size=128,
         d_model=32,

@@ -1,7 +1,7 @@
 """The ``probe`` group (conf/probe/): one dataclass per probe, its closed choices and its checks.
 
 ``probe=spectra`` composes ``{"spectra": SpectraConfig}`` onto the run's ``probe`` node (each
-conf/probe/<name>.yaml starts from its ``<name>_schema``, registered by ``mla_analysis.schema``), so
+conf/probe/<name>.yaml starts from its ``<name>_schema``, registered by ``mla_analysis.runner.schema``), so
 an override of a probe key is type-checked when the config composes; ``probe=[spectra,cost]`` selects
 several. ``probe_config(name, params)`` builds and checks the options from a plain dict (the probes'
 Python callers). What depends on the model (layer indices, context lengths past ``max_seq_len``) is
@@ -352,6 +352,167 @@ def check_cost(c: CostConfig) -> CostConfig:
     return c
 
 
+# ---- real-text probes: kl, token_bins, copying, needles, next_line (mla_analysis/probes/_text.py) ------------
+
+
+class IntervalMethod(Choice):
+    """How an interval over units (windows, examples) is formed (``probe.<name>.interval``)."""
+
+    bootstrap = "bootstrap"  # percentile interval over resampled units
+    t = "t"  # r +- t_{n-1} x the delta-method standard error
+
+
+class NeedleTask(Choice):
+    """The needle tasks of ``probe=needles``."""
+
+    passkey = "passkey"
+    kv = "kv"
+
+
+@dataclass
+class IntervalConfig:
+    """The interval keys shared by the real-text probes that resample their units (kl, token_bins, copying, needles)."""
+
+    interval: IntervalMethod = IntervalMethod.bootstrap  # bootstrap | t (over windows or examples)
+    confidence_level: float = 0.95
+    resamples: int = 1000  # bootstrap resamples
+    seed: int = 0  # the bootstrap's PCG64 seed (and copying's / needles' example draws)
+
+    def __post_init__(self) -> None:
+        coerce_choices(self, "probe", strict=False)
+
+
+def _check_interval(k: str, c: IntervalConfig) -> None:
+    """Raise ConfigError naming the first invalid interval key under prefix ``k`` (``probe.<name>.``)."""
+    c.interval = IntervalMethod.parse(c.interval, k + "interval")
+    _unit_interval(k + "confidence_level", c.confidence_level)
+    positive_int(k + "resamples", c.resamples)
+    _check_seed(k + "seed", c.seed)
+
+
+@dataclass
+class KlConfig(IntervalConfig):
+    """``probe=kl``: KL(reference || model) and the NLL change on the held-out plays (mla_analysis.probes.kl)."""
+
+    reference: Optional[str] = None  # run dir / HF dir / .gguf / model name; null = data.tokenizer's model
+    seq_len: Optional[int] = None  # window length; null = data.seq_len
+    stride: Optional[int] = None  # a new window every stride tokens; null = seq_len (disjoint windows)
+    max_windows: Optional[int] = 64  # windows evenly spread over the evaluation plays; null = all
+    batch_size: int = 4
+
+
+def _check_windows(k: str, c: KlConfig) -> None:
+    """The window, reference and interval keys of kl and token_bins (stride <= seq_len: when it runs)."""
+    for key in ("seq_len", "stride", "max_windows"):
+        if getattr(c, key) is not None:
+            positive_int(k + key, getattr(c, key))
+    positive_int(k + "batch_size", c.batch_size)
+    if c.reference is not None and not isinstance(c.reference, (str, Path)):
+        raise invalid(k + "reference", c.reference, "a path or model name, or null")
+    _check_interval(k, c)
+
+
+def check_kl(c: KlConfig) -> KlConfig:
+    """Raise ConfigError naming the first invalid ``probe.kl`` key."""
+    _check_windows("probe.kl.", c)
+    return c
+
+
+@dataclass
+class TokenBinsConfig(KlConfig):
+    """``probe=token_bins``: the NLL change per frequency bin, on names, numerals (mla_analysis.probes.token_bins)."""
+
+    bins: int = 5  # frequency quantile bins (freq0 = rarest)
+
+
+def check_token_bins(c: TokenBinsConfig) -> TokenBinsConfig:
+    """Raise ConfigError naming the first invalid ``probe.token_bins`` key."""
+    _check_windows("probe.token_bins.", c)
+    positive_int("probe.token_bins.bins", c.bins)
+    return c
+
+
+@dataclass
+class CopyingConfig(IntervalConfig):
+    """``probe=copying``: NLL / top-1 on a repeated held-out passage against distance (mla_analysis.probes.copying)."""
+
+    distances: List[int] = field(default_factory=lambda: [256, 512, 1024, 2048, 4096])  # filler tokens between
+    passage_len: int = 64  # tokens of the repeated passage
+    examples: int = 32  # passages (the same for every distance)
+    batch_size: int = 4
+
+
+def check_copying(c: CopyingConfig) -> CopyingConfig:
+    """Raise ConfigError naming the first invalid ``probe.copying`` key; distances sorted and deduplicated in place."""
+    k = "probe.copying."
+    c.distances = sorted(set(int_list(k + "distances", c.distances)))
+    for key in ("passage_len", "examples", "batch_size"):
+        positive_int(k + key, getattr(c, key))
+    if c.passage_len < 2:
+        raise invalid(k + "passage_len", c.passage_len, "an integer >= 2")
+    _check_interval(k, c)
+    return c
+
+
+NEEDLE_KEYS = 30  # len(mla_analysis.probes.needles.KEYS): the most kv needles an example can hold
+
+
+@dataclass
+class NeedlesConfig(IntervalConfig):
+    """``probe=needles``: passkey / key-value needles over length x depth (mla_analysis.probes.needles)."""
+
+    tasks: List[NeedleTask] = field(default_factory=lambda: list(NeedleTask))
+    lengths: List[int] = field(default_factory=lambda: [512, 1024, 2048, 4096])  # tokens (<= model.max_seq_len)
+    depths: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # place of the asked needle
+    examples: int = 30  # per cell
+    kv_needles: int = 4  # needles per kv example (one asked)
+    batch_size: int = 4
+    figures: bool = True
+
+
+def check_needles(c: NeedlesConfig) -> NeedlesConfig:
+    """Raise ConfigError naming the first invalid ``probe.needles`` key; lists sorted and deduplicated in place."""
+    k = "probe.needles."
+    tasks = as_list(c.tasks)
+    if not isinstance(tasks, list) or not tasks:
+        raise invalid(k + "tasks", c.tasks, f"a list of {', '.join(NeedleTask.values())}")
+    c.tasks = _names(k + "tasks", tasks, NeedleTask)
+    c.lengths = sorted(set(int_list(k + "lengths", c.lengths)))
+    c.depths = _numbers(k + "depths", c.depths, 0.0, 1.0, lo_open=False)
+    for key in ("examples", "kv_needles", "batch_size"):
+        positive_int(k + key, getattr(c, key))
+    if c.kv_needles > NEEDLE_KEYS:
+        raise invalid(k + "kv_needles", c.kv_needles, f"1..{NEEDLE_KEYS}")
+    check_bool(k + "figures", c.figures)
+    _check_interval(k, c)
+    return c
+
+
+@dataclass
+class NextLineConfig:
+    """``probe=next_line``: the held-out next-line multiple choice through lm-eval (mla_analysis.probes.next_line)."""
+
+    examples: int = 500
+    context_lines: int = 4  # lines of the play before the asked line
+    min_chars: int = 20  # shortest asked line
+    length_tolerance: float = 0.3  # distractors within this fraction of the true line's characters (when enough)
+    seed: int = 0
+    batch_size: int = 16
+    confidence_level: float = 0.95  # Wilson intervals over examples
+
+
+def check_next_line(c: NextLineConfig) -> NextLineConfig:
+    """Raise ConfigError naming the first invalid ``probe.next_line`` key."""
+    k = "probe.next_line."
+    for key in ("examples", "context_lines", "min_chars", "batch_size"):
+        positive_int(k + key, getattr(c, key))
+    if not is_number(c.length_tolerance) or not 0 < c.length_tolerance < math.inf:
+        raise invalid(k + "length_tolerance", c.length_tolerance, "a number > 0")
+    _unit_interval(k + "confidence_level", c.confidence_level)
+    _check_seed(k + "seed", c.seed)
+    return c
+
+
 # ---- registry ------------------------------------------------------------------------------------------
 
 PROBE_CONFIGS: dict[str, tuple[type, Callable[[Any], Any]]] = {
@@ -361,6 +522,11 @@ PROBE_CONFIGS: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "experts": (ExpertsConfig, check_experts),
     "head_ablation": (HeadAblationConfig, check_head_ablation),
     "cost": (CostConfig, check_cost),
+    "kl": (KlConfig, check_kl),
+    "token_bins": (TokenBinsConfig, check_token_bins),
+    "copying": (CopyingConfig, check_copying),
+    "needles": (NeedlesConfig, check_needles),
+    "next_line": (NextLineConfig, check_next_line),
 }
 
 

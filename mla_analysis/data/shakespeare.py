@@ -361,8 +361,8 @@ def tokenizer_of(tokenizer: Any):
     """A transformers tokenizer from an object (returned as is) or an HF dir / run dir / model name."""
     if not isinstance(tokenizer, (str, Path)):
         return tokenizer
-    from mla_analysis.checkpoint import CheckpointError
-    from mla_analysis.hf_io import load_tokenizer
+    from mla_analysis.training.checkpoint import CheckpointError
+    from mla_analysis.interop.hf_io import load_tokenizer
 
     try:
         return _load_tokenizer_cached(str(tokenizer), load_tokenizer)

@@ -3,6 +3,9 @@
 One class, one knob (``cfg.kv_heads``), as in litgpt. RoPE rotates the whole head (Llama style);
 with learned absolute positions (``cfg.pos_emb == "learned"``, GPT-2) there is no rotation.
 Biases: ``cfg.attn_qkv_bias`` on q/k/v (Qwen2), ``cfg.bias`` on q/k/v and the output (GPT-2).
+``cfg.kv_quant_bits`` 8 / 4: K (after RoPE) and V are quantised per token, per head and per group of
+``cfg.kv_quant_group`` channels (models/kv_quant.py); the cache stores the codes, and a forward without
+a cache quantise-dequantises the same way, so perplexity and cached decoding see the same K and V.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .cache import KVCache
+from .kv_quant import dequantize, fake_quant, quantize
 from .rope import RotaryEmbedding, softmax_scale
 
 
@@ -55,6 +59,7 @@ class Attention(nn.Module):
         self.n_kv_heads = cfg.kv_heads
         self.head_dim = cfg.attn_head_dim
         self.scale = softmax_scale(cfg)
+        self.kv_quant_bits, self.kv_quant_group = cfg.kv_quant_bits, cfg.kv_quant_group
         qkv_bias = cfg.bias or cfg.attn_qkv_bias
         self.wq = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=qkv_bias)
         self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=qkv_bias)
@@ -77,8 +82,21 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, d_h)
         if rope is not None:
             q, k = rope.rotate(q, cos, sin), rope.rotate(k, cos, sin)
-        if cache is not None:
+        if self.kv_quant_bits != 16:
+            k, v = self.quantized_kv(k, v, cache, start)  # (B, S, H_kv, d_h) each, dequantised
+        elif cache is not None:
             kv = cache.write(self.layer_idx, start, k=k, v=v)
             k, v = kv["k"].to(q.dtype), kv["v"].to(q.dtype)  # (B, S, H_kv, d_h)
         o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale, start)  # (B, H, T, d_h)
         return self.wo(o.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+
+    def quantized_kv(
+        self, k: torch.Tensor, v: torch.Tensor, cache: Optional[KVCache], start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [B, T, H_kv, d_h] -> the dequantised K, V the attention sees (the whole cache when given)."""
+        bits, group = self.kv_quant_bits, self.kv_quant_group
+        if cache is None:
+            return fake_quant(k, bits, group), fake_quant(v, bits, group)
+        new = {f"{name}_{part}": t for name, x in (("k", k), ("v", v)) for part, t in quantize(x, bits, group).items()}
+        kv = cache.write(self.layer_idx, start, **new)  # (B, S, H_kv, *) codes / scales / zeros
+        return tuple(dequantize(kv[f"{n}_codes"], kv[f"{n}_scale"], kv[f"{n}_zero"], bits, k.dtype) for n in "kv")

@@ -1,7 +1,10 @@
 """KV cache for incremental decoding.
 
 What each variant caches per layer and token is the point of MLA:
-- MHA / GQA / MQA: ``k`` and ``v`` for each K/V head, (B, S, H_kv, d_h) each.
+- MHA / GQA / MQA: ``k`` and ``v`` for each K/V head, (B, S, H_kv, d_h) each; with
+  ``cfg.kv_quant_bits`` 8 or 4 instead their uint8 codes ``k_codes`` / ``v_codes`` (B, S, H_kv, d_h*bits/8)
+  and fp16 ``*_scale`` / ``*_zero`` (B, S, H_kv, d_h/kv_quant_group) (models/kv_quant.py; the cache
+  dtype does not apply to them).
 - MLA: only the normalised latent ``c_kv`` (B, S, d_c) and the shared decoupled RoPE key
   ``k_rope`` (B, S, d_h^R), stored side by side in one (B, S, d_c + d_h^R) buffer per layer.
 - MLA with coupled RoPE (ablation): only ``c_kv``.
@@ -15,6 +18,7 @@ from typing import Optional
 import torch
 
 from ..config import ModelConfig
+from .kv_quant import SCALE_DTYPE, code_width
 
 
 def cache_shapes(cfg: ModelConfig, batch_size: int, max_len: int, layer: int = 0) -> dict[str, tuple[int, ...]]:
@@ -27,7 +31,20 @@ def cache_shapes(cfg: ModelConfig, batch_size: int, max_len: int, layer: int = 0
     if cfg.attention == "mla_coupled_rope":
         return {"c_kv": (batch_size, max_len, cfg.layer_kv_lora_rank(layer))}
     shape = (batch_size, max_len, cfg.kv_heads, cfg.attn_head_dim)
+    if cfg.kv_quant_bits != 16:
+        codes = shape[:-1] + (code_width(cfg.attn_head_dim, cfg.kv_quant_bits),)
+        groups = shape[:-1] + (cfg.attn_head_dim // cfg.kv_quant_group,)
+        return {f"{t}_{part}": codes if part == "codes" else groups for t in "kv" for part in ("codes", "scale", "zero")}
     return {"k": shape, "v": shape}
+
+
+def buffer_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a cache tensor is stored in: uint8 codes, fp16 scales / zeros, else the cache dtype."""
+    if name.endswith("_codes"):
+        return torch.uint8
+    if name.endswith(("_scale", "_zero")):
+        return SCALE_DTYPE
+    return dtype
 
 
 class KVCache:
@@ -61,7 +78,8 @@ class KVCache:
                 self.layers.append(views)
                 self.joint.append(joint)
             else:
-                self.layers.append({name: torch.zeros(shape, dtype=dtype, device=device) for name, shape in shapes.items()})
+                self.layers.append({name: torch.zeros(shape, dtype=buffer_dtype(name, dtype), device=device)
+                                    for name, shape in shapes.items()})
                 self.joint.append(None)
 
     def write(self, layer: int, start: int, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -71,7 +89,7 @@ class KVCache:
             raise ValueError(f"KV cache overflow: {end} tokens > max_len={self.max_len}")
         buf = self.layers[layer]
         for name, t in tensors.items():
-            buf[name][:, start:end] = t.to(self.dtype)
+            buf[name][:, start:end] = t.to(buf[name].dtype)
         return {name: b[:, :end] for name, b in buf.items()}
 
     def joint_view(self, layer: int, end: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ unit i, ``c_i`` = its token count; ``c_i = 1`` for per-example values), with
 Proportions (exact match) use the Wilson score interval over examples instead (honest at 0/n and n/n).
 Every statistic is written as flat fields ``<name>.mean/.ci_low/.ci_high/.n`` (n = units that contain a
 token of it), and each probe states ``interval.method``, ``interval.level`` and ``interval.resamples``.
+The interval keys are those of ``mla_analysis.config.probes.IntervalConfig`` (checked there).
 """
 
 from __future__ import annotations
@@ -25,31 +26,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
-from ..config.checks import Choice
-
-
-class IntervalMethod(Choice):
-    """How an interval over units is formed."""
-
-    bootstrap = "bootstrap"
-    t = "t"
-
-
-INTERVAL_DEFAULTS: dict[str, Any] = {"interval": "bootstrap", "confidence_level": 0.95, "resamples": 1000, "seed": 0}
-
-
-def check_interval(probe: str, p: dict) -> dict:
-    """Validate the interval keys of a probe's parameters (ConfigError naming ``probe.<probe>.<key>``)."""
-    if p["interval"] not in IntervalMethod.values():
-        raise ConfigError(f"probe.{probe}.interval={p['interval']!r} is invalid (allowed: {', '.join(IntervalMethod.values())})")
-    level = p["confidence_level"]
-    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0.0 < level < 1.0:
-        raise ConfigError(f"probe.{probe}.confidence_level={level!r} is invalid (allowed: a number in (0, 1))")
-    for key in ("resamples", "seed"):
-        v = p[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < (1 if key == "resamples" else 0):
-            raise ConfigError(f"probe.{probe}.{key}={v!r} is invalid (allowed: an integer >= {1 if key == 'resamples' else 0})")
-    return p
+from ..config.probes import IntervalMethod
 
 
 def ratio_interval(sums: np.ndarray, counts: np.ndarray, method: str = "bootstrap", level: float = 0.95,
@@ -132,8 +109,8 @@ def shakespeare_split(data_cfg: Any, probe: str, which: str = "evaluation"):
 
 def load_reference(spec: Optional[str], data_cfg: Any, probe: str, device: torch.device) -> torch.nn.Module:
     """The reference model: ``spec`` (run dir, HF dir, .gguf or model name) or, when null, data.tokenizer's model."""
-    from ..checkpoint import CheckpointError
-    from ..hf_io import load_model
+    from ..training.checkpoint import CheckpointError
+    from ..interop.hf_io import load_model
 
     if spec is None:
         spec = getattr(data_cfg, "tokenizer", None)  # data.tokenizer=model resolves to train.init_from

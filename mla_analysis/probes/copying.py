@@ -9,6 +9,8 @@ occurrence (token 0 follows the filler and cannot be copied), each predicted fro
 (teacher-forced); ``first`` is the same tokens in the first occurrence (no copy possible), the no-copy
 baseline. Distances whose example does not fit ``model.max_seq_len`` are skipped (``skipped``).
 
+Options: ``mla_analysis.config.probes.CopyingConfig`` (conf/probe/copying.yaml).
+
 Keys (under ``probe.copying.``; statistics ``.mean/.ci_low/.ci_high/.n`` over examples, each example's value
 the mean over its scored tokens): ``d<d>.nll``, ``d<d>.top1``, ``first.nll``, ``first.top1``, ``distances``
 (those run), ``skipped``, ``examples``, ``passage_len``, interval fields (unit = example).
@@ -26,20 +28,10 @@ import torch
 
 from ..config import ConfigError
 from . import register
-from ._common import check_params, int_list, positive_int
-from ._text import (INTERVAL_DEFAULTS, answer_scores, check_interval, flat, interval_fields, mean_interval,
-                    shakespeare_split)
+from ._common import options
+from ._text import answer_scores, flat, interval_fields, mean_interval, shakespeare_split
 
 IGNORE = -100
-
-DEFAULTS: dict[str, Any] = {
-    "distances": [256, 512, 1024, 2048, 4096],  # filler tokens between the two occurrences
-    "passage_len": 64,  # tokens of the repeated passage
-    "examples": 32,  # passages (the same for every distance)
-    "batch_size": 4,
-    **INTERVAL_DEFAULTS,
-}
-
 
 def _pick(docs: list[np.ndarray], length: int, rng: np.random.Generator, avoid=None) -> tuple[int, int]:
     """(doc index, start) of a uniformly placed span of ``length`` tokens inside one document, not overlapping ``avoid``."""
@@ -100,14 +92,8 @@ def copying_scores(model: torch.nn.Module, docs: Mapping[str, np.ndarray], dista
 
 
 def parse_params(params: dict) -> dict:
-    """Defaults overlaid with params, every value checked (ConfigError naming ``probe.copying.<key>``)."""
-    p = check_params("copying", params, DEFAULTS)
-    p["distances"] = sorted(set(int_list("copying", "distances", p["distances"])))
-    for key in ("passage_len", "examples", "batch_size"):
-        positive_int("copying", key, p[key])
-    if p["passage_len"] < 2:
-        raise ConfigError(f"probe.copying.passage_len={p['passage_len']} is invalid (allowed: an integer >= 2)")
-    return check_interval("copying", p)
+    """The options (``mla_analysis.config.probes.CopyingConfig``) checked and normalised, as a dict."""
+    return options("copying", params)
 
 
 @register("copying")

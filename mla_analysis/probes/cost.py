@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .. import accounting
+from ..models import accounting
 from ..config import Attention, MlaDecode, ModelConfig
 from ..models.mla import MLA, MLACoupledRoPE
 from ..published_configs import load_all
-from ..results import atomic_write_json
+from ..training.results import atomic_write_json
 from . import ProbeError, register
 from ._common import figure, model_config, options, save_figure, unwrap
 
@@ -113,11 +112,6 @@ def claim_93_3(bits: float) -> dict[str, Any]:
 # ---- decode timing ----------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _decode_paths(cfg: ModelConfig) -> list[str]:
     if cfg.attention == Attention.mla:
         return list(MlaDecode.values())
@@ -131,24 +125,8 @@ def _set_path(core: torch.nn.Module, path: str) -> None:
 
 
 def time_decode(core, S: int, B: int, steps: int, vocab: int, device: torch.device):
-    """(prefill seconds, per-step seconds, first decode logits [B, V]) for one cache."""
-    g = torch.Generator().manual_seed(1234 + S + B)
-    prompt = torch.randint(0, vocab, (B, S), generator=g).to(device)
-    cache = core.new_cache(B, S + steps)
-    _sync(device)
-    t0 = time.perf_counter()
-    logits = core(prompt, cache=cache)[:, -1]  # (B, V)
-    _sync(device)
-    prefill = time.perf_counter() - t0
-    nxt = logits.argmax(-1, keepdim=True)  # (B, 1)
-    lat, first = [], None
-    for _ in range(steps):
-        t = time.perf_counter()
-        logits = core(nxt, cache=cache)[:, -1]
-        nxt = logits.argmax(-1, keepdim=True)
-        _sync(device)
-        lat.append(time.perf_counter() - t)
-        first = logits.float().cpu() if first is None else first
+    """(prefill seconds, per-step seconds, first decode logits [B, V]) for one cache (``bench.timing.time_decode``)."""
+    prefill, lat, first = timing.time_decode(core, S, B, steps, vocab, device)
     if not torch.isfinite(first).all():
         raise ProbeError(f"cost: non-finite logits in cached decoding (context {S}, batch {B})")
     return prefill, lat, first

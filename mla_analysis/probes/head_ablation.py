@@ -47,10 +47,10 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
-from ..hooks import run_hooked
+from ..training.forward_hooks import run_hooked
 from ..models.attention import Attention
 from ..models.mla import MLA, MLACoupledRoPE
-from ..results import atomic_write_json, read_json
+from ..training.results import atomic_write_json, read_json
 from . import ProbeError, register
 from ._common import figure, model_config, options, save_figure, unwrap
 from .spectra import GramAccumulator, effective_rank, energy_at_rank
@@ -131,7 +131,7 @@ def ablation_effects(
     model: torch.nn.Module, eval_sets: dict, layers: list[int], batch_size: int, device: torch.device
 ) -> tuple[dict, dict[tuple[int, int], dict]]:
     """Unablated scores and, per (layer, head), the change of each score when that head is ablated."""
-    from ..train import evaluate
+    from ..training.trainer import evaluate
 
     core = unwrap(model)
     tasks = [n for n in eval_sets if n != "lm"]

@@ -1,13 +1,15 @@
 """``probe=kl``: per-token KL(reference || model) and the NLL change on the held-out plays, with intervals over windows.
 
 The evaluation plays of the run's data config (``data.source=shakespeare``, ``data.shakespeare.eval_edition``)
-are cut into sliding windows (``mla_analysis.perplexity.document_windows``: ``seq_len`` tokens, a new window
+are cut into sliding windows (``mla_analysis.evaluation.perplexity.document_windows``: ``seq_len`` tokens, a new window
 every ``stride``, every token scored once, at most ``max_windows`` windows evenly spread over the plays). Each
 batch of windows runs through both models and the next-token distributions are compared at the scored
 positions, chunk by chunk (the reference's logits are recomputed per chunk, never stored; neither model's full
 [B, L, V] logits exist at once). The reference is ``reference`` (a run dir, HF dir, .gguf or model name) or,
 when null, data.tokenizer's model (``data.tokenizer=model`` resolves to train.init_from: the source of a
 converted or fine-tuned model).
+
+Options: ``mla_analysis.config.probes.KlConfig`` (conf/probe/kl.yaml).
 
 Keys (under ``probe.kl.``; statistics as ``<name>.mean/.ci_low/.ci_high/.n/.tokens``, units = windows,
 mla_analysis/probes/_text.py): ``kl`` (nats/token), ``delta_nll`` (NLL(model) - NLL(reference)), ``nll``,
@@ -27,36 +29,14 @@ import torch
 
 from ..config import ConfigError
 from . import register
-from ._common import check_params, positive_int
-from ._text import (INTERVAL_DEFAULTS, autocast, check_interval, flat, head_chunks, interval_fields, load_reference,
-                    ratio_interval, shakespeare_split)
+from ._common import options
+from ._text import autocast, flat, head_chunks, interval_fields, load_reference, ratio_interval, shakespeare_split
 
 IGNORE = -100
-
-DEFAULTS: dict[str, Any] = {
-    "reference": None,  # run dir / HF dir / .gguf / model name; null = data.tokenizer's model (train.init_from)
-    "seq_len": None,  # window length; null = data.seq_len
-    "stride": None,  # a new window every stride tokens; null = seq_len (disjoint windows)
-    "max_windows": 64,  # windows evenly spread over the evaluation plays (null = all)
-    "batch_size": 4,
-    **INTERVAL_DEFAULTS,
-}
 
 # one entry: kl and token_bins in one run share the two models' forward passes; the key holds a weak reference to
 # the model (a dead or different model misses) and its parameters' version counters (an in-place edit misses)
 _MEMO: dict[str, Any] = {}
-
-
-def parse_windows(probe: str, params: dict, defaults: dict) -> dict:
-    """Defaults overlaid with params; the window and interval keys checked (shared with token_bins)."""
-    p = check_params(probe, params, defaults)
-    for key in ("seq_len", "stride", "max_windows"):
-        if p[key] is not None:
-            positive_int(probe, key, p[key])
-    positive_int(probe, "batch_size", p["batch_size"])
-    if p["reference"] is not None and not isinstance(p["reference"], str):
-        raise ConfigError(f"probe.{probe}.reference={p['reference']!r} is invalid (allowed: a path or model name, or null)")
-    return check_interval(probe, p)
 
 
 @torch.no_grad()
@@ -103,7 +83,7 @@ def window_sums(values: torch.Tensor, mask: torch.Tensor) -> tuple[np.ndarray, n
 
 def eval_windows(data_cfg: Any, probe: str, p: dict):
     """The held-out windows of the run (EvalWindows) for seq_len / stride / max_windows of ``p``."""
-    from ..perplexity import document_windows
+    from ..evaluation.perplexity import document_windows
 
     seq_len = p["seq_len"] or data_cfg.seq_len
     stride = p["stride"] or seq_len
@@ -154,6 +134,6 @@ def run(model: torch.nn.Module, params: dict, data_cfg: Any, run_dir: Path, devi
     """KL(reference || model), the NLL change and top-1 agreement on the held-out plays, with intervals over windows."""
     from ._common import unwrap
 
-    p = parse_windows("kl", params, DEFAULTS)
+    p = options("kl", params)  # KlConfig
     windows, tokens = compared(unwrap(model), p, data_cfg, device, "kl")
     return kl_metrics(tokens, windows, p)

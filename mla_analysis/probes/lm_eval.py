@@ -1,9 +1,9 @@
 """``probe=lm_eval``: lm-evaluation-harness scores of the trained model (procedural tasks offline, standard ones by name).
 
-The procedural tasks are exported (``mla_analysis.eval.export_procedural_tasks``) into ``<run>/lm_eval_tasks/``
+The procedural tasks are exported (``mla_analysis.evaluation.cli.export_procedural_tasks``) into ``<run>/lm_eval_tasks/``
 from the run's own data config, so the examples are the run's eval sets and ``<task>.exact_match`` matches the
-toolkit's exact match (``mla_analysis/eval.py`` explains the generate_until formulation). The model is wrapped in
-``mla_analysis.lm_eval_model.MLAnalysisLM`` (procedural tokenizer, KV-cached greedy decoding).
+toolkit's exact match (``mla_analysis/evaluation/cli.py`` explains the generate_until formulation). The model is wrapped in
+``mla_analysis.evaluation.lm_eval_model.MLAnalysisLM`` (procedural tokenizer, KV-cached greedy decoding).
 
 Keys (under ``probe.lm_eval.`` in results.json):
 
@@ -39,9 +39,9 @@ def _parse(params: dict) -> dict:
 def run(model: torch.nn.Module, params: dict, data_cfg: Any, run_dir: Path, device: torch.device) -> dict:
     """lm-eval scores: lm-eval's ``results`` dict plus ``<task>.<metric>`` floats."""
     from ..data import resolve_eval_tasks
-    from ..eval import TaskError, evaluate, flat_scores, results_record
-    from ..lm_eval_model import MLAnalysisLM
-    from ..results import atomic_write_json
+    from ..evaluation.cli import TaskError, evaluate_tasks, flat_scores, results_record
+    from ..evaluation.lm_eval_model import MLAnalysisLM
+    from ..training.results import atomic_write_json
     from ._common import unwrap
 
     p = _parse(params)
@@ -51,7 +51,7 @@ def run(model: torch.nn.Module, params: dict, data_cfg: Any, run_dir: Path, devi
     lm = MLAnalysisLM(model=unwrap(model), batch_size=p["batch_size"], device=str(device))
     run_dir = Path(run_dir)
     try:
-        results, rename = evaluate(
+        results, rename = evaluate_tasks(
             lm, tasks, data_cfg, run_dir / "lm_eval_tasks", limit=p["limit"], num_fewshot=p["num_fewshot"],
             examples=p["examples"], bootstrap_iters=p["bootstrap_iters"],
         )

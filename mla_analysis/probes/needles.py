@@ -14,7 +14,9 @@ haystack is cut to fit); the asked needle starts after ``round(depth x haystack 
 Needle, question and answer are tokenised on their own and spliced in as token ids, so the answer's tokens are
 known exactly. Scoring, teacher-forced on the answer tokens in one forward pass: ``logprob`` = sum of log p(answer
 token | true prefix) (nats), ``exact_match`` = every answer token is the argmax given its true prefix, which is
-what greedy decoding from the question would reproduce (mla_analysis/eval.py states the equivalence).
+what greedy decoding from the question would reproduce (mla_analysis/evaluation/cli.py states the equivalence).
+
+Options: ``mla_analysis.config.probes.NeedlesConfig`` (conf/probe/needles.yaml).
 
 Keys (under ``probe.needles.``; ``<cell>`` = ``len<L>.depth<d:.2f>``): ``<task>.<cell>.exact_match.*`` (Wilson
 interval over examples), ``<task>.<cell>.logprob.*`` (interval as configured, over examples), ``<task>.exact_match``
@@ -34,41 +36,23 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
-from ..config.checks import Choice
+from ..config.probes import NEEDLE_KEYS, NeedleTask
 from . import register
-from ._common import check_params, figure, int_list, positive_int, save_figure
-from ._text import (INTERVAL_DEFAULTS, answer_scores, check_interval, flat, interval_fields, mean_interval,
-                    model_tokenizer, shakespeare_split, wilson_interval)
+from ._common import figure, options, save_figure
+from ._text import (answer_scores, flat, interval_fields, mean_interval, model_tokenizer, shakespeare_split,
+                    wilson_interval)
 
 IGNORE = -100
-
-
-class NeedleTask(Choice):
-    """The needle tasks."""
-
-    passkey = "passkey"
-    kv = "kv"
 
 
 KEYS = ("anchor", "bottle", "candle", "dagger", "falcon", "garden", "harbor", "island", "jacket", "kettle", "ladder",
         "lantern", "marble", "needle", "orchard", "pebble", "quarry", "ribbon", "saddle", "thimble", "umbrella", "velvet",
         "window", "yellow", "zephyr", "copper", "meadow", "signal", "tunnel", "walnut")
+assert len(KEYS) == NEEDLE_KEYS  # probe.needles.kv_needles is checked against NEEDLE_KEYS in config
 INSTRUCTION = {
     NeedleTask.passkey: "There is a pass key hidden in the text below. Find it and remember it.\n",
     NeedleTask.kv: "Special magic numbers are hidden in the text below. Find them and remember them.\n",
 }
-
-DEFAULTS: dict[str, Any] = {
-    "tasks": ["passkey", "kv"],
-    "lengths": [512, 1024, 2048, 4096],  # context lengths in tokens (each <= model.max_seq_len)
-    "depths": [0.0, 0.25, 0.5, 0.75, 1.0],  # relative place of the asked needle in the haystack
-    "examples": 30,  # per cell
-    "kv_needles": 4,  # needles per kv example (one asked)
-    "batch_size": 4,
-    "figures": True,
-    **INTERVAL_DEFAULTS,
-}
-
 
 def needle_example(encode: Callable[[str], list[int]], haystack: np.ndarray, length: int, depth: float, task: str,
                    rng: np.random.Generator, kv_needles: int = 4) -> tuple[list[int], int]:
@@ -135,22 +119,8 @@ def needle_scores(model: torch.nn.Module, encode: Callable[[str], list[int]], do
 
 
 def parse_params(params: dict) -> dict:
-    """Defaults overlaid with params, every value checked (ConfigError naming ``probe.needles.<key>``)."""
-    p = check_params("needles", params, DEFAULTS)
-    tasks = [p["tasks"]] if isinstance(p["tasks"], str) else p["tasks"]
-    if not isinstance(tasks, (list, tuple)) or not tasks or any(t not in NeedleTask.values() for t in tasks):
-        raise ConfigError(f"probe.needles.tasks={p['tasks']!r} is invalid (allowed: a list of {', '.join(NeedleTask.values())})")
-    p["tasks"] = list(dict.fromkeys(tasks))
-    p["lengths"] = sorted(set(int_list("needles", "lengths", p["lengths"])))
-    depths = p["depths"] if isinstance(p["depths"], (list, tuple)) else [p["depths"]]
-    if not depths or any(isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 1 for d in depths):
-        raise ConfigError(f"probe.needles.depths={p['depths']!r} is invalid (allowed: a list of numbers in [0, 1])")
-    p["depths"] = sorted({float(d) for d in depths})
-    for key in ("examples", "kv_needles", "batch_size"):
-        positive_int("needles", key, p[key])
-    if p["kv_needles"] > len(KEYS):
-        raise ConfigError(f"probe.needles.kv_needles={p['kv_needles']} is invalid (allowed: 1..{len(KEYS)})")
-    return check_interval("needles", p)
+    """The options (``mla_analysis.config.probes.NeedlesConfig``) checked and normalised, as a dict."""
+    return options("needles", params)
 
 
 def _plot(grids: dict, lengths: list[int], depths: list[float], path: Path) -> str:
@@ -174,7 +144,7 @@ def _plot(grids: dict, lengths: list[int], depths: list[float], path: Path) -> s
 @register("needles")
 def run(model: torch.nn.Module, params: dict, data_cfg: Any, run_dir: Path, device: torch.device) -> dict:
     """Passkey / key-value needle retrieval over length x depth in held-out text: exact match and answer log-prob."""
-    from ..results import atomic_write_json
+    from ..training.results import atomic_write_json
     from ._common import model_config, unwrap
 
     p = parse_params(params)

@@ -17,6 +17,8 @@ folder, lm-eval's own task index not built). Run it by hand:
 ``lm_eval --model mla_analysis --model_args pretrained=RUN_DIR --include_path FOLDER --tasks shakespeare_next_line``
 (after ``import mla_analysis``, e.g. ``python -c "import mla_analysis, lm_eval.__main__ as m; m.cli_evaluate()" ...``).
 
+Options: ``mla_analysis.config.probes.NextLineConfig`` (conf/probe/next_line.yaml).
+
 Keys (under ``probe.next_line.``): ``acc.*`` and ``acc_norm.*`` (``.mean/.ci_low/.ci_high/.n``: Wilson interval
 over examples, from lm-eval's per-example results), ``examples``, ``task_dir``, ``interval.*``.
 Functions: :func:`next_line_docs`, :func:`write_task`, :func:`task_dir`, :func:`evaluate_task`.
@@ -34,22 +36,11 @@ import torch
 
 from ..config import ConfigError
 from . import ProbeError, register
-from ._common import check_params, positive_int
+from ._common import options
 from ._text import flat, model_tokenizer, shakespeare_split, wilson_interval
 
 TASK = "shakespeare_next_line"
 VERSION = "1"  # bump when the example construction changes: old cache folders are then unused
-
-DEFAULTS: dict[str, Any] = {
-    "examples": 500,
-    "context_lines": 4,
-    "min_chars": 20,
-    "length_tolerance": 0.3,
-    "seed": 0,
-    "batch_size": 16,
-    "confidence_level": 0.95,
-}
-
 
 def spoken_lines(text: str, kinds: np.ndarray) -> tuple[list[str], np.ndarray]:
     """(lines of the text, [n_lines] bool: the line is spoken: every non-space character of kind "line")."""
@@ -128,7 +119,7 @@ def task_yaml(data_file: Path, meta: dict) -> str:
 
 def write_task(out_dir: Path, docs: list[dict], meta: dict, final_dir: Optional[Path] = None) -> Path:
     """Write ``shakespeare_next_line.yaml`` + ``.jsonl`` into ``out_dir`` (the YAML names ``final_dir``'s jsonl)."""
-    from ..results import atomic_write_text
+    from ..training.results import atomic_write_text
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -166,7 +157,7 @@ def evaluate_task(lm, folder: Path) -> tuple[dict, list[dict]]:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from ..eval import load_tasks
+    from ..evaluation.cli import load_tasks
 
     tm = TaskManager(include_path=str(folder), include_defaults=False)
     results = lm_eval.simple_evaluate(model=lm, tasks=load_tasks(tm, [TASK]), task_manager=tm, num_fewshot=0,
@@ -176,23 +167,14 @@ def evaluate_task(lm, folder: Path) -> tuple[dict, list[dict]]:
 
 
 def parse_params(params: dict) -> dict:
-    """Defaults overlaid with params, every value checked (ConfigError naming ``probe.next_line.<key>``)."""
-    p = check_params("next_line", params, DEFAULTS)
-    for key in ("examples", "context_lines", "min_chars", "batch_size"):
-        positive_int("next_line", key, p[key])
-    for key, lo, hi in (("length_tolerance", 0.0, float("inf")), ("confidence_level", 0.0, 1.0)):
-        v = p[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo < v < hi:
-            raise ConfigError(f"probe.next_line.{key}={v!r} is invalid (allowed: a number in ({lo}, {hi}))")
-    if isinstance(p["seed"], bool) or not isinstance(p["seed"], int) or p["seed"] < 0:
-        raise ConfigError(f"probe.next_line.seed={p['seed']!r} is invalid (allowed: an integer >= 0)")
-    return p
+    """The options (``mla_analysis.config.probes.NextLineConfig``) checked, as a dict."""
+    return options("next_line", params)
 
 
 @register("next_line")
 def run(model: torch.nn.Module, params: dict, data_cfg: Any, run_dir: Path, device: torch.device) -> dict:
     """acc / acc_norm of the held-out next-line task through lm-eval, with Wilson intervals over examples."""
-    from ..lm_eval_model import MLAnalysisLM
+    from ..evaluation.lm_eval_model import MLAnalysisLM
     from ._common import unwrap
 
     p = parse_params(params)

@@ -74,7 +74,7 @@ from ..data.text import load_text_corpora
 from ..data.vocab import COPY, EOS, IS, KV, PASSKEY, QUERY, SEP
 from ..models.attention import Attention
 from ..models.mla import MLA, MLACoupledRoPE
-from ..results import atomic_write_json
+from ..training.results import atomic_write_json
 from . import ProbeError, register
 from ._common import figure, model_config, options, save_figure, unwrap
 

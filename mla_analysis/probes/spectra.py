@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
-from ..hooks import run_hooked
+from ..training.forward_hooks import run_hooked
 from ..models.attention import Attention
 from ..models.mla import MLA, MLACoupledRoPE
-from ..results import atomic_write_json
+from ..training.results import atomic_write_json
 from . import ProbeError, register
 from ._common import figure, lm_inputs, model_config, options, save_figure, unwrap
 

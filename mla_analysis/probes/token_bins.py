@@ -15,6 +15,8 @@ share one pass). Every scored position of the held-out windows falls into
   first .. tenth; the texts hold almost no digits);
 - ``kind.<line|stage|speaker|other>``: the token's kind; ``all``: every scored position.
 
+Options: ``mla_analysis.config.probes.TokenBinsConfig`` (conf/probe/token_bins.yaml).
+
 Keys (under ``probe.token_bins.``): ``<bin>.delta_nll.*``, ``<bin>.nll.*``, ``<bin>.nll_ref.*`` (statistics
 ``.mean/.ci_low/.ci_high/.n/.tokens``, units = windows), ``<bin>.count_min`` / ``.count_max`` (training counts,
 freq bins), ``bins`` (the bin names in order), ``train_tokens``, ``names_found`` (distinct names per play are
@@ -33,12 +35,9 @@ import torch
 
 from ..config import ConfigError
 from . import ProbeError, register
-from ._common import positive_int
-from .kl import DEFAULTS as KL_DEFAULTS
-from .kl import IGNORE, compared, parse_windows, window_sums
+from ._common import options
+from .kl import IGNORE, compared, window_sums
 from ._text import flat, interval_fields, model_tokenizer, ratio_interval, shakespeare_split
-
-DEFAULTS: dict[str, Any] = {**KL_DEFAULTS, "bins": 5}
 
 NAME, NUMERAL = 1, 2  # bit flags of token_flags
 _PERSONS = re.compile(r"^\s*(PERSONS REPRESENTED|DRAMATIS PERSONAE|Dramatis Personae|Persons Represented|"
@@ -160,12 +159,11 @@ def bin_metrics(tokens: dict[str, torch.Tensor], targets: torch.Tensor, codes: t
 @register("token_bins")
 def run(model: torch.nn.Module, params: dict, data_cfg: Any, run_dir: Path, device: torch.device) -> dict:
     """NLL change (model - reference) per training-frequency bin, on names and numerals, with intervals over windows."""
-    from ..perplexity import document_windows
-    from ..results import atomic_write_json
+    from ..evaluation.perplexity import document_windows
+    from ..training.results import atomic_write_json
     from ._common import unwrap
 
-    p = parse_windows("token_bins", params, DEFAULTS)
-    positive_int("token_bins", "bins", p["bins"])
+    p = options("token_bins", params)  # TokenBinsConfig: KlConfig's keys and bins
     train = shakespeare_split(data_cfg, "token_bins", "train")
     evaluation = shakespeare_split(data_cfg, "token_bins", "evaluation")
     tok = model_tokenizer(data_cfg, "token_bins")

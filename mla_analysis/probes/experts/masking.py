@@ -32,7 +32,7 @@ def masked_top_experts(model: torch.nn.Module, r: int):
 
 def eval_losses(model: torch.nn.Module, eval_sets: dict, batch_size: int, device: torch.device) -> dict[str, dict[str, float]]:
     """Per eval set: mean next-token cross-entropy over scored positions (and exact match for task sets)."""
-    from ...train import evaluate
+    from ...training.trainer import evaluate
 
     res = evaluate(model, eval_sets, device, batch_size)
     out: dict[str, dict[str, float]] = {}
@@ -180,7 +180,7 @@ def main_set(losses: dict) -> str:
 
 def redundancy_section(model: torch.nn.Module, eval_xy: dict, p: dict, device: torch.device) -> tuple[dict, dict]:
     """Metrics ``redundancy.*`` and the experts.json record of the redundancy test (and its dense baseline)."""
-    from ...accounting import count_params
+    from ...models.accounting import count_params
 
     cfg = model_config(model)
     blocks = moe_blocks(model)
@@ -211,7 +211,7 @@ def redundancy_section(model: torch.nn.Module, eval_xy: dict, p: dict, device: t
     if p["dense_baseline"] is None:
         return metrics, record
 
-    from ...hf_io import load_model
+    from ...interop.hf_io import load_model
 
     path = str(p["dense_baseline"])
     dense = load_model(path, device)

@@ -114,7 +114,7 @@ import torch
 
 from ...config import ConfigError, Ffn
 from ...models.moe import max_vio, routing_load
-from ...results import atomic_write_json
+from ...training.results import atomic_write_json
 from .. import ProbeError, register
 from .._common import figure, model_config, moe_blocks, options, save_figure, unwrap
 from .coact import coactivation, coactivation_counts, mean_offdiag
@@ -267,7 +267,7 @@ def run(model: torch.nn.Module, params: dict, data_cfg: Any, run_dir: Path, devi
     got = _collect(model, sets, p, device)
     other = None
     if p["compare_to"] is not None:
-        from ...hf_io import load_model
+        from ...interop.hf_io import load_model
 
         cmp_model = load_model(p["compare_to"], device)
         cmp_blocks = moe_blocks(cmp_model)

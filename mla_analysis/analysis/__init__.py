@@ -1,0 +1,34 @@
+"""Reading run records back: comparison tables, figures, the claims audit and the rank-search objective.
+
+``report`` builds comparison tables (markdown, CSV, LaTeX) from run or sweep directories (``python -m
+mla_analysis.report``); ``figures`` draws them (``python -m mla_analysis.figures``); ``claims`` audits the
+papers' claims against the closed forms and the committed studies (``+experiment=claims``); ``search`` is
+the objective of the Optuna rank search. Records are read through ``mla_analysis.training.results``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the names below, for readers and type checkers; imported on first use
+    from .report import load_rows, aggregate, write_tables
+    from .figures import make_figures, pareto_front, figure, save_figure
+    from .claims import run_claims, audit, VERDICTS
+    from .search import objective, resolve_reference
+
+_EXPORTS = {name: module for module, names in {
+    "report": ("load_rows", "aggregate", "write_tables"),
+    "figures": ("make_figures", "pareto_front", "figure", "save_figure"),
+    "claims": ("run_claims", "audit", "VERDICTS"),
+    "search": ("objective", "resolve_reference"),
+}.items() for name in names}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    # lazy, so that importing one submodule (or `import mla_analysis`) does not import the whole stage
+    if name in _EXPORTS:
+        from importlib import import_module
+
+        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

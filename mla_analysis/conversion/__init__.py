@@ -1,0 +1,36 @@
+"""Converting a trained model: MHA/GQA -> MLA and dense FFN -> DeepSeekMoE, with the rank budget per layer.
+
+``mla`` factorises the K/V projections into MLA's latent (``mha_to_mla``, ``factorize``, RoPE-pair
+selection); ``rank_allocation`` splits a KV budget over layers; ``moefy`` splits dense FFNs into experts
+(``dense_to_moe``); ``job`` is the ``convert`` job of ``mla_analysis.run`` (convert, then heal by training);
+``cli`` is ``python -m mla_analysis.convert`` (from-hf / to-hf / mha-to-mla).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the names below, for readers and type checkers; imported on first use
+    from .mla import (mha_to_mla, factorize, collect_attention_covariances, select_rope_pairs, pair_dims,
+        pair_norm_scores)
+    from .rank_allocation import allocate_ranks
+    from .moefy import dense_to_moe
+    from .job import run_convert, convert_model, heal
+
+_EXPORTS = {name: module for module, names in {
+    "mla": ("mha_to_mla", "factorize", "collect_attention_covariances", "select_rope_pairs", "pair_dims",
+        "pair_norm_scores"),
+    "rank_allocation": ("allocate_ranks",),
+    "moefy": ("dense_to_moe",),
+    "job": ("run_convert", "convert_model", "heal"),
+}.items() for name in names}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    # lazy, so that importing one submodule (or `import mla_analysis`) does not import the whole stage
+    if name in _EXPORTS:
+        from importlib import import_module
+
+        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

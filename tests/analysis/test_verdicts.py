@@ -1,0 +1,236 @@
+"""The claims audit's verdict rules (mla_analysis.analysis.verdicts) and report's intervals, on constructed groups and
+records built to land on each side of every rule. Interval references: closed forms computed here by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from mla_analysis.analysis import verdicts as V
+from mla_analysis.analysis.report import aggregate, censored_median, mean_interval, share_interval
+from mla_analysis.training.results import atomic_write_json, make_record
+
+FLOOR = 1.75
+
+
+def G(name, rank=None, n=5, **metrics):
+    """A group: metric=(mean, low, high) or a plain mean (all seeds equal)."""
+    g = {"model.name": name, "model.kv_lora_rank": rank, "n_ok": n, "metrics.val_loss_optimal": FLOOR}
+    for k, v in metrics.items():
+        key = "metrics." + k.replace("__", ".")
+        if isinstance(v, tuple):
+            g[key], g[key + ".ci"] = v[0], (v[1], v[2])
+        else:
+            g[key] = v
+        g[key + ".n"] = n
+    return g
+
+
+# ---- intervals --------------------------------------------------------------------------------------
+
+
+def test_mean_interval_is_the_student_t_closed_form():
+    x = [1.0, 2.0, 4.0]
+    m, s = 7 / 3, math.sqrt(sum((v - 7 / 3) ** 2 for v in x) / 2)
+    t975_df2 = 4.302652729911275  # Student-t 0.975 quantile, 2 df (tables)
+    lo, hi = mean_interval(x)
+    assert lo == pytest.approx(m - t975_df2 * s / math.sqrt(3)) and hi == pytest.approx(m + t975_df2 * s / math.sqrt(3))
+    assert mean_interval([5.0]) is None
+    # a percentile bootstrap over 3 values can never leave the seed range; the t-interval does
+    assert lo < min(x) and hi > max(x)
+
+
+def test_share_interval_is_the_wilson_closed_form():
+    k, n, z = 2, 3, 1.959963984540054
+    p = k / n
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert share_interval(k, n) == pytest.approx((centre - half, centre + half))
+    lo, hi = share_interval(0, 5)
+    assert lo == pytest.approx(0, abs=1e-12) and hi == pytest.approx(z * z / (5 + z * z))
+    assert share_interval(0, 0) is None
+
+
+def test_censored_median_counts_unsolved_seeds():
+    assert censored_median([100, 200, None], 1500) == (200.0, False)  # sorted: 100, 200, >1500
+    assert censored_median([100, None, None], 1500) == (1500, True)  # the middle seed is censored: "> 1500"
+    assert censored_median([100, 300, None, None, 200], 1500) == (300.0, False)
+
+
+def test_aggregate_labels_intervals_and_ties_data_seed_to_seed(tmp_path):
+    for i, (em, solved, steps) in enumerate(((0.9, False, None), (1.0, True, 500), (0.995, True, 750))):
+        d = tmp_path / str(i)
+        d.mkdir()
+        config = {"model": {"name": "mha"}, "seed": i, "data": {"seed": i}, "train": {"steps": 1000}}
+        atomic_write_json(d / "results.json", make_record("ok", config, {
+            "mqar.exact_match": em, "mqar.solved": solved, "mqar.steps_to_solve": steps}))
+    from mla_analysis.analysis.report import load_rows, to_markdown
+
+    keys, aggs = aggregate(load_rows([tmp_path]))
+    assert "data.seed" not in keys and len(aggs) == 1  # a data seed equal to the seed is a seed, not a factor
+    a = aggs[0]
+    assert a["metrics.mqar.exact_match.ci_method"] == "95% t" and a["metrics.mqar.exact_match.n"] == 3
+    assert a["metrics.mqar.exact_match.ci"][1] == 1.0  # clipped to [0, 1]
+    assert a["metrics.mqar.exact_match.ci"][0] == pytest.approx(mean_interval([0.9, 1.0, 0.995])[0])
+    assert (a["metrics.mqar.solved.k"], a["metrics.mqar.solved.n"]) == (2, 3)
+    assert a["metrics.mqar.solved.ci"] == pytest.approx(share_interval(2, 3))
+    assert a["metrics.mqar.steps_to_solve.censored"] == 1 and a["metrics.mqar.steps_to_solve.median"] == 750
+    md = to_markdown(keys, aggs)
+    assert "95% t" in md and "95% Wilson" in md and "bootstrap" not in md and "1 censored" in md
+
+
+# ---- claim 9 -----------------------------------------------------------------------------------------------
+
+
+def test_close_to_reference_within_worse_unresolved():
+    mha = G("mha", mqar__exact_match=(0.99, 0.98, 1.0), val_loss=(1.756, 1.755, 1.757))
+    within = G("mla", 32, mqar__exact_match=(0.995, 0.99, 1.0), val_loss=(1.755, 1.754, 1.756))
+    loss_worse = G("mla", 16, mqar__exact_match=(0.995, 0.99, 1.0), val_loss=(1.770, 1.765, 1.775))  # EM fine, excess 3x
+    em_worse = G("mla", 4, mqar__exact_match=(0.2, 0.1, 0.3), val_loss=(1.756, 1.755, 1.757))
+    wide = G("mla", 8, mqar__exact_match=(0.9, 0.5, 1.0), val_loss=(1.756, 1.755, 1.757))
+    v = V.rule_close_to_reference(mha, [within, loss_worse, em_worse, wide], ["mqar"], 0.01)
+    assert v.verdict == V.CONDITIONS and v.metrics["within"] == ["mla r=32"]
+    assert set(v.metrics["worse"]) == {"mla r=16", "mla r=4"} and "unresolved: mla r=8" in v.found
+    assert V.rule_close_to_reference(mha, [em_worse, loss_worse], ["mqar"], 0.01).verdict == V.FAILS
+    assert V.rule_close_to_reference(mha, [wide], ["mqar"], 0.01).verdict == V.INCONCLUSIVE
+    # the earlier rule (relative total loss) passes the 3x excess loss that the new rule rejects
+    assert V.rule_close_to_reference_earlier(mha, [loss_worse], "mqar", 0.01).verdict == V.CONDITIONS
+    # across studies: within on the first, worse on the second -> not within
+    second = V.rule_close_to_reference(mha, [G("mla", 32, mqar__exact_match=(0.5, 0.4, 0.6), val_loss=1.756)], ["mqar"], 0.01)
+    assert V.combine_close(v, [second]).verdict == V.INCONCLUSIVE
+    assert V.combine_close(v, []).verdict == V.CONDITIONS
+
+
+# ---- claim 10 ------------------------------------------------------------------------------------------------
+
+
+def test_compression_hurts_needs_interval_below_every_reference():
+    mha, full = G("mha", mqar__exact_match=(0.99, 0.97, 1.0)), G("mla", 64, mqar__exact_match=(0.99, 0.98, 1.0))
+    r4, r16 = G("mla", 4, mqar__exact_match=0.0), G("mla", 16, mqar__exact_match=(0.97, 0.9, 1.0))
+    assert V.rule_compression_hurts([mha, full], [r4, r16], "mqar").metrics["below"] == ["mla r=4"]
+    assert V.rule_compression_hurts([mha, full], [r16], "mqar").verdict == V.FAILS
+    unlearned = G("mha", mqar__exact_match=(0.3, 0.1, 0.5))
+    assert V.rule_compression_hurts([unlearned, full], [r4], "mqar").verdict == V.UNTESTABLE
+    # earlier rule: a mean 2% below MHA counted as hurt, though the intervals overlap
+    assert V.rule_compression_hurts_earlier(mha, [r16], "mqar", 0.01).verdict == V.HOLDS
+
+
+# ---- claim 11 ----------------------------------------------------------------------------------------------
+
+
+def test_fine_detail_reference_is_mha_and_every_variant_is_tested():
+    mha = G("mha", copy__exact_match=(0.9, 0.85, 0.95))
+    gqa = G("gqa", copy__exact_match=(0.5, 0.4, 0.6))  # non-MLA variants are tested too
+    r8, r64 = G("mla", 8, copy__exact_match=0.0), G("mla", 64, copy__exact_match=(0.95, 0.9, 1.0))
+    v = V.rule_fine_detail(mha, [gqa, r8, r64], ["copy"])
+    assert v.verdict == V.CONDITIONS and v.metrics["worse"] == ["gqa (copy)", "mla r=8 (copy)"]
+    assert V.rule_fine_detail(mha, [gqa, r64], ["copy"]).verdict == V.FAILS  # only GQA worse: not compression by MLA
+    weak = G("mha", copy__exact_match=(0.45, 0.0, 1.0))
+    assert V.rule_fine_detail(weak, [r8], ["copy"]).verdict == V.UNTESTABLE  # the reference did not learn copy
+    # the earlier rule (better of MHA and full-rank MLA, MLA rows only) flags r=8 against full-rank MLA
+    assert V.rule_fine_detail_earlier(weak, r64, [weak, r8, r64], ["copy"], 0.01).verdict == V.CONDITIONS
+
+
+def test_seeds_separate_reads_the_ranges():
+    a, b = {"metrics.t.range": (0.33, 0.37)}, {"metrics.t.range": (0.27, 0.32)}
+    assert V.seeds_separate(a, b, "t") and not V.seeds_separate(b, a, "t")
+    assert not V.seeds_separate(a, {"metrics.t.range": (0.2, 0.34)}, "t")
+
+
+# ---- claim 12 -------------------------------------------------------------------------------------------------
+
+
+def _lc(name, rank, within, drop):
+    return G(name, rank, **{V.WITHIN.replace(".", "__"): within, V.DROP.replace(".", "__"): drop})
+
+
+def test_long_range_excludes_unlearned_and_compares_intervals():
+    mha = _lc("mha", None, 0.88, (0.17, 0.10, 0.24))
+    more = _lc("mla", 32, 0.93, (0.40, 0.30, 0.50))
+    same = _lc("mla", 16, 0.90, (0.20, 0.05, 0.35))
+    never = _lc("mla", 4, 0.04, (0.9, 0.8, 1.0))  # a huge "drop" from a model that never learned: excluded
+    v = V.rule_long_range([mha], [more, same, never])
+    assert v.verdict == V.CONDITIONS and v.metrics["more"] == ["mla r=32"] and v.metrics["excluded"] == ["mla r=4"]
+    assert V.rule_long_range([mha], [same, never]).verdict == V.FAILS
+    # the partial-RoPE control as a second reference: MLA must drop more than both
+    control = _lc("mha_partial_rope", None, 0.9, (0.45, 0.35, 0.55))
+    assert V.rule_long_range([mha, control], [more]).verdict == V.FAILS
+    assert V.rule_long_range([_lc("mha", None, 0.3, 0.1)], [more]).verdict == V.UNTESTABLE
+    # earlier rule: point means, r=16's mean drop 0.03 above MHA's counted as "more"
+    assert V.rule_long_range_earlier(mha, [same], 0.01).verdict == V.CONDITIONS
+
+
+# ---- claim 13 ---------------------------------------------------------------------------------------------------
+
+
+def _moe(name, experts, mi, share, frac, delta):
+    g = G(name, **{"probe__experts__L0__mi_expert_domain": mi, "probe__experts__L0__top_domain_share": share,
+                   "probe__experts__redundancy__r1__fraction": frac, "probe__experts__redundancy__r1__loss_delta": delta})
+    for e in range(experts):
+        g[f"metrics.probe.experts.L0.load.e{e}"] = 1 / experts
+    for d in ("lm", "mqar", "copy", "passkey"):
+        g[f"metrics.probe.experts.L0.domspec.{d}.max"] = 0.5
+    return g
+
+
+def test_specialisation_normalises_mi_and_reads_the_redundancy_test():
+    top2 = _moe("moe_top2", 8, (0.3, 0.25, 0.35), (0.24, 0.22, 0.26), 0.125, (1.8, 1.5, 2.1))
+    assert V.n_experts_domains(top2) == (8, 4)
+    assert V.normalised_mi(top2)[0] == pytest.approx(0.3 / math.log(4))
+    good = _moe("moe_fine", 31, (0.6, 0.55, 0.65), (0.4, 0.38, 0.42), 0.129, (2.5, 2.3, 2.7))
+    assert V.rule_specialisation(good, top2).verdict == V.HOLDS
+    redundant = _moe("moe_fine", 31, (0.6, 0.55, 0.65), (0.4, 0.38, 0.42), 0.129, (0.26, 0.17, 0.35))
+    assert V.rule_specialisation(redundant, top2).verdict == V.FAILS  # specialises more but more redundant
+    less = _moe("moe_fine", 31, (0.1, 0.05, 0.15), (0.15, 0.14, 0.16), 0.129, (1.8, 1.5, 2.1))
+    assert V.rule_specialisation(less, top2).verdict == V.FAILS
+    overlap = _moe("moe_fine", 31, (0.32, 0.2, 0.4), (0.25, 0.2, 0.3), 0.129, (1.9, 1.4, 2.3))
+    assert V.rule_specialisation(overlap, top2).verdict == V.INCONCLUSIVE
+    # earlier rule: either fine variant's means above top-2's passes, even when the faithful one loses
+    free = _moe("moe_fine_auxfree", 31, (0.31, 0.1, 0.5), (0.25, 0.1, 0.4), 0.129, 0.5)
+    assert V.rule_specialisation_earlier([less, free], top2).verdict == V.CONDITIONS
+    assert V.rule_specialisation(less, top2).verdict == V.FAILS
+
+
+# ---- claim 14 ---------------------------------------------------------------------------------------------------
+
+
+def test_aux_free_is_untestable_with_one_gamma_or_a_short_run():
+    aux = G("moe_fine", probe__experts__max_vio_mean=(0.5, 0.3, 0.7), val_loss=(1.753, 1.752, 1.754),
+            copy__exact_match=(0.95, 0.9, 1.0))
+    free = G("moe_fine_auxfree", probe__experts__max_vio_mean=(0.55, 0.4, 0.7), val_loss=(1.753, 1.752, 1.754),
+             copy__exact_match=(0.93, 0.88, 0.98))
+    assert V.rule_aux_free(aux, free, [0.001], 800).verdict == V.UNTESTABLE
+    assert V.rule_aux_free(aux, free, [0.001, 0.01], 800).verdict == V.UNTESTABLE  # 800 < 1 / 0.001
+    assert V.rule_aux_free(aux, free, [0.001, 0.01], 20_000).verdict == V.HOLDS
+    unbalanced = dict(free, **{"metrics.probe.experts.max_vio_mean.ci": (1.0, 1.2)})
+    assert V.rule_aux_free(aux, unbalanced, [0.001, 0.01], 20_000).verdict == V.FAILS
+    copy_worse = dict(free, **{"metrics.copy.exact_match.ci": (0.0, 0.7)})
+    assert V.rule_aux_free(aux, copy_worse, [0.001, 0.01], 20_000).verdict == V.FAILS
+    assert V.rule_aux_free_earlier(aux, dict(free, **{"metrics.probe.experts.max_vio_mean": 1.1})).verdict == V.FAILS
+
+
+# ---- claims 1-8, 15 -----------------------------------------------------------------------------------------------
+
+
+def test_arithmetic_and_timing_rules():
+    assert V.rule_reduction({"a": 0.933, "b": 0.932}, 0.933).verdict == V.HOLDS
+    assert V.rule_reduction({"a": 0.933, "b": 0.822}, 0.933).verdict == V.CONDITIONS
+    assert V.rule_reduction({"a": 0.5}, 0.933).verdict == V.FAILS
+    assert V.rule_complexity(278_528, 65_536).verdict == V.FAILS and V.rule_complexity(1, 2).verdict == V.HOLDS
+    assert V.rule_needs_measurement(False).verdict == V.UNTESTABLE
+    fast, slow = [1.0, 1.1, 1.2], [2.0, 2.1]
+    assert V.rule_decompression({"mha": fast, "mla_naive": slow, "mla_absorb": slow}).verdict == V.HOLDS
+    assert V.rule_decompression({"mha": fast, "mla_naive": slow, "mla_absorb": [0.9, 1.15]}).verdict == V.CONDITIONS
+    assert V.rule_decompression({"mha": fast, "mla_naive": [1.15, 2.0], "mla_absorb": fast}).verdict == V.FAILS
+    assert V.rule_moe_compute(0.83, 0.6, True).verdict == V.CONDITIONS
+    assert V.rule_moe_compute(0.83, 0.6, False).verdict == V.FAILS
+    assert V.rule_moe_compute(0.83, 0.6, None).verdict == V.UNTESTABLE
+
+
+def test_one_seed_never_resolves_a_comparison():
+    one = G("mla", 8, n=1, mqar__exact_match=0.0)
+    one["metrics.mqar.exact_match.n"] = 1
+    assert V.bounds(one, "mqar.exact_match") == (-math.inf, math.inf)
+    ref = G("mha", mqar__exact_match=(0.99, 0.98, 1.0))
+    assert V.rule_compression_hurts([ref], [one], "mqar").verdict == V.FAILS and not V.below(
+        V.bounds(one, "mqar.exact_match"), V.bounds(ref, "mqar.exact_match"))

@@ -1,0 +1,84 @@
+"""+experiment=convert_mha end to end (tiny), the cached source, and one-line errors for bad convert keys."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from mla_analysis.models.accounting import kv_bytes_per_token
+from mla_analysis.config import ModelConfig
+
+TINY = [
+    "train.steps=6", "train.batch_size=4", "train.eval_batch_size=16", "train.progress=false", "train.warmup_steps=2",
+    "data.eval_examples=16", "convert.heal_steps=3", "convert.calib_examples=4", "convert.kv_budget=20",
+    "hydra.launcher.n_jobs=1",
+]
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mla_analysis.run", "+experiment=convert_mha", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_convert_mha_sweep_end_to_end(tmp_path):
+    cache = tmp_path / "cache"
+    r = _run([f"hydra.sweep.dir={tmp_path / 'sweep'}", f"convert.cache_dir={cache}",
+              "convert.allocation=uniform,whitened", *TINY], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/results.json"))]
+    assert len(records) == 2 and all(rec["status"] == "ok" for rec in records)
+    # the source was trained once, into the content-hashed cache, and reused by both jobs
+    sources = list(cache.glob("source-*/results.json"))
+    assert len(sources) == 1
+    source = json.loads(sources[0].read_text())
+    assert source["config"]["model"]["attention"] == "mha"
+    for rec in records:
+        m = rec["metrics"]
+        for key in ("convert.before.val_loss", "convert.before.mqar.exact_match", "convert.source.val_loss",
+                    "convert.scratch.val_loss", "convert.scratch.mqar.exact_match", "val_loss", "mqar.exact_match"):
+            assert key in m, key
+        assert m["convert.source.val_loss"] == source["metrics"]["val_loss"]  # same model, same eval sets
+        assert m["val_loss"] != m["convert.before.val_loss"]  # healing changed the model
+        cfg = rec["config"]["model"]
+        assert cfg["attention"] == "mla_coupled_rope" and sum(cfg["kv_lora_ranks"]) == 20
+        assert m["convert.kv_lora_ranks"] == cfg["kv_lora_ranks"]
+        assert m["kv_bytes_per_token"] == kv_bytes_per_token(ModelConfig.from_dict(cfg), "bf16")
+        assert m["steps"] == 3  # the healing run
+    uniform = next(r for r in records if r["config"]["convert"]["allocation"] == "uniform")
+    assert uniform["config"]["model"]["kv_lora_ranks"] == [10, 10]
+    assert (tmp_path / "sweep" / "comparison.md").exists()
+    # scratch baselines: one per distinct architecture, trained for the source's steps + heal steps
+    for p in cache.glob("scratch-*/results.json"):
+        assert json.loads(p.read_text())["metrics"]["steps"] == 6 + 3
+
+
+def test_bad_convert_keys_exit_2_with_one_line(tmp_path):
+    r = _run(["convert.bogus=1"], tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "convert.bogus" in r.stderr, r.stderr
+    r = _run(["hydra.mode=RUN", f"hydra.run.dir={tmp_path / 'run'}", "convert.allocation=magic", *TINY[:-1]], tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: convert.allocation='magic' is invalid")
+    assert not (tmp_path / "run" / "results.json").exists()
+    assert not list(tmp_path.glob("**/source-*"))  # nothing trained before the check
+
+
+def test_convert_node_kv_norm_false_reaches_the_converted_model():
+    """convert.kv_norm=false: the converted model has no latent norm and is exact at the source's K/V rank."""
+    import torch
+
+    from mla_analysis.config import ConvertConfig, tiny
+    from mla_analysis.conversion.job import convert_model
+    from mla_analysis.models.transformer import Transformer
+
+    torch.manual_seed(0)
+    src = Transformer(tiny(d_model=64, n_heads=4, head_dim=8, attention="gqa", n_kv_heads=2, init_std=0.2)).eval()
+    ids = torch.randint(0, src.cfg.vocab_size, (4, 24), generator=torch.Generator().manual_seed(1))
+    calib = (ids, ids)
+    for kv_norm in (False, True):
+        new = convert_model(ConvertConfig(kv_lora_rank=32, kv_norm=kv_norm), src, calib)
+        assert new.cfg.kv_norm is kv_norm
+        with torch.no_grad():
+            rel = float((new(ids) - src(ids)).norm() / src(ids).norm())
+        assert (rel < 1e-5) is (not kv_norm), rel
