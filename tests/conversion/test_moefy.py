@@ -173,3 +173,19 @@ def test_active_experts_of_an_active_fraction():
     for bad in (1 / 64, 0.1, 1.5):  # k = 0, off the grid, k > E
         with pytest.raises(ValueError, match="active_fraction"):
             active_experts(bad, 62, 2)
+
+
+def test_convert_config_errors_name_the_key_before_any_compute():
+    from mla_analysis.config import ConfigError, ConvertConfig
+    from mla_analysis.conversion.job import moe_top_k, validate_convert
+
+    cfg = tiny(d_ff=64)
+    ok = ConvertConfig(direction="moe", n_routed_experts=6, n_shared_experts=2, active_fraction=0.5)
+    validate_convert(ok, cfg)
+    assert moe_top_k(ok) == 2  # (2 + 2) / 8
+    for bad, key in ((ConvertConfig(direction="moe", n_routed_experts=6, n_shared_experts=2, active_fraction=0.3),
+                      "active_fraction"),
+                     (ConvertConfig(direction="moe", moe_aux_alpha=-1.0), "moe_aux_alpha"),
+                     (ConvertConfig(direction="moe", calib_split="calibration"), "calib_split")):
+        with pytest.raises(ConfigError, match=f"convert.{key}"):
+            validate_convert(bad, cfg, DataConfig())

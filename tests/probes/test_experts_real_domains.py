@@ -105,13 +105,12 @@ def test_window_level_routing_is_significant_under_token_shuffle_but_not_within_
 
 
 def test_token_classes_names_numerals_function_words():
-    from transformers import PreTrainedTokenizerFast  # noqa: F401  (offsets are constructed by hand below)
-
     text = "Then Hamlet spake three words to thee, and there was none"
     words = [(m.start(), m.end()) for m in __import__("re").finditer(r"\S+", text)]
     offsets = np.array(words)
     cls = [TOKEN_CLASSES[c] for c in token_classes(text, offsets, ["Hamlet"])]
-    assert cls == ["function", "name", "word", "numeral", "word", "function", "function", "function", "word",
+    # Then Hamlet spake three words to thee, and there was none
+    assert cls == ["function", "name", "word", "numeral", "word", "function", "function", "function", "function",
                    "function", "word"]
     assert "there" in FUNCTION_WORDS and "three" not in FUNCTION_WORDS
 
@@ -139,7 +138,7 @@ def test_play_windows_stay_inside_documents_and_are_evenly_spaced():
 def test_energy_bins_mi_detects_energy_dependent_routing():
     rng = np.random.default_rng(7)
     energy = rng.random(2000)
-    expert = np.where(energy > 0.5, 1, 0) * (rng.random(2000) < 0.8) + 2 * (rng.random(2000) < 0.1)
+    expert = np.where(rng.random(2000) < 0.1, 2, np.where((energy > 0.5) & (rng.random(2000) < 0.8), 1, 0))
     st = energy_bins_mi(energy, torch.from_numpy(expert[:, None]), 3, 4, window_ids([torch.zeros(80, 25)]), 99, 0)
     assert st["p_value"] == pytest.approx(0.01) and st["ami"] > 0.1
     indep = energy_bins_mi(energy, torch.from_numpy(rng.integers(0, 3, (2000, 1))), 3, 4,
