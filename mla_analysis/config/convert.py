@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .checks import Choice
+from .model import GateWeights
 
 
 class Direction(Choice):
@@ -102,6 +103,11 @@ class ConvertConfig:
     n_routed_experts: int = 8
     n_activated_experts: int = 2
     n_shared_experts: int = 0
+    # direction=moe: active fraction (k + shared) / (routed + shared) of the FFN width; sets n_activated_experts
+    active_fraction: Optional[float] = None
+    moe_gate_weights: Optional[GateWeights] = None  # null = unit for kmeans, score for upcycle (moefy.py)
+    moe_aux_alpha: float = 0.0  # healing with DeepSeek-V2's expert balance loss (alpha_1)
+    moe_bias_update_speed: float = 0.0  # healing with DeepSeek-V3's auxiliary-loss-free bias (gamma)
     upcycle_noise: float = 0.01
     # direction=gqa: K/V heads after mean-pooling (null = the source's: no merge) and the cache's
     # quantisation (model.kv_quant_bits / kv_quant_group of the converted model; 16 = off)

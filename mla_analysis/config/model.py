@@ -55,6 +55,15 @@ class ScoreFunc(Choice):
     sigmoid = "sigmoid"  # DeepSeek-V3
 
 
+class GateWeights(Choice):
+    """``model.gate_weights``: what multiplies a selected routed expert's output."""
+
+    score = "score"  # the (normalised, scaled) affinity, as DeepSeek-V2/V3
+    # 1 in the forward pass (MoEfication's unweighted sum: a MoEfied FFN with every expert active is the
+    # dense FFN); the router still gets the score-weighted gradient (straight-through, moe.Gate.forward)
+    unit = "unit"
+
+
 class Norm(Choice):
     rmsnorm = "rmsnorm"
     layernorm = "layernorm"  # with bias (GPT-2)
@@ -71,6 +80,7 @@ POS_EMBS = PosEmb.values()
 NORMS = Norm.values()
 MLP_KINDS = Mlp.values()
 SCORE_FUNCS = ScoreFunc.values()
+GATE_WEIGHTS = GateWeights.values()
 MLA_DECODE_PATHS = MlaDecode.values()
 
 
@@ -147,6 +157,7 @@ class ModelConfig:
     score_func: ScoreFunc = ScoreFunc.softmax  # softmax (V2) | sigmoid (V3)
     norm_topk_prob: bool = False  # V3: renormalise the selected scores
     route_scale: float = 1.0  # routed_scaling_factor
+    gate_weights: GateWeights = GateWeights.score  # score (DeepSeek) | unit (forward weight 1, MoEfication)
     n_group: int = 1  # expert groups for group-limited routing (1 = unrestricted)
     topk_group: int = 1  # groups kept per token
     aux_alpha: float = 0.0  # expert-level balance loss weight (alpha_1)
@@ -387,6 +398,8 @@ __all__ = [
     "Attention",
     "ConfigError",
     "Ffn",
+    "GATE_WEIGHTS",
+    "GateWeights",
     "MlaDecode",
     "Mlp",
     "Norm",

@@ -232,6 +232,13 @@ class ExpertsConfig:
     energy_rank: Optional[int] = 4  # low-rank K/V energy vs routing: rank of the truncation; null = skip
     energy_quantile: float = 0.75  # tokens with dropped energy >= this quantile form the "high" group
     permutation_resamples: int = 999
+    energy_bins: int = 4  # quantile bins of dropped energy for the chance-corrected energy-expert MI
+    # real domains (data.source=shakespeare): the held-out plays in windows, specialisation by genre / play /
+    # kind / token class with permutation-calibrated MI (mla_analysis.probes.experts.domains)
+    real_domains: bool = False
+    window: Optional[int] = None  # tokens per window; null = data.seq_len
+    max_windows_per_doc: Optional[int] = 16  # evenly spaced windows per held-out document; null = all
+    mi_resamples: int = 199  # label permutations of the MI null
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -251,6 +258,14 @@ def check_experts(c: ExpertsConfig) -> ExpertsConfig:
         positive_int(k + "energy_rank", c.energy_rank)
     _unit_interval(k + "energy_quantile", c.energy_quantile)
     positive_int(k + "permutation_resamples", c.permutation_resamples)
+    positive_int(k + "energy_bins", c.energy_bins)
+    if c.energy_bins < 2:
+        raise invalid(k + "energy_bins", c.energy_bins, "an integer >= 2")
+    check_bool(k + "real_domains", c.real_domains)
+    for key in ("window", "max_windows_per_doc"):
+        if getattr(c, key) is not None:
+            positive_int(k + key, getattr(c, key))
+    positive_int(k + "mi_resamples", c.mi_resamples)
     _check_seed(k + "seed", c.seed)
     return c
 

@@ -16,7 +16,8 @@ A job with a ``convert`` config node (``schema.ConvertConfig``) runs ``run_conve
    with data.source=shakespeare consecutive windows of the calibration plays (never training or evaluation text;
    fewer tokens than asked is a config error before any compute), otherwise training batch 0 of that size; the
    record says which (``convert.calib.text``, ``convert.calib.tokens``). ``direction=moe``:
-   ``moefy.dense_to_moe`` with ``moe_method`` (kmeans | upcycle). ``direction=gqa`` (the equal-byte
+   ``moefy.dense_to_moe`` with ``moe_method`` (kmeans | upcycle), ``active_fraction`` (sets the routed top-k),
+   ``moe_gate_weights`` and the healing balance ``moe_aux_alpha`` / ``moe_bias_update_speed``. ``direction=gqa`` (the equal-byte
    baselines): ``kv_merge.merge_kv_heads`` to ``kv_heads`` K/V heads (null = keep the source's), then
    the cache quantised to ``kv_quant_bits`` (16 = off) per ``kv_quant_group`` channels.
 3. Heal: ``heal`` = ``train(..., model=converted)`` for ``heal_steps`` steps at ``heal_lr`` (None = train.lr),
@@ -42,7 +43,7 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -114,6 +115,18 @@ def validate_convert(c: ConvertConfig, model_cfg: ModelConfig) -> None:
             raise bad("n_shared_experts", "0 with convert.moe_method=upcycle")
         if c.moe_method == "kmeans" and (c.n_shared_experts < 0 or model_cfg.d_ff % (c.n_routed_experts + c.n_shared_experts)):
             raise bad("n_routed_experts", f"n_routed + n_shared dividing model.d_ff={model_cfg.d_ff}")
+        if c.active_fraction is not None:
+            from .moefy import active_experts
+
+            try:
+                active_experts(c.active_fraction, c.n_routed_experts, c.n_shared_experts)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"convert.{e}") from None
+        if c.moe_method == "upcycle" and c.moe_gate_weights not in (None, "score"):
+            raise bad("moe_gate_weights", "null | score with convert.moe_method=upcycle")
+        for key in ("moe_aux_alpha", "moe_bias_update_speed"):
+            if not isinstance(getattr(c, key), (int, float)) or getattr(c, key) < 0:
+                raise bad(key, "a number >= 0")
         return
     if model_cfg.is_mla:
         raise ConfigError(f"model.attention={model_cfg.attention!r} is invalid for convert.direction=mla (allowed: mha | gqa | mqa)")
@@ -242,6 +255,15 @@ def _prefixed(prefix: str, metrics: dict[str, Any]) -> dict[str, Any]:
     return {f"{prefix}.{k}": v for k, v in metrics.items() if k not in ("step", "tokens")}
 
 
+def moe_top_k(c: ConvertConfig) -> int:
+    """Routed experts per token: from ``active_fraction`` when set, else ``n_activated_experts``."""
+    if c.active_fraction is None:
+        return c.n_activated_experts
+    from .moefy import active_experts
+
+    return active_experts(c.active_fraction, c.n_routed_experts, c.n_shared_experts)
+
+
 def convert_model(c: ConvertConfig, source: Transformer, calib: tuple[torch.Tensor, torch.Tensor], seed: int = 0) -> Transformer:
     """The converted (unhealed) model the ``convert`` node describes."""
     from .mla import mha_to_mla
@@ -255,8 +277,10 @@ def convert_model(c: ConvertConfig, source: Transformer, calib: tuple[torch.Tens
         merged = source if c.kv_heads is None else merge_kv_heads(source, c.kv_heads)
         return quantize_kv_cache(merged, c.kv_quant_bits, c.kv_quant_group)
     if c.direction == "moe":
-        return dense_to_moe(source, c.n_routed_experts, c.n_activated_experts, c.n_shared_experts,
-                            method=c.moe_method, calib=inputs, noise=c.upcycle_noise, seed=seed)
+        return dense_to_moe(source, c.n_routed_experts, moe_top_k(c), c.n_shared_experts,
+                            method=c.moe_method, calib=inputs, noise=c.upcycle_noise, seed=seed,
+                            gate_weights=None if c.moe_gate_weights is None else str(c.moe_gate_weights),
+                            aux_alpha=float(c.moe_aux_alpha), bias_update_speed=float(c.moe_bias_update_speed))
     ranks, rank = None, c.kv_lora_rank
     if c.cache_budget is not None:
         rank = c.cache_budget - rope_cache_elements(c, source.cfg)  # the latent gets what the rope keys leave
@@ -279,7 +303,7 @@ def run_convert(c: ConvertConfig, model_cfg: ModelConfig, data_cfg: DataConfig, 
                 seed: int = 0, device: str = "auto") -> dict[str, Any]:
     """Source (trained+cached or loaded) -> convert -> heal [-> scratch baseline]; train()-shaped result."""
     validate_convert(c, model_cfg)
-    calib = calibration(c, data_cfg) if c.direction == "mla" else None  # too little calibration text: before compute
+    calib = calibration(c, data_cfg) if c.direction in ("mla", "moe") else None  # too little calibration text: before compute
     run_dir = Path(run_dir)
     dev = resolve_device(device)
     timings: dict[str, float] = {}
@@ -295,7 +319,7 @@ def run_convert(c: ConvertConfig, model_cfg: ModelConfig, data_cfg: DataConfig, 
 
     t0 = time.time()
     if calib is None:
-        calib = (train_batch(data_cfg, 0, c.calib_examples), {})  # direction=moe: (inputs, targets) of batch 0
+        calib = (train_batch(data_cfg, 0, c.calib_examples), {})  # direction=gqa: unused
     (calib, calib_info) = calib
     metrics.update(calib_info)
     torch.manual_seed(seed)
@@ -325,5 +349,5 @@ def run_convert(c: ConvertConfig, model_cfg: ModelConfig, data_cfg: DataConfig, 
             "device": healed["device"], "model": healed["model"]}
 
 
-__all__ = ["cached_train", "calibration", "convert_model", "heal", "resolved_target", "rope_cache_elements", "run_convert",
+__all__ = ["cached_train", "calibration", "convert_model", "heal", "moe_top_k", "resolved_target", "rope_cache_elements", "run_convert",
            "validate_convert"]

@@ -19,14 +19,24 @@ experts is the dense FFN exactly.
    assignment stops changing (at most 20 rounds), an exact *balanced* assignment (every cluster exactly
    I neurons: ``scipy.optimize.linear_sum_assignment`` of neurons to E * I slots, slot cost = squared
    distance to its cluster's centroid) alternates with recomputing the centroids.
-4. Router (``Gate.weight`` row e): the mean input direction that activates cluster e. With
-   c_{e,t} = the cluster's centroid coordinate (the share of its neurons active on token t),
-   w_e = sum_t c_{e,t} x_t / sum_t c_{e,t} - mean_t x_t; all rows are then scaled by one factor so the
-   logits w_e . x_t have unit standard deviation over the calibration tokens.
-   Gating: softmax scores, ``norm_topk_prob=True`` and ``route_scale = k``: the k selected weights sum to
-   k, each 1 when the scores are equal, matching MoEfication's unweighted sum of experts.
-   Exactness: with n_activated_experts = n_routed_experts and equal scores (gate weight 0), every weight
-   is 1 and the MoE equals the dense FFN (fp32 round-off; tests/conversion/test_moefy.py).
+4. Router (``Gate.weight`` row e), from the k-means centroids: the mean input direction that activates
+   cluster e. With c_{e,t} = the cluster's centroid coordinate (the share of its neurons active on token
+   t), w_e = sum_t c_{e,t} x_t / sum_t c_{e,t} - mean_t x_t; all rows are then scaled by one factor so the
+   logits w_e . x_t have unit standard deviation over the calibration tokens. (MoEfication proper trains
+   an MLP router to predict each expert's activation sum; this closed form is our departure.)
+   Gating: softmax scores, ``norm_topk_prob=True``. ``gate_weights="unit"`` (the default): every selected
+   expert is summed with weight 1 (MoEfication's unweighted sum; the router gets the score-weighted
+   gradient, see ``models.moe.Gate``), so with n_activated_experts = n_routed_experts the MoE IS the dense
+   FFN (fp32 round-off; tests/conversion/test_moefy.py) whatever the router. ``gate_weights="score"``: DeepSeek's
+   weighted sum with ``route_scale = k`` (the k weights sum to k, each 1 only when the scores are equal).
+5. Balancing for healing: ``aux_alpha`` (DeepSeek-V2's expert-level loss, per sequence) and
+   ``bias_update_speed`` (DeepSeek-V3's auxiliary-loss-free bias, updated after every optimizer step by the
+   trainer); both 0 = none.
+
+Layouts (``experiment real_experts``): with S shared + E routed experts of width I = d_ff / (E + S) and k
+routed experts per token, the active FFN width is (k + S) * I; ``active_experts(fraction, E, S)`` is the k of
+an active fraction (k + S) / (E + S). SmolLM2-135M (d_ff 1536): fine-grained 2 shared + 62 routed of width 24,
+top-6 -> active 192 = 1/8; coarse 8 x 192 top-1 and 16 x 96 top-2 -> the same 192.
 
 ``method="upcycle"`` (sparse upcycling, Komatsuzaki et al. 2023): every routed expert is a copy of the
 whole FFN (``moe_d_ff = d_ff``) plus Gaussian noise of std ``noise`` times the weight's std; no shared
@@ -55,24 +65,40 @@ METHODS = ("kmeans", "upcycle")
 
 
 @torch.no_grad()
-def ffn_activations(model: Transformer, calib: torch.Tensor, batch_size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per dense layer, (FFN inputs X (N, D), hidden activations silu(w1 x) * w3 x (N, d_ff)), float32 on CPU."""
+def ffn_inputs(model: Transformer, calib: torch.Tensor, batch_size: int = 8) -> list[Optional[torch.Tensor]]:
+    """Per layer, the dense FFN's inputs X (N, D) float32 on CPU over the calibration tokens (None: no dense FFN)."""
     store: list[list[torch.Tensor]] = [[] for _ in model.layers]
     hooks = []
     for i, block in enumerate(model.layers):
         if isinstance(block.ffn, SwiGLU):
-            hooks.append(block.ffn.register_forward_pre_hook(lambda m, args, i=i: store[i].append(args[0].detach())))
+            hooks.append(block.ffn.register_forward_pre_hook(
+                lambda m, args, i=i: store[i].append(args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu())))
     run_hooked(model, hooks, calib, batch_size)
-    out = []
-    for i, block in enumerate(model.layers):
-        if not store[i]:
-            out.append(None)
-            continue
-        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in store[i]]).float().cpu()  # (N, D)
-        ffn = block.ffn
-        h = torch.nn.functional.silu(x @ ffn.w1.weight.float().cpu().T) * (x @ ffn.w3.weight.float().cpu().T)  # (N, d_ff)
-        out.append((x, h))
-    return out
+    return [torch.cat(v) if v else None for v in store]  # (N, D) each
+
+
+def hidden_activations(ffn: SwiGLU, x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU hidden activations silu(w1 x) * (w3 x) (N, d_ff) float32 of inputs x (N, D)."""
+    w1, w3 = ffn.w1.weight.float().cpu(), ffn.w3.weight.float().cpu()  # (F, D)
+    return torch.nn.functional.silu(x @ w1.T) * (x @ w3.T)  # (N, F)
+
+
+def ffn_activations(model: Transformer, calib: torch.Tensor, batch_size: int = 8) -> list[Optional[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per dense layer, (FFN inputs X (N, D), hidden activations (N, d_ff)), float32 on CPU (all layers held at once)."""
+    xs = ffn_inputs(model, calib, batch_size)
+    return [None if x is None else (x, hidden_activations(block.ffn, x)) for x, block in zip(xs, model.layers)]
+
+
+def active_experts(fraction: float, n_routed: int, n_shared: int) -> int:
+    """k routed experts per token for an active fraction (k + S) / (E + S) of the FFN width (ValueError off the grid)."""
+    total = n_routed + n_shared
+    k = round(fraction * total) - n_shared
+    if not 1 <= k <= n_routed or abs((k + n_shared) / total - fraction) > 1e-9:
+        raise ValueError(
+            f"active_fraction={fraction} is invalid for {n_shared} shared + {n_routed} routed experts "
+            f"(allowed: (k + {n_shared}) / {total} for k in 1..{n_routed})"
+        )
+    return k
 
 
 def active_pattern(h: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -99,8 +125,10 @@ def balanced_kmeans(features: np.ndarray, n_clusters: int, seed: int = 0, max_ro
         warnings.simplefilter("ignore", ConvergenceWarning)
         centers = KMeans(n_clusters, n_init=4, random_state=seed).fit(feats).cluster_centers_  # (k, F)
     labels = None
+    sq = (feats ** 2).sum(1)[:, None]  # (n, 1)
     for _ in range(max_rounds):
-        dist = ((feats[:, None, :] - centers[None]) ** 2).sum(-1)  # (n, k)
+        # |a - c|^2 = |a|^2 - 2 a.c + |c|^2 without the (n, k, F) broadcast (F = calibration tokens)
+        dist = np.maximum(sq - 2.0 * feats @ centers.T + (centers ** 2).sum(1)[None, :], 0.0)  # (n, k)
         _, slots = linear_sum_assignment(np.repeat(dist, size, axis=1))  # (n,) slot of each point
         new = slots // size
         if labels is not None and np.array_equal(new, labels):
@@ -110,7 +138,8 @@ def balanced_kmeans(features: np.ndarray, n_clusters: int, seed: int = 0, max_ro
     return labels
 
 
-def _moe_config(cfg, method: str, n_routed: int, n_activated: int, n_shared: int, first_k: int):
+def _moe_config(cfg, method: str, n_routed: int, n_activated: int, n_shared: int, first_k: int,
+                gate_weights: str = "score", aux_alpha: float = 0.0, bias_update_speed: float = 0.0):
     expert = cfg.d_ff // (n_routed + n_shared) if method == "kmeans" else cfg.d_ff
     return dataclasses.replace(
         cfg,
@@ -127,6 +156,9 @@ def _moe_config(cfg, method: str, n_routed: int, n_activated: int, n_shared: int
         n_group=1,
         topk_group=1,
         n_devices=1,
+        gate_weights=gate_weights,
+        aux_alpha=aux_alpha,
+        bias_update_speed=bias_update_speed,
     )
 
 
@@ -141,10 +173,15 @@ def dense_to_moe(
     first_k_dense_replace: int = 0,
     noise: float = 0.0,
     seed: int = 0,
+    gate_weights: Optional[str] = None,
+    aux_alpha: float = 0.0,
+    bias_update_speed: float = 0.0,
 ) -> Transformer:
     """A DeepSeekMoE copy of a dense-SwiGLU Transformer by MoEfication (kmeans) or upcycling; see the module doc.
 
     calib: token ids (B, T) for kmeans (activation patterns, router). noise: upcycling's relative weight noise.
+    gate_weights: None = "unit" for kmeans, "score" for upcycle (upcycle needs it: its copies' weights sum to 1).
+    aux_alpha / bias_update_speed: the balancing the converted model heals with (model config fields).
     The result carries ``moefy_info`` (per layer: shared neuron ids, routed expert neuron ids).
     """
     src = model.cfg
@@ -164,10 +201,16 @@ def dense_to_moe(
             raise ValueError("method='kmeans' needs calib (calibration token ids)")
     elif n_shared_experts:
         raise ValueError(f"n_shared_experts={n_shared_experts} is invalid for method='upcycle' (allowed: 0)")
+    if gate_weights is None:
+        gate_weights = "unit" if method == "kmeans" else "score"
+    if gate_weights not in ("unit", "score") or (method == "upcycle" and gate_weights != "score"):
+        allowed = "score" if method == "upcycle" else "unit | score"
+        raise ValueError(f"gate_weights={gate_weights!r} is invalid for method={method!r} (allowed: {allowed})")
     if not 0 <= first_k_dense_replace < src.n_layers:
         raise ValueError(f"first_k_dense_replace={first_k_dense_replace} is invalid (allowed: 0..{src.n_layers - 1})")
 
-    cfg = _moe_config(src, method, n_routed_experts, n_activated_experts, n_shared_experts, first_k_dense_replace)
+    cfg = _moe_config(src, method, n_routed_experts, n_activated_experts, n_shared_experts, first_k_dense_replace,
+                      gate_weights, aux_alpha, bias_update_speed)
     torch.manual_seed(seed)  # the upcycled router's random init
     new = Transformer(cfg).to(dtype=model.embed.weight.dtype, device=model.embed.weight.device)
     moe_prefixes = tuple(f"layers.{i}.ffn." for i in range(first_k_dense_replace, src.n_layers))
@@ -176,7 +219,7 @@ def dense_to_moe(
     if unexpected or any(not k.startswith(moe_prefixes) for k in missing):
         raise RuntimeError(f"non-FFN weights do not line up: missing={missing}, unexpected={unexpected}")
 
-    acts = ffn_activations(model, calib) if method == "kmeans" else [None] * src.n_layers
+    xs = ffn_inputs(model, calib) if method == "kmeans" else [None] * src.n_layers  # h per layer, below
     gen = torch.Generator().manual_seed(seed)
     info = []
     for i in range(first_k_dense_replace, src.n_layers):
@@ -191,7 +234,9 @@ def dense_to_moe(
                 getattr(moe, name).copy_(copies)
             info.append({})
             continue
-        x, h = acts[i]
+        x = xs[i]
+        xs[i] = None  # one layer's activations in memory at a time
+        h = hidden_activations(dense, x)  # (N, F)
         size = cfg.moe_d_ff
         frac = (n_activated_experts + n_shared_experts) / (n_routed_experts + n_shared_experts)
         active = active_pattern(h, frac)  # (N, F)
@@ -220,4 +265,5 @@ def dense_to_moe(
     return new
 
 
-__all__ = ["METHODS", "active_pattern", "balanced_kmeans", "dense_to_moe", "ffn_activations"]
+__all__ = ["METHODS", "active_experts", "active_pattern", "balanced_kmeans", "dense_to_moe", "ffn_activations", "ffn_inputs",
+           "hidden_activations"]

@@ -136,6 +136,8 @@ def to_hf_config(cfg: ModelConfig, arch: str | None = None):
     # one k_rope shared by all heads, rotated by the config's frequencies in every layer
     _require(cfg, arch, qk_rope_heads=1, rope_layer_freqs=False)
     moe = cfg.ffn == "moe"
+    if moe and cfg.gate_weights != "score":
+        raise ConfigError(f"model.gate_weights={cfg.gate_weights!r} cannot be exported as {arch} (allowed: score)")
     ds = dict(
         num_key_value_heads=cfg.n_heads,
         kv_lora_rank=cfg.kv_lora_rank,

@@ -181,6 +181,7 @@ class Gate(nn.Module):
         self.score_func = cfg.score_func
         self.norm_topk_prob = cfg.norm_topk_prob
         self.route_scale = cfg.route_scale
+        self.unit_weights = cfg.gate_weights == "unit"
         # fp32 like the references (HF keeps gate.weight and the bias in fp32 under bf16)
         self.weight = nn.Parameter(torch.empty(self.n_experts, self.dim, dtype=torch.float32))
         self.register_buffer(
@@ -209,6 +210,10 @@ class Gate(nn.Module):
         weights = scores.gather(1, indices)  # [N, k]
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        if self.unit_weights:
+            # forward value exactly 1 (MoEfication's unweighted sum); gradient to the router as for the
+            # score weights (straight-through), so healing still trains the gate
+            return 1.0 + weights - weights.detach(), indices, scores
         return weights * self.route_scale, indices, scores
 
     def extra_repr(self) -> str:

@@ -59,7 +59,7 @@ MODEL_CHOICES = sorted(choice_fields(ModelConfig).items())
 def test_every_closed_string_field_of_the_model_is_a_choice():
     # the fields listed by hand: a new closed str field must become a Choice too (or be added here as free)
     assert [name for name, _ in MODEL_CHOICES] == sorted(
-        ["attention", "ffn", "mla_decode", "mlp", "norm", "pos_emb", "score_func"])
+        ["attention", "ffn", "gate_weights", "mla_decode", "mlp", "norm", "pos_emb", "score_func"])
     assert all(issubclass(c, Choice) and not many for _, (c, many) in MODEL_CHOICES)
 
 

@@ -11,7 +11,7 @@ from mla_analysis.conversion.job import heal
 from mla_analysis.data import DataConfig
 from mla_analysis.models.moe import MoE
 from mla_analysis.models.transformer import Transformer
-from mla_analysis.conversion.moefy import active_pattern, balanced_kmeans, dense_to_moe
+from mla_analysis.conversion.moefy import active_experts, active_pattern, balanced_kmeans, dense_to_moe
 from mla_analysis.training.trainer import TrainConfig, train
 
 
@@ -32,7 +32,8 @@ def test_kmeans_partition_with_all_experts_and_unit_weights_is_the_dense_ffn(n_r
     """Exactness condition: every expert active and every gate weight 1 (gate weight 0 -> equal softmax
     scores, normalised to 1/E, times route_scale = k = E)."""
     src = _source()
-    new = dense_to_moe(src, n_routed, n_routed, n_shared, "kmeans", calib=_ids(), first_k_dense_replace=first_k).eval()
+    new = dense_to_moe(src, n_routed, n_routed, n_shared, "kmeans", calib=_ids(), first_k_dense_replace=first_k,
+                       gate_weights="score").eval()
     assert new.cfg.moe_d_ff == 64 // (n_routed + n_shared) and new.cfg.ffn == "moe"
     assert len(new.moe_layers()) == 2 - first_k
     for moe in new.moe_layers():
@@ -126,3 +127,64 @@ def test_healing_lowers_the_loss_of_the_moefied_model(tmp_path):
                device="cpu")
     assert out["after"]["val_loss"] < out["before"]["val_loss"], (out["before"], out["after"])
     assert out["model"] is new and new.cfg.ffn == "moe"
+
+
+@pytest.mark.parametrize("n_routed,n_shared", [(6, 2), (2, 0)])  # fine-grained + shared; coarse (2 x d_ff/2)
+def test_unit_gate_at_full_activation_is_the_dense_ffn_with_the_centroid_router(n_routed, n_shared):
+    """gate_weights=unit (the kmeans default): with every routed expert active the MoE is the dense FFN whatever
+    the router says. Converted at top-1 (at full activation every neuron is active on every token, the
+    centroids coincide and the centroid router is 0), then every gate opened to all E experts."""
+    src = _source()
+    new = dense_to_moe(src, n_routed, 1, n_shared, "kmeans", calib=_ids()).eval()
+    scored = dense_to_moe(src, n_routed, 1, n_shared, "kmeans", calib=_ids(), gate_weights="score").eval()
+    assert new.cfg.gate_weights == "unit"
+    for m in new.moe_layers() + scored.moe_layers():
+        m.gate.topk = n_routed  # full activation with the top-1 router
+        assert m.gate.weight.std() > 0.1  # a real router: unequal scores
+    ids = _ids(seed=3, shape=(2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(new(ids), src(ids), atol=2e-5, rtol=1e-5)
+        # the same router under DeepSeek's score weights is not the dense FFN: the unit weights do it
+        x = torch.randn(2, 24, 32, generator=torch.Generator().manual_seed(5))  # FFN inputs
+        dense_y = src.layers[0].ffn(x)
+        torch.testing.assert_close(new.layers[0].ffn(x), dense_y, atol=2e-5, rtol=1e-5)
+        assert (scored.layers[0].ffn(x) - dense_y).norm() > 1e-2 * dense_y.norm()
+    width = 64 // (n_routed + n_shared)
+    for layer in new.moefy_info["layers"]:  # expert widths partition d_ff: every neuron once
+        assert np.array(layer["experts"]).shape == (n_routed, width) and len(layer["shared"]) == n_shared * width
+        assert sorted(np.ravel(layer["experts"]).tolist() + layer["shared"]) == list(range(64))
+
+
+def test_unit_gate_passes_the_score_gradient_to_the_router_and_balancing_reaches_the_config():
+    src = _source()
+    new = dense_to_moe(src, 4, 2, 0, "kmeans", calib=_ids(), aux_alpha=0.01, bias_update_speed=1e-3)
+    assert (new.cfg.aux_alpha, new.cfg.bias_update_speed) == (0.01, 1e-3)
+    new(_ids(seed=4, shape=(2, 16))).sum().backward()
+    for m in new.moe_layers():
+        assert m.gate.weight.grad is not None and m.gate.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="gate_weights"):
+        dense_to_moe(src, 4, 2, 0, "upcycle", gate_weights="unit")
+
+
+def test_active_experts_of_an_active_fraction():
+    # SmolLM2 layouts: 2 shared + 62 routed (width 24): 1/8 -> top-6; coarse 8 x 192: 1/8 -> top-1
+    assert [active_experts(f, 62, 2) for f in (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1)] == [2, 6, 14, 30, 62]
+    assert active_experts(1 / 8, 8, 0) == 1 and active_experts(1 / 8, 16, 0) == 2
+    for bad in (1 / 64, 0.1, 1.5):  # k = 0, off the grid, k > E
+        with pytest.raises(ValueError, match="active_fraction"):
+            active_experts(bad, 62, 2)
+
+
+def test_convert_config_errors_name_the_key_before_any_compute():
+    from mla_analysis.config import ConfigError, ConvertConfig
+    from mla_analysis.conversion.job import moe_top_k, validate_convert
+
+    cfg = tiny(d_ff=64)
+    ok = ConvertConfig(direction="moe", n_routed_experts=6, n_shared_experts=2, active_fraction=0.5)
+    validate_convert(ok, cfg)
+    assert moe_top_k(ok) == 2  # (2 + 2) / 8
+    for bad, key in ((ConvertConfig(direction="moe", n_routed_experts=6, n_shared_experts=2, active_fraction=0.3),
+                      "active_fraction"),
+                     (ConvertConfig(direction="moe", moe_aux_alpha=-1.0), "moe_aux_alpha")):
+        with pytest.raises(ConfigError, match=f"convert.{key}"):
+            validate_convert(bad, cfg)

@@ -15,7 +15,7 @@ from ...models.attention import Attention
 from ...models.mla import MLA
 from .. import ProbeError
 from .._common import moe_blocks, unwrap
-from .statistics import entropy, membership
+from .statistics import calibrated_mi, entropy, membership
 
 
 def kv_content(attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -197,10 +197,31 @@ def energy_routing_stats(
     return out
 
 
-def energy_section(model: torch.nn.Module, sets: dict, p: dict, device: torch.device) -> tuple[dict, dict]:
-    """Metrics ``energy_routing.layer<l>.*`` and their experts.json record."""
+def energy_bins_mi(energy: np.ndarray, indices: torch.Tensor, n_experts: int, n_bins: int, strata: np.ndarray,
+                   n_resamples: int, seed: int) -> dict[str, float]:
+    """Chance-corrected MI between a token's dropped-energy quantile bin (``n_bins`` equal-count bins) and its
+    experts: ``calibrated_mi`` with the bin labels shuffled inside each window (``strata``); "ami" is the effect size."""
+    energy = np.asarray(energy, dtype=np.float64)
+    edges = np.quantile(energy, np.arange(1, n_bins) / n_bins)
+    bins = np.searchsorted(edges, energy, side="right")  # (N,) 0 = least energy dropped
+    return calibrated_mi(indices, bins, n_experts, n_resamples, seed, strata=strata)
+
+
+def window_ids(inputs: list[torch.Tensor]) -> np.ndarray:
+    """Window (row) id of every token of ``inputs`` (a list of [n, L] id tensors), flattened in their order."""
+    out, base = [], 0
+    for x in inputs:
+        out.append(np.repeat(np.arange(base, base + x.shape[0]), x.shape[1]))
+        base += x.shape[0]
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def energy_section(model: torch.nn.Module, sets: dict, p: dict, device: torch.device,
+                   strata: np.ndarray | None = None) -> tuple[dict, dict]:
+    """Metrics ``energy_routing.layer<l>.*`` and their experts.json record (``strata``: window id per token)."""
     n_experts = moe_blocks(model)[0][1].n_routed_experts
     data = energy_routing_data(model, list(sets.values()), p["energy_rank"], p["batch_size"], device)
+    strata = window_ids(list(sets.values())) if strata is None else strata
     metrics: dict[str, Any] = {}
     layers: dict[str, Any] = {}
     skipped: dict[str, str] = {}
@@ -214,6 +235,9 @@ def energy_section(model: torch.nn.Module, sets: dict, p: dict, device: torch.de
         except ValueError as e:
             skipped[str(l)] = str(e)
             continue
+        bins = energy_bins_mi(data["energy"][l], data["indices"][moe_l], n_experts, p["energy_bins"], strata,
+                              p["mi_resamples"], p["seed"] + l)
+        st.update({f"bins.{k}": bins[k] for k in ("mi", "null_mean", "excess", "ami", "p_value")})
         st["moe_layer"] = moe_l
         layers[str(l)] = st
         metrics.update({f"energy_routing.layer{l}.{k}": v for k, v in st.items()})
@@ -223,7 +247,10 @@ def energy_section(model: torch.nn.Module, sets: dict, p: dict, device: torch.de
         "n_resamples": p["permutation_resamples"],
         "definition": "per token: fraction of the squared norm of its content K/V (kv_content) outside the "
         "dominant rank-r right singular subspace of all eval tokens' K/V of that layer (uncentred); high group = "
-        "tokens at or above the quantile; routing = the first MoE layer at or after the attention layer",
+        "tokens at or above the quantile; routing = the first MoE layer at or after the attention layer; bins.*: "
+        "calibrated_mi of the energy_bins equal-count quantile bins vs the chosen experts, bins shuffled inside each "
+        "window (ami = effect size, p_value one-sided)",
+        "bins": p["energy_bins"],
         "layers": layers,
         "skipped": skipped,
     }

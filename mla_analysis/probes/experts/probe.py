@@ -76,6 +76,28 @@ with ``entropy_p_value`` (two-sided permutation test), ``spearman_entropy`` (Spe
 entropy), ``energy_mean``, ``energy_threshold``, ``high_fraction``. Tokens are treated as exchangeable; tokens
 of one sequence are not independent, so the p-values are optimistic for strongly autocorrelated data.
 
+Energy quantile bins (``energy_bins``, default 4): ``energy_routing.layer<l>.bins.{mi,null_mean,excess,ami,p_value}``
+= ``calibrated_mi`` (below) between the token's equal-count bin of e_t and its chosen experts, the bins shuffled
+inside each window (a stricter null than the token shuffle above: e_t and routing both drift with position and
+context); ``bins.ami`` is the effect size.
+
+Real domains (``real_domains: true``, data.source=shakespeare; ``domains.py``). The held-out plays
+(data.shakespeare.eval_edition's texts of the evaluation split) are cut into non-overlapping windows of
+``window`` tokens (null = data.seq_len) inside each document, at most ``max_windows_per_doc`` evenly spaced;
+these windows, grouped by genre, replace the eval sets as the domains of every statistic above (so
+``domspec.<genre>.max``, ``mi_expert_domain`` = genre; the redundancy test still scores the "lm" eval set).
+Token labels: genre (the Folio's comedy / history / tragedy, plus poem), play, kind (line / stage / speaker,
+data.shakespeare.char_kinds; "other" left out), token class of spoken-line tokens (name from the play's persons
+list as probe=token_bins finds them, numeral, function word from ``domains.FUNCTION_WORDS``, other word; tokens of
+other kinds left out). Per MoE layer and label ``L<l>.spec.<label>.``: ``mi`` (plug-in, nats, one sample per
+token and chosen expert), ``null_mean`` (mean MI over ``mi_resamples`` permutations), ``excess`` = mi - null_mean,
+``p_value`` (one-sided, (1 + #null >= mi) / (1 + resamples)), ``ami`` = excess / (min(H_label, H_expert) -
+null_mean): the adjusted MI (Vinh et al. 2010, "min" normaliser) with a permutation expectation, 0 at chance,
+comparable across expert counts. Nulls: genre and play (constant in a window) move with whole windows (windows
+of one play share names and topic, so this null is optimistic for genre: with one held-out play per genre, genre
+and play are confounded); kind and token class are shuffled inside each window. ``spec.<label>.ami_mean``: the
+mean over MoE layers; ``real.n_windows``, ``real.window``. Figure ``experts_genre.png`` (DomSpec by genre).
+
 experts.json holds the full matrices (load counts, co-activation N(i,j) and CoAct, domain
 specialisation) and the redundancy / energy_routing records; PNGs: ``experts_load.png`` (load bar chart
 per layer), ``experts_coact.png`` (co-activation heat maps), ``experts_redundancy.png`` (loss vs r).
@@ -94,12 +116,13 @@ from ...config import ConfigError, Ffn
 from ...models.moe import max_vio, routing_load
 from ...training.results import atomic_write_json
 from .. import ProbeError, register
-from .._common import figure, moe_blocks, options, save_figure, unwrap
+from .._common import figure, model_config, moe_blocks, options, save_figure, unwrap
 from .coact import coactivation, coactivation_counts, mean_offdiag
 from .energy import energy_section
 from .masking import redundancy_section
-from .statistics import (domain_specialisation, entropy, expert_label_mi, load_cv, load_fraction, rank_by_score,
-                         saturation, token_entropy_sum, top_domain_share, vocab_specialisation)
+from .domains import KIND_LABELS, TOKEN_CLASSES
+from .statistics import (calibrated_mi, domain_specialisation, entropy, expert_label_mi, load_cv, load_fraction,
+                         rank_by_score, saturation, token_entropy_sum, top_domain_share, vocab_specialisation)
 
 
 def check_model(cfg: Any) -> None:
@@ -148,6 +171,71 @@ def _collect(model: torch.nn.Module, sets: dict, p: dict, device: torch.device) 
     return {"layers": [i for i, _ in blocks], "indices": [torch.cat(v) for v in idx], "entropy_sum": ent}
 
 
+# ---- real domains -------------------------------------------------------------------------------------
+
+# label -> how its null is drawn: document-level labels move with whole windows, token-level ones are shuffled
+# inside each window (keeping every window's label mix and any window-level routing drift)
+REAL_LABELS = {"genre": "units", "play": "units", "kind": "strata", "token_class": "strata"}
+
+
+def _real_sets(model: torch.nn.Module, data_cfg: Any, p: dict) -> dict[str, Any]:
+    """Windows of the held-out plays grouped by genre (the domains), their stream positions and token labels."""
+    from .._text import model_tokenizer, shakespeare_split
+    from .domains import play_windows, stream_labels
+
+    labelled = shakespeare_split(data_cfg, "experts")
+    length = p["window"] or data_cfg.seq_len
+    max_len = model_config(model).max_seq_len
+    if length > max_len:
+        raise ConfigError(f"probe.experts.window={length} is beyond the model's context (allowed: <= {max_len})")
+    x, pos = play_windows(labelled, length, p["max_windows_per_doc"])  # (n, L)
+    labels = stream_labels(labelled, model_tokenizer(data_cfg, "experts"))
+    win_genre = labels["genre"][pos[:, 0]]  # (n,): a window lies inside one document
+    sets, order = {}, []
+    for g, name in enumerate(labels["genres"]):
+        rows = np.flatnonzero(win_genre == g)
+        if rows.size:
+            sets[name] = x[torch.from_numpy(rows)]
+            order.append(rows)
+    rows = np.concatenate(order)
+    pos = pos[rows].reshape(-1)  # (N,) stream position of every routed token, in _collect's order
+    window = np.repeat(np.arange(len(rows)), length)  # (N,)
+    return {"sets": sets, "labels": {k: labels[k][pos] for k in REAL_LABELS}, "window": window,
+            "names": {"genre": labels["genres"], "play": labels["plays"], "kind": list(KIND_LABELS),
+                      "token_class": list(TOKEN_CLASSES)},
+            "found_names": labels["names"], "length": length, "n_windows": len(rows)}
+
+
+def _real_section(got: dict, real: dict, n_experts: int, p: dict) -> tuple[dict, dict]:
+    """Metrics ``L<l>.spec.<label>.*`` / ``spec.<label>.ami_mean`` and the experts.json record of the real domains."""
+    metrics: dict[str, Any] = {"real.n_windows": real["n_windows"], "real.window": real["length"]}
+    layers: dict[str, Any] = {}
+    for j, li in enumerate(got["layers"]):
+        per = {}
+        for label, null in REAL_LABELS.items():
+            kw = {"units": real["window"]} if null == "units" else {"strata": real["window"]}
+            st = calibrated_mi(got["indices"][j], real["labels"][label], n_experts, p["mi_resamples"], p["seed"] + j, **kw)
+            per[label] = st
+            for key in ("ami", "mi", "null_mean", "excess", "p_value"):
+                metrics[f"L{li}.spec.{label}.{key}"] = st[key]
+        layers[str(li)] = per
+    for label in REAL_LABELS:
+        metrics[f"spec.{label}.ami_mean"] = float(np.mean([layers[str(li)][label]["ami"] for li in got["layers"]]))
+        metrics[f"spec.{label}.n_tokens"] = layers[str(got["layers"][0])][label]["n_tokens"]
+    record = {
+        "window": real["length"], "n_windows": real["n_windows"], "labels": real["names"],
+        "null": {k: ("label of each window shuffled over windows" if v == "units" else "labels shuffled inside each window")
+                 for k, v in REAL_LABELS.items()},
+        "definition": "calibrated_mi: plug-in MI of (token label, chosen expert) samples; null = mi_resamples label "
+        "permutations; ami = (mi - null_mean) / (min(H_label, H_expert) - null_mean)",
+        "tokens_per_label": {k: np.bincount(v[v >= 0], minlength=len(real["names"][k])).tolist()
+                             for k, v in real["labels"].items()},
+        "persons_names": real["found_names"],
+        "layers": layers,
+    }
+    return metrics, record
+
+
 # ---- probe ------------------------------------------------------------------------------------------
 
 
@@ -163,7 +251,8 @@ def run(model: torch.nn.Module, params: dict, data_cfg: Any, run_dir: Path, devi
     n_experts = blocks[0][1].n_routed_experts
     top_k = blocks[0][1].n_activated_experts
     eval_xy = {name: (xy[0][: p["max_examples"]], xy[1][: p["max_examples"]]) for name, xy in build_eval_sets(data_cfg).items()}
-    sets = {name: xy[0] for name, xy in eval_xy.items()}
+    real = _real_sets(model, data_cfg, p) if p["real_domains"] else None
+    sets = real["sets"] if real is not None else {name: xy[0] for name, xy in eval_xy.items()}
     domains = list(sets)
     for r in p["redundancy_r"]:
         if r + top_k > n_experts:
@@ -235,13 +324,17 @@ def run(model: torch.nn.Module, params: dict, data_cfg: Any, run_dir: Path, devi
             "saturation": sat,
         })
     metrics["max_vio_mean"] = float(np.mean([metrics[f"L{li}.max_vio"] for li in got["layers"]]))
+    real_json = None
+    if real is not None:
+        r_metrics, real_json = _real_section(got, real, n_experts, p)
+        metrics.update(r_metrics)
     red_json = None
     if p["redundancy_r"]:
         red_metrics, red_json = redundancy_section(model, eval_xy, p, device)
         metrics.update(red_metrics)
     energy_json = None
     if p["energy_rank"] is not None:
-        e_metrics, energy_json = energy_section(model, sets, p, device)
+        e_metrics, energy_json = energy_section(model, sets, p, device, strata=real["window"] if real is not None else None)
         metrics.update(e_metrics)
     for key, v in metrics.items():
         if isinstance(v, float) and not math.isfinite(v):
@@ -254,6 +347,8 @@ def run(model: torch.nn.Module, params: dict, data_cfg: Any, run_dir: Path, devi
         figures = [_plot_load(layers_json, run_dir, top_k), _plot_coact(layers_json, run_dir)]
         if red_json is not None:
             figures.append(_plot_redundancy(red_json, run_dir))
+        if real_json is not None:
+            figures.append(_plot_genre(layers_json, run_dir, top_k / n_experts))
     record = {
         "n_experts": n_experts,
         "top_k": top_k,
@@ -269,6 +364,7 @@ def run(model: torch.nn.Module, params: dict, data_cfg: Any, run_dir: Path, devi
         "layers": layers_json,
         "redundancy": red_json,
         "energy_routing": energy_json,
+        "real_domains": real_json,
         "figures": figures,
     }
     atomic_write_json(run_dir / "experts.json", record)
@@ -304,6 +400,21 @@ def _plot_coact(layers_json: list[dict], run_dir: Path) -> str:
         ax.set_ylabel("i")
         fig.colorbar(im, ax=ax, shrink=0.8)
     return save_figure(fig, run_dir / "experts_coact.png")
+
+
+def _plot_genre(layers_json: list[dict], run_dir: Path, uniform: float) -> str:
+    """DomSpec(i, genre) heat map per layer (rows genres, columns experts), reference k/E."""
+    n = len(layers_json)
+    fig, axes = figure(n, 1, 8, 1.6 + 0.9 * n)
+    for ax, lay in zip(axes[:, 0], layers_json):
+        names = list(lay["domspec"])
+        mat = np.array([lay["domspec"][g] for g in names])  # (genres, E)
+        im = ax.imshow(mat, aspect="auto", cmap="magma", vmin=0.0, vmax=max(uniform * 2, float(mat.max())))
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_title(f"layer {lay['layer']}: DomSpec(expert, genre) (uniform k/E = {uniform:.3f})", fontsize=9)
+        ax.set_xlabel("expert")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    return save_figure(fig, run_dir / "experts_genre.png")
 
 
 def _plot_redundancy(red: dict, run_dir: Path) -> str:

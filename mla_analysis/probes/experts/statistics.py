@@ -121,3 +121,82 @@ def saturation(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
         raise ValueError(f"saturation: routings of different shape {tuple(a.shape)} vs {tuple(b.shape)}")
     inter = (a[:, :, None] == b[:, None, :]).any(-1).sum(-1).double()  # [N]
     return float((inter / k).mean())
+
+
+# ---- chance-corrected mutual information (expert vs a token label) ------------------------------------------
+# Samples are (token, chosen expert) pairs, as ``expert_label_mi``: a token with label l and experts S_t adds
+# one count to (l, i) for every i in S_t. Tokens with a negative label are left out.
+
+
+def assignment_table(indices: torch.Tensor, labels: np.ndarray, n_labels: int, n_experts: int) -> np.ndarray:
+    """Counts [L, E]: table[l, i] = #tokens of label l whose S_t contains i (labels [N] >= 0, indices [N, k])."""
+    idx = _flat(indices).numpy()  # (N, k)
+    code = np.asarray(labels, dtype=np.int64)[:, None] * n_experts + idx  # (N, k)
+    return np.bincount(code.reshape(-1), minlength=n_labels * n_experts).reshape(n_labels, n_experts).astype(np.float64)
+
+
+def _entropy_np(p: np.ndarray) -> float:
+    p = p[p > 0] / p.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def table_mi(table: np.ndarray) -> float:
+    """Plug-in MI (nats) of a count table [L, E] (the estimate sklearn.metrics.mutual_info_score computes)."""
+    p = table / table.sum()
+    px, py = p.sum(1, keepdims=True), p.sum(0, keepdims=True)
+    nz = p > 0
+    return float(max(0.0, (p[nz] * np.log(p[nz] / (px @ py)[nz])).sum()))
+
+
+def permuted_labels(labels: np.ndarray, rng: np.random.Generator, strata: np.ndarray | None = None,
+                    units: np.ndarray | None = None) -> np.ndarray:
+    """One draw of the null: ``labels`` [N] shuffled over tokens, within each stratum when ``strata`` [N] is given;
+    with ``units`` [N] the label of each unit (constant inside it) is shuffled over units instead."""
+    labels = np.asarray(labels)
+    if units is not None:
+        uniq, first, inv = np.unique(units, return_index=True, return_inverse=True)
+        per_unit = labels[first]  # (U,)
+        return per_unit[rng.permutation(len(uniq))][inv]
+    if strata is None:
+        return labels[rng.permutation(len(labels))]
+    base = np.argsort(strata, kind="stable")  # positions grouped by stratum
+    order = np.lexsort((rng.random(len(labels)), strata))  # the same groups, shuffled inside each
+    out = np.empty_like(labels)
+    out[base] = labels[order]
+    return out
+
+
+def calibrated_mi(indices: torch.Tensor, labels: np.ndarray, n_experts: int, n_resamples: int = 199, seed: int = 0,
+                  strata: np.ndarray | None = None, units: np.ndarray | None = None) -> dict[str, float]:
+    """Expert-label MI, permutation-calibrated: the null, its p-value and the adjusted (chance-corrected) MI.
+
+    ``mi``: plug-in MI (nats); ``null_mean`` / ``null_q95``: mean and 95th percentile of the MI over
+    ``n_resamples`` label permutations (``permuted_labels``: over tokens, within ``strata``, or over ``units``);
+    ``p_value`` = (1 + #{null >= mi}) / (1 + n_resamples) (one-sided); ``excess`` = mi - null_mean;
+    ``ami`` = excess / (min(H_label, H_expert) - null_mean): adjusted MI with the "min" normaliser (Vinh,
+    Epps & Bailey 2010) and the permutation mean in place of their analytic expectation; 0 = chance, 1 = the
+    label fixes the expert (or the expert the label) as far as the marginals allow. The normaliser carries the
+    number of experts: H_expert <= log E, so a top-1 MoE of 8 experts and a 62-expert fine-grained one are on
+    one scale. ``h_label`` / ``h_expert``: marginal entropies of the samples (nats).
+    """
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    keep = labels >= 0
+    idx = _flat(indices)[torch.from_numpy(keep)]
+    lab = labels[keep]
+    strata = None if strata is None else np.asarray(strata).reshape(-1)[keep]
+    units = None if units is None else np.asarray(units).reshape(-1)[keep]
+    n_labels = int(lab.max()) + 1 if lab.size else 1
+    table = assignment_table(idx, lab, n_labels, n_experts)
+    mi = table_mi(table) if lab.size else 0.0
+    rng = np.random.Generator(np.random.PCG64(seed))
+    null = np.array([table_mi(assignment_table(idx, permuted_labels(lab, rng, strata, units), n_labels, n_experts))
+                     for _ in range(n_resamples)]) if lab.size else np.zeros(n_resamples)
+    h_label, h_expert = _entropy_np(table.sum(1)), _entropy_np(table.sum(0))
+    null_mean = float(null.mean())
+    denom = min(h_label, h_expert) - null_mean
+    return {
+        "mi": mi, "null_mean": null_mean, "null_q95": float(np.quantile(null, 0.95)),
+        "p_value": float((1 + (null >= mi - 1e-12).sum()) / (1 + n_resamples)), "excess": mi - null_mean,
+        "ami": (mi - null_mean) / denom if denom > 1e-12 else 0.0, "h_label": h_label, "h_expert": h_expert,
+        "n_tokens": int(lab.size), "n_labels": int((table.sum(1) > 0).sum()), "n_resamples": int(n_resamples),
+    }
