@@ -1,7 +1,8 @@
 """The real_conversion study's tables and figure, generated from the run records (``run/*/results.json``).
 
 Run: python experiments/real_conversion/tables.py [RUN_DIR ...]   (default: experiments/real_conversion/run)
-Writes ``results.md`` and ``figures/kl_vs_bytes.{png,pdf}`` beside this file. Rules (README): intervals are
+Writes ``results.md`` and ``figures/kl_vs_bytes.{png,pdf}`` beside this file (``--out NAME``: ``NAME.md`` and
+``figures/NAME.{png,pdf}`` instead). Rules (README): intervals are
 Student-t 95% over evaluation windows (n stated); "vs" comparisons are paired over the same windows
 (``kl_windows.json`` of each run) with a t-interval of the per-window difference of mean NLL.
 """
@@ -51,6 +52,9 @@ def label(flat: dict) -> tuple[str, str]:
                            ("convert.whiten", True, "plain SVD"), ("convert.factorization", "joint", "split")):
         if flat.get(key) != off:
             bits.append(text)
+    if flat.get("convert.heal_steps"):
+        bits.append(f"healed {flat['convert.heal_steps']} x {flat['train.batch_size'] * flat['data.seq_len']} tokens "
+                    f"({flat.get('train.trainable', 'all')})")
     return "mla", f"MLA {flat.get('convert.cache_budget')}: " + ", ".join(bits)
 
 
@@ -81,6 +85,10 @@ def paired(a: dict, b: dict) -> str:
 
 
 def main(argv: list[str]) -> None:
+    name = "results"
+    if "--out" in argv:
+        i = argv.index("--out")
+        name, argv = argv[i + 1], argv[:i] + argv[i + 2:]
     runs = load([Path(a) for a in argv] or [HERE / "run"])
     if not runs:
         sys.exit("no finished runs")
@@ -126,12 +134,12 @@ def main(argv: list[str]) -> None:
         lines.append(f"| {m['label']} | {m['bytes']:.0f} | {b['label']} | {b['bytes']:.0f} | {paired(m, b)} |")
     commits = sorted({r["env"].get("git_commit", "?") for r in runs})
     lines += ["", f"Provenance: records from commit(s) {', '.join(commits)}."]
-    (HERE / "results.md").write_text("\n".join(lines) + "\n")
-    figure(runs)
+    (HERE / f"{name}.md").write_text("\n".join(lines) + "\n")
+    figure(runs, "kl_vs_bytes" if name == "results" else name)
     print("\n".join(lines))
 
 
-def figure(runs: list[dict]) -> None:
+def figure(runs: list[dict], name: str) -> None:
     """KL vs cache bytes per token per layer: MLA variants, baselines, the original."""
     import matplotlib
 
@@ -156,7 +164,7 @@ def figure(runs: list[dict]) -> None:
     out = HERE / "figures"
     out.mkdir(exist_ok=True)
     for ext in ("png", "pdf"):
-        fig.savefig(out / f"kl_vs_bytes.{ext}", bbox_inches="tight", dpi=150)
+        fig.savefig(out / f"{name}.{ext}", bbox_inches="tight", dpi=150)
 
 
 if __name__ == "__main__":
