@@ -96,6 +96,9 @@ class ConvertConfig:
     # calibration sequences of data.seq_len tokens: data.source=shakespeare takes them from the calibration plays
     # (consecutive windows; too few tokens is a config error), other sources from training batch 0
     calib_examples: int = 64
+    # windows of the calibration plays skipped before the calibration text (a disjoint calibration set: the
+    # study's calibration-sensitivity rule); other sources: ignored unless 0
+    calib_offset: int = 0
     heal_steps: int = 200
     heal_lr: Optional[float] = None  # null = train.lr
     scratch: bool = True  # also train the converted architecture from scratch (equal tokens), cached

@@ -92,6 +92,8 @@ def validate_convert(c: ConvertConfig, model_cfg: ModelConfig) -> None:
             raise bad(key, " | ".join(allowed))
     if c.calib_examples <= 0:
         raise bad("calib_examples", "an integer > 0")
+    if c.calib_offset < 0:
+        raise bad("calib_offset", "an integer >= 0")
     if c.heal_steps < 0:
         raise bad("heal_steps", "an integer >= 0")
     if c.heal_lr is not None and c.heal_lr <= 0:
@@ -197,8 +199,11 @@ def calibration(c: ConvertConfig, data_cfg: DataConfig) -> tuple[tuple[torch.Ten
     data.source=shakespeare: consecutive windows of the calibration plays (data/shakespeare.py's split); a
     ConfigError naming convert.calib_examples when they hold fewer tokens. Other sources: training batch 0.
     """
-    n, T = c.calib_examples, data_cfg.seq_len
+    n, T, skip = c.calib_examples, data_cfg.seq_len, c.calib_offset
     if data_cfg.source != "shakespeare":
+        if skip:
+            raise ConfigError(f"convert.calib_offset={skip} is invalid (allowed: 0 with data.source={data_cfg.source}: "
+                              "only the calibration plays of data.source=shakespeare have an offset)")
         inputs, targets = train_batch(data_cfg, 0, n)
         return (inputs, targets), {"convert.calib.text": f"training batch 0 of data.source={data_cfg.source}",
                                    "convert.calib.tokens": int(inputs.numel())}
@@ -206,15 +211,17 @@ def calibration(c: ConvertConfig, data_cfg: DataConfig) -> tuple[tuple[torch.Ten
 
     stream = split_tokens(data_cfg, "calibration")
     have = (len(stream) - 1) // T  # windows of T inputs and T shifted targets
-    if have < n:
+    if have < skip + n:
+        key, value, allowed = (("calib_examples", n, f"1..{have - skip}") if skip < have
+                               else ("calib_offset", skip, f"0..{have - n}"))
         raise ConfigError(
-            f"convert.calib_examples={n} is invalid (allowed: 1..{have}: the calibration plays hold {len(stream)} "
-            f"tokens, {have} windows of data.seq_len={T})"
+            f"convert.{key}={value} is invalid (allowed: {allowed}: the calibration plays hold {len(stream)} "
+            f"tokens, {have} windows of data.seq_len={T}, {skip} skipped by convert.calib_offset)"
         )
-    ids = torch.as_tensor(stream.tokens[: n * T + 1], dtype=torch.long)
+    first, used = skip * T, (skip + n) * T + 1  # token span [first, used) read
+    ids = torch.as_tensor(stream.tokens[first:used], dtype=torch.long)
     inputs, targets = ids[:-1].view(n, T), ids[1:].view(n, T)  # (n, T) each
-    used = n * T + 1
-    plays = [d.name for d, (start, _) in zip(stream.docs, stream.spans) if start < used]  # the documents read
+    plays = [d.name for d, (start, end) in zip(stream.docs, stream.spans) if start < used and end > first]  # read
     return (inputs, targets), {"convert.calib.text": "shakespeare calibration plays: " + ", ".join(plays),
                                "convert.calib.tokens": int(inputs.numel())}
 

@@ -139,3 +139,18 @@ def test_calibration_comes_from_the_calibration_plays(shakespeare_data, tmp_path
     n = (len(stream) - 1) // 256
     with pytest.raises(ConfigError, match=f"convert.calib_examples={n + 1} is invalid \\(allowed: 1..{n}"):
         calibration(ConvertConfig(calib_examples=n + 1), shakespeare_data)
+
+
+def test_calibration_offset_reads_the_next_disjoint_windows(shakespeare_data, tmp_path, monkeypatch):
+    from mla_analysis.data.shakespeare import split_tokens
+
+    monkeypatch.setenv("MLA_ANALYSIS_CACHE", str(tmp_path / "cache"))
+    (inputs, targets), _ = calibration(ConvertConfig(calib_examples=2, calib_offset=3), shakespeare_data)
+    stream = split_tokens(shakespeare_data, "calibration").tokens
+    assert torch.equal(inputs.flatten(), torch.as_tensor(stream[3 * 256: 5 * 256]))  # windows 3 and 4 of the stream
+    assert torch.equal(targets.flatten(), torch.as_tensor(stream[3 * 256 + 1: 5 * 256 + 1]))
+    n = (len(stream) - 1) // 256
+    with pytest.raises(ConfigError, match=f"convert.calib_examples=2 is invalid \\(allowed: 1..{n - (n - 1)}"):
+        calibration(ConvertConfig(calib_examples=2, calib_offset=n - 1), shakespeare_data)
+    with pytest.raises(ConfigError, match=f"convert.calib_offset={n} is invalid \\(allowed: 0..{n - 2}"):
+        calibration(ConvertConfig(calib_examples=2, calib_offset=n), shakespeare_data)
