@@ -226,12 +226,12 @@ NEEDLES_NOTE = ("needles not run: on 2 CPU cores the probe's grid costs ~3 h per
 
 
 def real_family(flat: dict[str, Any]) -> tuple[str, str]:
-    """(family, label) of a real-model run: original | baseline | mla | healed | ablation, 'MLA 120', 'int4 g32'."""
+    """(family, label) of a real-model run: original | baseline | mla | healed | ablation; 'MLA 120', 'int4 g32'."""
     if flat.get("convert.direction") == "gqa":
         heads, bits = flat.get("convert.kv_heads"), flat.get("convert.kv_quant_bits")
         if heads is None and bits == 16:
             return "original", "original"
-        parts = ([f"{flat.get('model.n_kv_heads') or '3'} -> {heads} KV heads"] if heads is not None else []) + (
+        parts = ([f"KV heads merged to {heads}"] if heads is not None else []) + (
             [f"int{bits} g{flat.get('convert.kv_quant_group')}"] if bits != 16 else [])
         return "baseline", ", ".join(parts)
     name = f"MLA {flat.get('convert.cache_budget')}"
@@ -656,6 +656,7 @@ def quality_claims(studies: dict[str, Optional[list[dict[str, Any]]]], tol: floa
         ))
     else:
         rows.append(_not_measured('"Performance loss under 1%"; MLA close to MHA', "rank_sweep", _real_fields(real, "9")))
+        rows.append(_not_measured("Worry: too much compression hurts accuracy", "rank_sweep", _real_fields(real, "10")))
     base = pick(av, name="mha")
     if av and base:
         detail = tuple(t for t in ("copy", "arithmetic") if base.get(f"metrics.{t}.exact_match") is not None)
