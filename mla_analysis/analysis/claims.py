@@ -297,7 +297,7 @@ def real_evidence(studies: dict[str, Any], tol: float) -> dict[str, tuple[str, O
 
     run, heal, full = (studies.get(n) for n in REAL_STUDIES)
     if not run:
-        why = ("not measured (experiments/real_conversion/run has no records; rerun +experiment=claims once it has runs)")
+        why = "not measured (experiments/real_conversion/run has no records; rerun +experiment=claims once it has runs)"
         return {c: (why, None) for c in ("9", "10", "11", "12")}
     v2 = load_all()["deepseek_v2"]
     groups = (v2.kv_lora_rank + v2.qk_rope_head_dim) / (2 * v2.qk_nope_head_dim)  # 2.25
@@ -336,7 +336,7 @@ def real_evidence(studies: dict[str, Any], tol: float) -> dict[str, tuple[str, O
               "is specific to low rank is the size of the loss, not its presence; healed runs also adapt to the plays' "
               "domain (experiments/real_conversion README)")
     v12 = V.rule_real_long_range(ref_copy, copy_vars)
-    text12 = (f"copying a held-out passage after d tokens of other text (experiments/real_conversion/full): "
+    text12 = ("copying a held-out passage after d tokens of other text (experiments/real_conversion/full): "
               + (v12.found if ref_copy else "not measured (full/ has no records yet)") + f"; {NEEDLES_NOTE}")
     return {"9": (text9, v9), "10": (text10, v10), "11": (text11, v11), "12": (text12, v12)}
 

@@ -617,7 +617,7 @@ def rule_real_fine_detail(variants: Sequence[tuple[str, Group]], ref_copy: Optio
         copy_worse = [n for n, g in copy_variants if below(_lohi(stat(g, key)), _lohi(ref))]
         copy_text = f"copy top-1 at distance {d[0]} below the original's: {', '.join(copy_worse) or 'none'}"
     shown = [n for n, cls in excess.items() if cls]
-    found = (f"rare classes losing more than the frequent fifth: "
+    found = ("rare classes losing more than the frequent fifth: "
              + ("; ".join(f"{n} ({', '.join(excess[n])})" for n in shown) or "none") + f"; {copy_text}")
     mla = [n for n in shown + copy_worse if n.startswith("MLA")]
     return Verdict(CONDITIONS if mla else FAILS, rule, found, {"rare_excess": shown, "copy_worse": copy_worse})
