@@ -5,8 +5,9 @@ verdict (``mla_analysis.analysis.verdicts``: one small pure function per rule, i
 verdict: ``holds`` | ``holds only under stated conditions`` | ``does not hold`` | ``not testable at this
 scale`` | ``not measured`` (the study it needs has no runs yet) | ``inconclusive at this n`` (the rule's
 intervals overlap). Where a rule changed after results were seen, the verdict under the earlier rule is
-reported beside it. Quality and worry rows carry a slot for the real-model study
-(experiments/real_conversion), "not measured" until its records exist.
+reported beside it. Quality and worry rows (9-12) carry a real-model line with its own rule and verdict
+(``verdicts.rule_real_*``), read from the real-model study's sweep directories (``REAL_STUDIES``:
+experiments/real_conversion/run, heal/, full/), "not measured" where a directory has no records.
 
 Sources of the numbers:
 - Arithmetic from the shipped published configs (``mla_analysis/published_configs``) through
@@ -35,7 +36,8 @@ from . import verdicts as V
 from ..config import MLA_VARIANTS, ClaimsConfig, ConfigError  # ClaimsConfig: importable from here as before
 
 VERDICTS = V.VERDICTS
-STUDIES = ("rank_sweep", "attention_variants", "long_context", "moe_study", "moe_probes", "real_conversion")
+STUDIES = ("rank_sweep", "attention_variants", "long_context", "moe_study", "moe_probes", "real_conversion",
+           "real_conversion_heal", "real_conversion_full")
 
 
 @dataclass
@@ -52,6 +54,8 @@ class Claim:
     rule: str = ""  # the rule that decided the verdict (verdicts.*)
     earlier: str = ""  # "verdict (earlier rule: ...)" where the rule changed after results were seen
     real: str = ""  # the real-model study's evidence (claims 9-12), or why there is none
+    real_rule: str = ""  # the rule that decided the real-model verdict (verdicts.rule_real_*)
+    real_verdict: str = ""  # the real-model line's own verdict (claims 9-12)
 
 
 # ---- studies --------------------------------------------------------------------------------------
@@ -211,21 +215,136 @@ def _earlier(v: V.Verdict) -> str:
     return f"{v.verdict} (earlier rule: {v.rule})"
 
 
-def real_model(groups: Optional[list[dict[str, Any]]], claim: str) -> str:
-    """The real-model study's evidence for a quality / worry claim (its records' matching metrics), or 'not measured'."""
-    patterns = {"9": ("kl", "ppl"), "10": ("kl", "ppl"), "11": ("copy", "detail", "freq"),
-                "12": ("needle", "niah", "passkey", "long")}[claim]
-    if not groups:
-        return ("not measured (experiments/real_conversion has no records yet; its pre-registered rules are in its "
-                "README; rerun +experiment=claims once it has runs)")
-    parts = []
-    for g in groups:
-        cells = [f"{k[len('metrics.'):]} {fmt(g, k)}" for k in sorted(g) if k.startswith("metrics.")
-                 and not k.endswith(tuple(f".{s}" for s in ("ci", "n", "k", "range", "ci_method")))
-                 and any(p in k.lower() for p in patterns) and isinstance(g.get(k), (int, float))]
-        if cells:
-            parts.append(f"{V.label(g)}: " + ", ".join(cells[:6]))
-    return "; ".join(parts) or "records exist but carry no metric for this claim"
+# ---- the real-model study (claims 9-12) -----------------------------------------------------------------
+
+REAL_STUDIES = ("real_conversion", "real_conversion_heal", "real_conversion_full")
+# the study's main recipe (conf/experiment/real_conversion.yaml): runs that differ in these keys are ablations
+MAIN_RECIPE = {"convert.rope_key": "rorope", "convert.rope_heads": "shared", "convert.kv_norm": False,
+               "convert.factorization": "joint", "convert.whiten": True, "convert.bkv": False}
+NEEDLES_NOTE = ("needles not run: on 2 CPU cores the probe's grid costs ~3 h per variant (experiments/real_conversion "
+                "README), so it waits for a GPU")
+
+
+def real_family(flat: dict[str, Any]) -> tuple[str, str]:
+    """(family, label) of a real-model run: original | baseline | mla | healed | ablation; 'MLA 120', 'int4 g32'."""
+    if flat.get("convert.direction") == "gqa":
+        heads, bits = flat.get("convert.kv_heads"), flat.get("convert.kv_quant_bits")
+        if heads is None and bits == 16:
+            return "original", "original"
+        parts = ([f"KV heads merged to {heads}"] if heads is not None else []) + (
+            [f"int{bits} g{flat.get('convert.kv_quant_group')}"] if bits != 16 else [])
+        return "baseline", ", ".join(parts)
+    name = f"MLA {flat.get('convert.cache_budget')}"
+    if any(flat.get(k) != v for k, v in MAIN_RECIPE.items()):
+        return "ablation", name + " (ablation)"
+    if flat.get("convert.heal_steps"):
+        return "healed", f"{name} healed {flat.get('metrics.tokens_seen') or 0:,.0f} tokens ({flat.get('train.trainable')})"
+    return "mla", name
+
+
+def load_real(path: Optional[str]) -> Optional[list[dict[str, Any]]]:
+    """The real-model study's runs of one sweep directory: each run's flat record plus ``family``, ``label``,
+    ``budget``, ``windows`` (its kl_windows.json), ``commits`` and ``n_ok`` = 1 (one deterministic run per
+    variant: intervals are over windows or examples); None when the directory has no finished run."""
+    import json
+
+    from ..training.results import ResultsError, load_record
+
+    if not path or not Path(path).is_dir():
+        return None
+    out = []
+    for f in sorted(Path(path).glob("*/results.json")):
+        try:
+            rec = load_record(f.parent)
+        except ResultsError:
+            continue
+        if rec["status"] != "ok":
+            continue
+        g = dict(rec["flat"])
+        win = f.parent / "kl_windows.json"
+        g["windows"] = json.loads(win.read_text()) if win.is_file() else None
+        g["family"], g["label"] = real_family(g)
+        g["budget"] = g.get("convert.cache_budget") if g["family"] != "original" else None
+        g.update(run_dir=str(f.parent), n_ok=1, facts={}, commits=[(rec.get("env") or {}).get("git_commit", "unknown")])
+        out.append(g)
+    order = ("original", "mla", "healed", "baseline", "ablation")
+    return sorted(out, key=lambda g: (order.index(g["family"]), -(g["budget"] or 0), g["label"])) or None
+
+
+def _ci(s: Optional[tuple[float, float, float]], digits: int = 3) -> str:
+    return "—" if s is None else f"{s[0]:.{digits}f} [{s[1]:.{digits}f}, {s[2]:.{digits}f}]"
+
+
+def _oneshot(runs: Optional[list[dict[str, Any]]]) -> dict[int, dict[str, Any]]:
+    """Budget -> the one-shot main-recipe MLA run (the first by directory name when a budget has several)."""
+    out: dict[int, dict[str, Any]] = {}
+    for g in runs or []:
+        if g["family"] == "mla":
+            out.setdefault(int(g["budget"]), g)
+    return out
+
+
+def _windows_note(runs: list[dict[str, Any]]) -> str:
+    """'16 windows x 1,024 tokens of the evaluation plays' from the kl probe's records."""
+    g = next((g for g in runs if g.get("metrics.probe.kl.windows")), {})
+    return (f"{g.get('metrics.probe.kl.windows', '?')} windows x {g.get('metrics.probe.kl.seq_len') or 0:,} tokens of "
+            "the evaluation plays")
+
+
+def real_evidence(studies: dict[str, Any], tol: float) -> dict[str, tuple[str, Optional[V.Verdict]]]:
+    """Claim number -> (the real-model study's evidence text, its verdict) for claims 9-12; (why not, None) without records."""
+    from ..published_configs import load_all
+
+    run, heal, full = (studies.get(n) for n in REAL_STUDIES)
+    if not run:
+        why = "not measured (experiments/real_conversion/run has no records; rerun +experiment=claims once it has runs)"
+        return {c: (why, None) for c in ("9", "10", "11", "12")}
+    v2 = load_all()["deepseek_v2"]
+    groups = (v2.kv_lora_rank + v2.qk_rope_head_dim) / (2 * v2.qk_nope_head_dim)  # 2.25
+    ref = next((g for g in run if g["family"] == "original"), run[0])
+    head_dim = ref.get("model.head_dim") or ref["model.d_model"] // ref["model.n_heads"]
+    claimed = groups * 2 * head_dim
+    one = _oneshot(run)
+    healed = [(g["label"], int(g["budget"]), g) for g in heal or [] if g["family"] == "healed"]
+    setting = (f"SmolLM2-135M (dequantised Q4_1 GGUF) converted one-shot, {_windows_note(run)}; mean [95% t over "
+               "windows, n stated] (intervals over text: one deterministic conversion per variant, no seeds)")
+    per_budget = "; ".join(f"{b}: ppl ratio {_ci(V.ppl_ratio(g))}, KL {_ci(V.stat(g, V.KL))} (n={g.get('metrics.probe.kl.kl.n')})"
+                           for b, g in sorted(one.items(), reverse=True))
+    heal_tokens = sorted({int(g.get("metrics.tokens_seen") or 0) for _, _, g in healed})
+    v9 = V.rule_real_loss(one, healed, claimed, tol)
+    text9 = (f"{setting}. One-shot MLA by budget (elements per token per layer; the original: 384): {per_budget}. "
+             f"{v9.found}. The papers heal with 10^9-10^10 tokens (MHA2MLA, TransMLA; DeepSeek-V2 trains MLA from "
+             f"scratch); this study healed with {', '.join(f'{t:,}' for t in heal_tokens) or 'no'} tokens")
+    v10 = V.rule_real_monotone(one)
+    text10 = (f"{setting}; main recipe at every budget (RoPE dims per budget fixed by the README's rule). "
+              f"{per_budget}. {v10.found}")
+    variants = [(g["label"], g) for g in [*run, *(heal or [])] if g["family"] in ("mla", "healed", "baseline")]
+    full_runs = full or []
+    ref_copy = next((g for g in full_runs if g["family"] == "original"), None)
+    copy_vars = [(g["label"], g) for g in full_runs if g["family"] in ("mla", "baseline")]
+    v11 = V.rule_real_fine_detail(variants, ref_copy, copy_vars)
+    bins = "; ".join(f"{n}: " + ", ".join(f"{b} {_ci(V.stat(g, f'probe.token_bins.{b}.delta_nll'), 2)}"
+                                          for b in ("freq0", "names", "unseen", "freq4"))
+                     for n, g in variants if V.stat(g, f"probe.token_bins.{V.FREQUENT_BIN}.delta_nll"))
+    ratios = [(n, V.stat(g, "probe.token_bins.freq0.delta_nll"), V.stat(g, f"probe.token_bins.{V.FREQUENT_BIN}.delta_nll"))
+              for n, g in variants]
+    ratios = ", ".join(f"{n} {a[0] / b[0]:.1f}x" for n, a, b in ratios if a and b and b[0] > 0.01)  # 0.01: int8's noise
+    text11 = (f"{setting}. NLL change (nats) by token class (freq0 = rarest fifth of the types by training-play count, "
+              f"freq4 = most frequent fifth): {bins or 'no token_bins records'}. {v11.found}. Secondary reading (point "
+              f"means, not the verdict): rarest over most frequent fifth's NLL change: {ratios or 'none'}; a rare-class "
+              "excess under KV quantisation or merged heads too means rare tokens are fragile to any cache error, so what "
+              "is specific to low rank is the size of the loss, not its presence; healed runs also adapt to the plays' "
+              "domain (experiments/real_conversion README)")
+    v12 = V.rule_real_long_range(ref_copy, copy_vars)
+    text12 = ("copying a held-out passage after d tokens of other text (experiments/real_conversion/full): "
+              + (v12.found if ref_copy else "not measured (full/ has no records yet)") + f"; {NEEDLES_NOTE}")
+    return {"9": (text9, v9), "10": (text10, v10), "11": (text11, v11), "12": (text12, v12)}
+
+
+def _real_fields(real: dict[str, tuple[str, Optional[V.Verdict]]], claim: str) -> dict[str, str]:
+    """The Claim fields of the real-model line: text, rule, verdict."""
+    text, v = real[claim]
+    return {"real": text, "real_rule": v.rule if v else "", "real_verdict": v.verdict if v else V.UNMEASURED}
 
 
 # ---- arithmetic claims --------------------------------------------------------------------------
@@ -485,7 +604,7 @@ def _detail(g: dict[str, Any], tasks: tuple) -> str:
 def quality_claims(studies: dict[str, Optional[list[dict[str, Any]]]], tol: float) -> list[Claim]:
     """"<1% loss", too much compression, fine detail, long context: from the committed studies."""
     rows = []
-    real = studies.get("real_conversion")
+    real = real_evidence(studies, tol)
     rs, av = studies.get("rank_sweep"), studies.get("attention_variants")
     mha = pick(rs, name="mha")
     if rs and mha:
@@ -516,7 +635,7 @@ def quality_claims(studies: dict[str, Optional[list[dict[str, Any]]]], tol: floa
             evidence="experiments/rank_sweep, experiments/attention_variants",
             metrics={"ranks_within_tolerance": [int(x.split("r=")[1]) for x in both.metrics["within"]
                                                 if x.startswith("mla r=")]},
-            real=real_model(real, "9"),
+            **_real_fields(real, "9"),
         ))
         full = _full_rank(rs)
         refs = [r for r in (mha, full) if r is not None]
@@ -533,10 +652,11 @@ def quality_claims(studies: dict[str, Optional[list[dict[str, Any]]]], tol: floa
             verdict=v10.verdict, rule=v10.rule, earlier=_earlier(old10),
             evidence="experiments/rank_sweep",
             metrics={"ranks_below_tolerance": [int(x.split("r=")[1]) for x in v10.metrics["below"] if "r=" in x]},
-            real=real_model(real, "10"),
+            **_real_fields(real, "10"),
         ))
     else:
-        rows.append(_not_measured('"Performance loss under 1%"; MLA close to MHA', "rank_sweep", real_model(real, "9")))
+        rows.append(_not_measured('"Performance loss under 1%"; MLA close to MHA', "rank_sweep", _real_fields(real, "9")))
+        rows.append(_not_measured("Worry: too much compression hurts accuracy", "rank_sweep", _real_fields(real, "10")))
     base = pick(av, name="mha")
     if av and base:
         detail = tuple(t for t in ("copy", "arithmetic") if base.get(f"metrics.{t}.exact_match") is not None)
@@ -560,10 +680,10 @@ def quality_claims(studies: dict[str, Optional[list[dict[str, Any]]]], tol: floa
             verdict=v11.verdict, rule=v11.rule, earlier=_earlier(old11),
             evidence="experiments/attention_variants",
             metrics={"token_acc_mha_seeds_beat_mla": sep},
-            real=real_model(real, "11"),
+            **_real_fields(real, "11"),
         ))
     else:
-        rows.append(_not_measured("Worry: compression loses fine detail", "attention_variants", real_model(real, "11")))
+        rows.append(_not_measured("Worry: compression loses fine detail", "attention_variants", _real_fields(real, "11")))
     lc = studies.get("long_context")
     if lc and pick(lc, name="mha"):
         pre = "metrics.probe.retrieval.retrieval."
@@ -597,10 +717,10 @@ def quality_claims(studies: dict[str, Optional[list[dict[str, Any]]]], tol: floa
             verdict=v12.verdict, rule=v12.rule, earlier=_earlier(old12),
             evidence="experiments/long_context",
             metrics={f"drop.{V.label(g)}": g.get(DROP_KEY) for g in lc if g.get(DROP_KEY) is not None},
-            real=real_model(real, "12"),
+            **_real_fields(real, "12"),
         ))
     else:
-        rows.append(_not_measured("Worry: long-range association degrades", "long_context", real_model(real, "12")))
+        rows.append(_not_measured("Worry: long-range association degrades", "long_context", _real_fields(real, "12")))
     return rows
 
 
@@ -679,9 +799,9 @@ def moe_claims(studies: dict[str, Optional[list[dict[str, Any]]]]) -> list[Claim
     return rows
 
 
-def _not_measured(claim: str, study: str, real: str = "") -> Claim:
+def _not_measured(claim: str, study: str, real: Optional[dict[str, str]] = None) -> Claim:
     return Claim(claim=claim, source="—", measured="—", conditions=f"needs the {study} study",
-                 verdict="not measured", evidence=f"run the {study} experiment, then rerun +experiment=claims", real=real)
+                 verdict="not measured", evidence=f"run the {study} experiment, then rerun +experiment=claims", **(real or {}))
 
 
 def audit(cfg: ClaimsConfig, device: torch.device) -> list[Claim]:
@@ -706,7 +826,7 @@ def check_config(cfg: ClaimsConfig) -> None:
 def audit_with_studies(cfg: ClaimsConfig, device: torch.device) -> tuple[list[Claim], dict[str, Any]]:
     """(every claim row, the loaded studies) — the studies feed the provenance section."""
     check_config(cfg)
-    studies = {name: load_study(path) for name, path in cfg.studies.items()}
+    studies = {name: (load_real if name in REAL_STUDIES else load_study)(path) for name, path in cfg.studies.items()}
     rows = kv_claims(cfg.cache_bits)
     rows += speed_claims(cfg, decode_timing(cfg, device))
     rows += training_claims(studies)
@@ -726,7 +846,9 @@ def provenance(studies: dict[str, Any], paths: dict[str, Optional[str]]) -> str:
             continue
         f = facts(groups)
         counts = Counter(c for g in groups for c in g.get("commits", []))
-        lines.append(f"| {name} | {paths.get(name)} | {'/'.join(map(str, f['seeds']))} | "
+        seeds = "1 run per variant (intervals over windows / examples)" if name in REAL_STUDIES else "/".join(
+            map(str, f["seeds"]))
+        lines.append(f"| {name} | {paths.get(name)} | {seeds} | "
                      + ", ".join(f"`{c}`" for c in sorted(counts)) + " |")
     lines += ["", "A study whose runs span several commits says in its README which of those changes could move its "
                   "numbers."]
@@ -737,15 +859,19 @@ def to_markdown(rows: list[Claim], header: str = "", footer: str = "") -> str:
     """CLAIMS.md: a summary table, then each claim with its measurement, rule, conditions and real-model evidence."""
     esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
     lines = ["# Claims audit", "", header, "",
-             "| # | claim | verdict | under the earlier rule |", "|---|---|---|---|"]
-    lines += [f"| {i} | {esc(r.claim)} | **{r.verdict}** | {esc(r.earlier.split(' (')[0]) if r.earlier else '—'} |"
-              for i, r in enumerate(rows, 1)]
+             "| # | claim | verdict | under the earlier rule | real model (SmolLM2-135M) |", "|---|---|---|---|---|"]
+    lines += [f"| {i} | {esc(r.claim)} | **{r.verdict}** | {esc(r.earlier.split(' (')[0]) if r.earlier else '—'} | "
+              + (f"**{r.real_verdict}** |" if r.real_verdict else "— |") for i, r in enumerate(rows, 1)]
     lines.append("")
     for i, r in enumerate(rows, 1):
         lines += [f"## {i}. {r.claim}", "", f"- **Source:** {r.source}", f"- **Measured (tiny studies / arithmetic):** "
                   f"{r.measured}"]
         if r.real:
             lines.append(f"- **Real model (SmolLM2-135M, experiments/real_conversion):** {r.real}")
+        if r.real_rule:
+            lines.append(f"- **Real-model rule:** {r.real_rule}")
+        if r.real_verdict:
+            lines.append(f"- **Real-model verdict:** {r.real_verdict}")
         lines += [f"- **Rule:** {r.rule or '—'}", f"- **Conditions:** {r.conditions}", f"- **Verdict:** {r.verdict}"]
         if r.earlier:
             lines.append(f"- **Verdict under the earlier rule:** {r.earlier}")
@@ -762,6 +888,8 @@ def metrics_of(rows: list[Claim]) -> dict[str, Any]:
         out[f"claim{i}.verdict"] = r.verdict
         if r.earlier:
             out[f"claim{i}.verdict_earlier_rule"] = r.earlier.split(" (")[0]
+        if r.real_verdict:
+            out[f"claim{i}.verdict_real_model"] = r.real_verdict
         for k, v in r.metrics.items():
             if isinstance(v, (int, float, bool, str)):
                 out[f"claim{i}.{k}"] = v
@@ -786,7 +914,9 @@ def run_claims(cfg: ClaimsConfig, run_dir: Path, device: str = "auto") -> dict[s
               f"committed studies in experiments/ (tiny models; seeds, sizes and tokens in each row, read from the "
               f"records): mean [{CI_METHOD} interval of the mean over seeds, n], shares of seeds solved with "
               f"{SHARE_METHOD} intervals, 'range' = min and max over seeds. Every rule is stated in its row; where a "
-              "rule changed after the results were seen, the verdict under the earlier rule stands beside it. "
+              "rule changed after the results were seen, the verdict under the earlier rule stands beside it. Rows 9-12 "
+              "also carry a real-model line with its own rule and verdict, read from experiments/real_conversion "
+              "(SmolLM2-135M; one run per variant, intervals over evaluation windows or examples). "
               "Commits of every study's runs: Provenance, at the end.")
     text = to_markdown(rows, header, provenance(studies, cfg.studies))
     atomic_write_text(Path(run_dir) / "CLAIMS.md", text)

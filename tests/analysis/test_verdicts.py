@@ -234,3 +234,128 @@ def test_one_seed_never_resolves_a_comparison():
     ref = G("mha", mqar__exact_match=(0.99, 0.98, 1.0))
     assert V.rule_compression_hurts([ref], [one], "mqar").verdict == V.FAILS and not V.below(
         V.bounds(one, "mqar.exact_match"), V.bounds(ref, "mqar.exact_match"))
+
+
+# ---- the real-model rules (claims 9-12 on SmolLM2): one run per variant, intervals over windows / examples --------
+
+
+def R(**stats):
+    """A real-model run: probe statistic=(mean, low, high) -> metrics.probe.<stat>.mean/ci_low/ci_high/n."""
+    g = {"windows": stats.pop("windows", None)}
+    for k, (m, lo, hi) in stats.items():
+        key = "metrics.probe." + k.replace("__", ".")
+        g.update({key + ".mean": m, key + ".ci_low": lo, key + ".ci_high": hi, key + ".n": 16})
+    return g
+
+
+def ratio(m, lo, hi):
+    """A run whose perplexity ratio to the original is (m, lo, hi): its per-window NLL change is their log."""
+    return R(kl__delta_nll=(math.log(m), math.log(lo), math.log(hi)), kl__kl=(m - 1, lo - 1, hi - 1))
+
+
+def test_real_loss_boundaries_budget_choice_and_healing():
+    judge = lambda one, healed=(): V.rule_real_loss(one, list(healed), 288, 0.01)  # noqa: E731
+    assert judge({192: ratio(1.005, 1.001, 1.0099)}).verdict == V.HOLDS  # upper bound just inside 1.01
+    assert judge({192: ratio(1.005, 1.001, 1.0101)}).verdict == V.INCONCLUSIVE  # just outside, lower bound inside
+    assert judge({192: ratio(1.02, 1.0101, 1.03)}).verdict == V.FAILS  # the whole interval above 1.01
+    assert judge({192: ratio(1.02, 1.0099, 1.03)}).verdict == V.INCONCLUSIVE
+    # the nearest measured budget to 288 decides (192, not 120), and a tie goes to the larger cache
+    v = judge({192: ratio(1.005, 1.001, 1.009), 120: ratio(3.0, 2.9, 3.1)})
+    assert v.verdict == V.HOLDS and v.metrics["budget"] == 192 and "a stricter test" in v.found
+    assert V.rule_real_loss({192: ratio(1.005, 1.001, 1.009), 120: ratio(3.0, 2.9, 3.1)}, [], 156, 0.01).metrics["budget"] == 192
+    # healing at the judged budget: within -> under conditions; still above -> does not hold, "recovers part"
+    one = {192: ratio(1.85, 1.77, 1.95)}
+    assert judge(one, [("healed", 192, ratio(1.005, 1.001, 1.009))]).verdict == V.CONDITIONS
+    v = judge(one, [("healed", 192, ratio(1.4, 1.3, 1.5))])
+    assert v.verdict == V.FAILS and "recovers part" in v.found
+    assert "no recovery shown" in judge(one, [("healed", 192, ratio(1.8, 1.7, 1.9))]).found  # overlaps the one-shot
+    # healing at another budget is reported, does not decide
+    v = judge(one, [("healed", 120, ratio(1.005, 1.001, 1.009))])
+    assert v.verdict == V.FAILS and "120" in v.found and "after the one-shot results were seen" in v.rule
+    assert judge({}).verdict == V.UNMEASURED
+
+
+def windows(kl, nll):
+    """kl_windows.json of 4 windows of 100 tokens with per-window mean KL / NLL ``kl`` / ``nll``."""
+    return {"doc": ["a", "a", "b", "b"], "tokens": [100] * 4, "kl": [100 * x for x in kl], "nll": [100 * x for x in nll]}
+
+
+def test_paired_diff_is_the_t_interval_of_the_per_window_difference():
+    from scipy.stats import t
+
+    a, b = R(windows=windows([1.0, 1.2, 1.1, 1.5], [4.0] * 4)), R(windows=windows([0.5, 0.6, 0.8, 0.7], [3.0] * 4))
+    d = [0.5, 0.6, 0.3, 0.8]
+    m = sum(d) / 4
+    half = t.ppf(0.975, 3) * math.sqrt(sum((x - m) ** 2 for x in d) / 3) / 2
+    assert V.paired_diff(a, b, "kl") == pytest.approx((m, m - half, m + half, 4))
+    other = R(windows={**windows([0.5] * 4, [3.0] * 4), "doc": ["a", "b", "b", "b"]})
+    assert V.paired_diff(a, other, "kl") is None  # different windows: not pairable
+
+
+def test_real_monotone_holds_flags_rises_and_needs_a_separated_end_to_end_loss():
+    def run(k):  # windows that differ by a noisy but consistent amount: k + (0, 0.01, 0.02, 0.03)
+        return R(windows=windows([k + e for e in (0, 0.01, 0.02, 0.03)], [3 + k + e for e in (0.03, 0, 0.02, 0.01)]))
+
+    assert V.rule_real_monotone({192: run(0.7), 120: run(1.3), 48: run(2.2)}).verdict == V.HOLDS
+    v = V.rule_real_monotone({192: run(0.7), 120: run(0.5), 48: run(2.2)})  # 120 beats 192: a rise, flagged
+    assert v.verdict == V.CONDITIONS and v.metrics["rises"] == ["192 -> 120 (kl)", "192 -> 120 (nll)"]
+    noisy = R(windows=windows([0.2, 1.4, 0.4, 1.2], [3.2, 4.4, 3.4, 4.2]))  # mean 0.8 but spread: not separated from 0.7
+    assert V.rule_real_monotone({192: run(0.7), 48: noisy}).verdict == V.FAILS
+    assert V.rule_real_monotone({192: run(0.7)}).verdict == V.UNMEASURED
+    # without per-window files: the recorded intervals, apart or overlapping
+    big, small = R(kl__kl=(0.7, 0.6, 0.8), kl__delta_nll=(0.6, 0.5, 0.7)), R(kl__kl=(1.3, 0.81, 1.5), kl__delta_nll=(1, 0.9, 1.1))
+    assert V.rule_real_monotone({192: big, 48: small}).verdict == V.HOLDS
+    small["metrics.probe.kl.kl.ci_low"] = 0.79
+    v = V.rule_real_monotone({192: big, 48: small})
+    assert v.verdict == V.FAILS and "unpaired" in v.found
+
+
+def bins(rare, frequent, **extra):
+    return R(token_bins__freq0__delta_nll=rare, token_bins__freq4__delta_nll=frequent, **extra)
+
+
+def test_real_fine_detail_applies_to_every_variant_and_reads_copying():
+    hi = (1.8, 1.51, 2.0)
+    assert V.rare_excess(bins(hi, (0.7, 0.6, 1.52))) == []  # the intervals overlap by 0.01
+    assert V.rare_excess(bins(hi, (0.7, 0.6, 1.50))) == ["freq0"]  # rare lower bound just above frequent upper
+    v = V.rule_real_fine_detail([("MLA 120", bins(hi, (0.7, 0.6, 0.8))), ("int4 g32", bins(hi, (0.7, 0.6, 0.8)))], None, [])
+    assert v.verdict == V.CONDITIONS and v.metrics["rare_excess"] == ["MLA 120", "int4 g32"] and "copying not measured" in v.found
+    # only a baseline shows it: the rule is applied to it too, but the claim is about MLA
+    v = V.rule_real_fine_detail([("MLA 120", bins(hi, (1.7, 1.6, 1.8))), ("int4 g32", bins(hi, (0.7, 0.6, 0.8)))], None, [])
+    assert v.verdict == V.FAILS and v.metrics["rare_excess"] == ["int4 g32"]
+    # copying at the shortest distance: MLA's top-1 interval below the original's
+    ref = R(copying__d256__top1=(0.9, 0.85, 0.95), copying__d1024__top1=(0.9, 0.85, 0.95))
+    ref["metrics.probe.copying.distances"] = [1024, 256]
+    flat = [("MLA 120", bins(hi, (1.7, 1.6, 1.8)))]
+    low, near = R(copying__d256__top1=(0.7, 0.6, 0.84)), R(copying__d256__top1=(0.7, 0.6, 0.86))
+    v = V.rule_real_fine_detail(flat, ref, [("MLA 120", low)])
+    assert v.verdict == V.CONDITIONS and v.metrics["copy_worse"] == ["MLA 120"] and "distance 256" in v.found
+    assert V.rule_real_fine_detail(flat, ref, [("MLA 120", near)]).verdict == V.FAILS
+    assert V.rule_real_fine_detail([("MLA 120", R())], None, []).verdict == V.UNMEASURED
+
+
+def copy_run(top1, half=0.05, first=(0.1, 0.05, 0.15), distances=(256, 512, 1024)):
+    g = R(copying__first__top1=first, **{f"copying__d{d}__top1": (y, y - half, y + half) for d, y in zip(distances, top1)})
+    g["metrics.probe.copying.distances"] = list(distances)
+    return g
+
+
+def test_copy_slope_is_least_squares_per_doubling_with_propagated_error():
+    s, lo, hi = V.copy_slope(copy_run([0.9, 0.8, 0.7], half=0.05), "top1", [256, 512, 1024])
+    # x = log2 d = 8, 9, 10: weights (x - 9) / 2 = -0.5, 0, 0.5; SE = sqrt(2 (0.5 x 0.05 / 1.959964)^2)
+    se = math.sqrt(2 * (0.5 * 0.05 / 1.959964) ** 2)
+    assert s == pytest.approx(-0.1) and lo == pytest.approx(-0.1 - 1.959964 * se) and hi == pytest.approx(-0.1 + 1.959964 * se)
+
+
+def test_real_long_range_boundaries():
+    ref = copy_run([0.9, 0.9, 0.9], half=0.02)
+    steep, mild = copy_run([0.9, 0.7, 0.5], half=0.02), copy_run([0.9, 0.88, 0.86], half=0.02)
+    v = V.rule_real_long_range(ref, [("MLA 120", steep), ("int4 g32", mild)])
+    assert v.verdict == V.CONDITIONS and v.metrics["more"] == ["MLA 120"]
+    assert V.rule_real_long_range(ref, [("MLA 120", mild)]).verdict == V.FAILS
+    # a variant that does not copy (second occurrence no better than the first) is excluded, not counted
+    blind = copy_run([0.12, 0.1, 0.05], half=0.02)
+    v = V.rule_real_long_range(ref, [("MLA 48", blind)])
+    assert v.verdict == V.FAILS and v.metrics["excluded"] == ["MLA 48"]
+    assert V.rule_real_long_range(copy_run([0.12, 0.1, 0.1]), [("MLA 120", steep)]).verdict == V.UNTESTABLE
+    assert V.rule_real_long_range(None, [("MLA 120", steep)]).verdict == V.UNMEASURED
