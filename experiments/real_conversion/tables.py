@@ -38,7 +38,8 @@ MAIN = {"convert.direction": "mla", "convert.cache_budget": 120, "convert.kv_bud
         "convert.rope_heads": "shared", "convert.strategy": "high", "convert.bkv": False, "convert.whiten": True,
         "convert.factorization": "joint", "convert.kv_norm": False, "convert.allocation": "uniform",
         "convert.target": "mla", "convert.calib_examples": 8, "convert.calib_offset": 0, "convert.heal_steps": 0}
-MISSING = {"convert.calib_offset": 0, "convert.heal_steps": 0, "train.trainable": "all"}  # keys older records lack, with the value they ran at
+# keys older records lack, with the value they ran at
+MISSING = {"convert.calib_offset": 0, "convert.heal_steps": 0, "train.trainable": "all"}
 HEAL_STEPS = 32  # the healing chunk's budget: 32 x 1,024 tokens of the training plays
 CALIB_OFFSET = 8  # rule 8's second calibration set: the next 8 x 1,024 tokens of the calibration plays
 DISTANCES = (256, 512, 1024, 2048, 4096)  # conf/probe/copying.yaml
@@ -245,6 +246,11 @@ def not_run(name: str, columns: int) -> str:
     return f"| {name} | not run |" + " — |" * (columns - 2)
 
 
+def table_rows(rows: list[tuple[str, dict | None]], columns: int, row) -> list[str]:
+    """One table row per (name, run): ``row(name, run)`` where the run exists, a 'not run' row where it does not."""
+    return [not_run(name, columns) if r is None else row(name, r) for name, r in rows]
+
+
 def rank_of(f: dict) -> str:
     """The latent rank(s) of an MLA record: one number when uniform, else min..max."""
     ranks = f.get("metrics.convert.kv_lora_ranks") or [f.get("model.kv_lora_rank")]
@@ -341,7 +347,8 @@ def noise_verdict(r: dict, main: dict | None, spread: float | None) -> str:
     if spread is None:
         return f"|ΔKL| {abs(a - m):.3f}; calibration spread not run"
     within = abs(a - m) < spread
-    return f"{'within' if within else 'beyond'} calibration noise (|ΔKL| {abs(a - m):.3f} {'<' if within else '>='} {spread:.3f})"
+    cmp = "<" if within else ">="
+    return f"{'within' if within else 'beyond'} calibration noise (|ΔKL| {abs(a - m):.3f} {cmp} {spread:.3f})"
 
 
 def ablation_lines(runs: list[dict], ablate: list[dict]) -> list[str]:
@@ -356,18 +363,15 @@ def ablation_lines(runs: list[dict], ablate: list[dict]) -> list[str]:
             f"windows, n={n}]; ΔKL and NLL vs main: paired per-window differences ablation minus main (positive = the "
             "ablation is worse). 'vs calibration noise' (rule 8): |ΔKL| against the spread of the main recipe's KL over "
             "two disjoint calibration sets at 120 " + ("(not run)" if spread is None else f"({spread:.3f} nats/token)") + ".",
-            "", "| ablation | variant | latent rank | ppl ratio | KL (nats/token) | ΔKL vs main | NLL vs main | vs calibration noise |",
+            "", "| ablation | variant | latent rank | ppl ratio | KL (nats/token) | ΔKL vs main | NLL vs main "
+            "| vs calibration noise |",
             "|---|---|---|---|---|---|---|---|"]
     lines = head + ([not_run("main recipe", 8)] if main is None else
                     [f"| main recipe | {main['label']} | {rank_of(main['flat'])} | {ratio(main['flat'])} | "
                      f"{ci(main['flat'], 'kl.kl')} | — | — | — |"])
-    for name, r in rows:
-        if r is None:
-            lines.append(not_run(name, 8))
-            continue
-        f = r["flat"]
-        lines.append(f"| {name} | {r['label']} | {rank_of(f)} | {ratio(f)} | {ci(f, 'kl.kl')} | {paired(r, main, 'kl')} | "
-                     f"{paired(r, main)} | {noise_verdict(r, main, spread)} |")
+    lines += table_rows(rows, 8, lambda name, r: (
+        f"| {name} | {r['label']} | {rank_of(r['flat'])} | {ratio(r['flat'])} | {ci(r['flat'], 'kl.kl')} | "
+        f"{paired(r, main, 'kl')} | {paired(r, main)} | {noise_verdict(r, main, spread)} |"))
     found = dict(rows)
     lines += ["", "## MHA2MLA's orderings (paired NLL difference A - B over the same windows; negative = A better)", "",
               "MHA2MLA: 2-norm >= uniform > high > low (per-KV-head RoPE dims), and joint > split factorisation; "
@@ -388,7 +392,8 @@ def ablation_lines(runs: list[dict], ablate: list[dict]) -> list[str]:
             lines.append(f"| {a} | not run | — |")
             continue
         same = {k: value(r["flat"], k) for k in MAIN}
-        ref = find(runs + ablate, {**same, "convert.cache_budget": 120, "convert.kv_budget": None, "convert.allocation": "uniform"})
+        uniform = {"convert.cache_budget": 120, "convert.kv_budget": None, "convert.allocation": "uniform"}
+        ref = find(runs + ablate, {**same, **uniform})
         lines.append(f"| {a} | {'not run' if ref is None else ref['label']} | {paired(r, ref)} |")
     return lines + ["", provenance([r for r in [main, *(r for _, r in rows)] if r is not None]
                                    + calibration_sets(runs, 120))]
@@ -429,10 +434,8 @@ def healing_lines(runs: list[dict], heal: list[dict]) -> list[str]:
              "| variant | trainable parameters | one-shot ppl ratio | ppl ratio to original | ppl ratio to healed original "
              "| KL to original | NLL vs healed original | val loss at steps " + " / ".join(map(str, steps)) + " |",
              "|---|---|---|---|---|---|---|---|"]
-    for name, r in rows:
-        if r is None:
-            lines.append(not_run(name, 8))
-            continue
+
+    def row(name: str, r: dict) -> str:
         f = r["flat"]
         spec = dict(HEALED + CONTROLS).get(name)
         base = find(runs, one_shot(spec)) if spec is not None else None
@@ -441,10 +444,12 @@ def healing_lines(runs: list[dict], heal: list[dict]) -> list[str]:
         by_step = {h.get("step"): h.get("val_loss") for h in r["history"]}
         curve = " / ".join("—" if by_step.get(t) is None else f"{by_step[t]:.3f}" for t in steps)
         params = f.get("metrics.params_trainable")
-        lines.append(f"| {r['label']} | {'—' if params is None else f'{params / 1e6:.1f}M'} | "
-                     f"{'—' if base is None else ratio(base['flat'])} | {ratio(f)} | {to_ho} | {ci(f, 'kl.kl')} | "
-                     f"{'—' if r is ho else paired(r, ho)} | {curve} |")
-    return lines + ["", f"Curves: figures/healing_curves.png (val loss vs healing tokens, controls dashed).", "",
+        return (f"| {r['label']} | {'—' if params is None else f'{params / 1e6:.1f}M'} | "
+                f"{'—' if base is None else ratio(base['flat'])} | {ratio(f)} | {to_ho} | {ci(f, 'kl.kl')} | "
+                f"{'—' if r is ho else paired(r, ho)} | {curve} |")
+
+    lines += table_rows(rows, 8, row)
+    return lines + ["", "Curves: figures/healing_curves.png (val loss vs healing tokens, controls dashed).", "",
                     provenance([r for _, r in rows if r is not None])]
 
 
@@ -492,7 +497,8 @@ def full_lines(full: list[dict]) -> list[str]:
     rows = select(FULL, full, extras=full)
     ds = distances(rows)
     found = [r for _, r in rows if r is not None]
-    ex, method, plen = (first_value(found, f"metrics.probe.copying.{k}") for k in ("examples", "interval.method", "passage_len"))
+    ex, method, plen = (first_value(found, f"metrics.probe.copying.{k}")
+                        for k in ("examples", "interval.method", "passage_len"))
     lines = ["# real_conversion: the full metric set (generated by tables.py from the run records; do not edit)", "",
              f"## Copying: the second occurrence of a {plen}-token held-out passage after d tokens of other held-out text",
              "", f"Mean over {ex} examples [95% {method} interval over examples]; 'first' = the same tokens in the first "
@@ -501,22 +507,15 @@ def full_lines(full: list[dict]) -> list[str]:
     for metric, title in (("nll", "NLL (nats/token)"), ("top1", "top-1 accuracy")):
         lines += ["", f"### {title}", "", "| variant | bytes | first | " + " | ".join(f"d={d}" for d in ds) + " |",
                   "|---|---|" + "---|" * len(cols)]
-        for name, r in rows:
-            if r is None:
-                lines.append(not_run(name, len(cols) + 2))
-                continue
-            cells = [ci(r["flat"], f"copying.{c}.{metric}", 3 if metric == "top1" else 2) for c in cols]
-            lines.append(f"| {r['label']} | {r['bytes']:.0f} | " + " | ".join(cells) + " |")
+        digits = 3 if metric == "top1" else 2
+        lines += table_rows(rows, len(cols) + 2, lambda _, r: f"| {r['label']} | {r['bytes']:.0f} | " + " | ".join(
+            ci(r["flat"], f"copying.{c}.{metric}", digits) for c in cols) + " |")
     lines += ["", "## Next line (local lm-eval task: the true next line vs 3 lines from elsewhere in the play)", "",
               "Accuracy [95% Wilson interval over examples]; chance 0.25.", "",
               "| variant | bytes | acc | acc_norm | examples |", "|---|---|---|---|---|"]
-    for name, r in rows:
-        if r is None:
-            lines.append(not_run(name, 5))
-            continue
-        f = r["flat"]
-        lines.append(f"| {r['label']} | {r['bytes']:.0f} | {ci(f, 'next_line.acc')} | {ci(f, 'next_line.acc_norm')} | "
-                     f"{f.get('metrics.probe.next_line.examples', '—')} |")
+    lines += table_rows(rows, 5, lambda _, r: (
+        f"| {r['label']} | {r['bytes']:.0f} | {ci(r['flat'], 'next_line.acc')} | {ci(r['flat'], 'next_line.acc_norm')} | "
+        f"{r['flat'].get('metrics.probe.next_line.examples', '—')} |"))
     return lines + ["", provenance(found)]
 
 
@@ -528,7 +527,8 @@ def copying_figure(full: list[dict], out: Path) -> None:
     ax = axes[0, 0]
     for r in sorted(full, key=lambda r: -r["bytes"]):
         f = r["flat"]
-        ds = [d for d in f.get("metrics.probe.copying.distances") or [] if f.get(f"metrics.probe.copying.d{d}.top1.mean") is not None]
+        ds = [d for d in f.get("metrics.probe.copying.distances") or []
+              if f.get(f"metrics.probe.copying.d{d}.top1.mean") is not None]
         if not ds:
             continue
         m = np.array([f[f"metrics.probe.copying.d{d}.top1.mean"] for d in ds])

@@ -1,4 +1,4 @@
-"""experiments/real_conversion/tables.py on small synthetic run records (paired statistics, rule 8, controls, copying)."""
+"""experiments/real_conversion/tables.py on small synthetic run records (paired statistics, rule 8, controls)."""
 
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ def write_run(sweep: Path, name: str, config: dict, nll: np.ndarray, kl: np.ndar
 
 
 def noise(seed: int, scale: float = 0.01) -> np.ndarray:
+    """Reproducible per-window noise."""
     return np.random.default_rng(seed).normal(0, scale, N_WIN)
 
 
