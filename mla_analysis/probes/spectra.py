@@ -94,6 +94,15 @@ class GramAccumulator:
         evals, _ = self.eig(center)
         return np.sqrt(evals[: min(self.n, self.dim)])
 
+    def block(self, idx: Sequence[int] | slice) -> "GramAccumulator":
+        """The accumulator of the columns ``idx`` alone (the Gram's diagonal block): no second pass over the rows."""
+        cols = torch.arange(self.dim)[idx]
+        out = GramAccumulator(len(cols), self.gram.device)
+        out.gram = self.gram[cols][:, cols].clone()
+        out.col_sum = self.col_sum[cols].clone()
+        out.n = self.n
+        return out
+
     def subspace(self, r: int, center: bool = False) -> np.ndarray:
         """Orthonormal basis [dim, r] of the dominant r-dim right singular subspace."""
         return self.eig(center)[1][:, :r]
@@ -199,7 +208,8 @@ def _arg(args: tuple, kwargs: dict, i: int, name: str) -> Any:
 
 def _features(attn: torch.nn.Module, x: torch.Tensor, rope, cos, sin) -> tuple[dict, dict, list]:
     """Recompute what the layer caches: layer-level {name: (B, T, d)}, per-head {name: (B, T, H, d)},
-    and the names in computation order (upstream first, so a NaN is reported where it appears)."""
+    and the names to check for NaN/inf in computation order (upstream first, so a NaN is reported where it
+    appears; a concatenation of checked tensors needs no check of its own)."""
     B, T, _ = x.shape
     if isinstance(attn, Attention):
         k_pre = attn.wk(x).view(B, T, attn.n_kv_heads, attn.head_dim)  # (B, T, H_kv, d_h)
@@ -214,7 +224,7 @@ def _features(attn: torch.nn.Module, x: torch.Tensor, rope, cos, sin) -> tuple[d
             "kv_pre_all": torch.cat((k_pre_all, v_all), -1),  # (B, T, 2 H_kv d_h): what a joint MLA latent compresses
             "kv_all": torch.cat((k_all, v_all), -1),  # (B, T, 2 H_kv d_h): the cache entry
         }
-        return layer, heads, ["k_pre", "k", "v", "kv", "k_pre_all", "k_all", "v_all", "kv_pre_all", "kv_all"]
+        return layer, heads, ["k_pre", "k", "v"]  # the rest are concatenations of these: no second NaN check
     if isinstance(attn, MLACoupledRoPE):
         c_kv = attn.kv_norm(attn.wkv_a(x))  # (B, T, d_c)
         w_uk, w_uv = attn.w_uk_uv()  # (H, d_qk, d_c), (H, d_v, d_c)
@@ -257,21 +267,26 @@ class LayerStats:
     """Gram accumulators of one layer, created on the first batch (widths come from the tensors).
 
     ``layer[name]``: one GramAccumulator per layer-level tensor; ``heads[name]``: one per head; ``skipped``:
-    layer-level tensors wider than ``max_joint_dim`` (not accumulated) and why."""
+    layer-level tensors wider than ``max_joint_dim`` (not accumulated) and why. ``names``: only these tensors are
+    accumulated (None = all; every tensor is still checked for NaN/inf)."""
 
-    def __init__(self, idx: int, max_joint_dim: int):
+    def __init__(self, idx: int, max_joint_dim: int, names: Optional[Sequence[str]] = None):
         self.idx = idx
         self.max_joint_dim = max_joint_dim
+        self.names = None if names is None else set(names)
         self.layer: dict[str, GramAccumulator] = {}
         self.heads: dict[str, list[GramAccumulator]] = {}
         self.skipped: dict[str, str] = {}
 
     def add(self, layer: dict, heads: dict, order: list) -> None:
-        """Check one batch's tensors for NaN/inf and stream them into the accumulators."""
+        """Check one batch's tensors named in ``order`` for NaN/inf and stream them into the accumulators."""
         for name in order:
             t = layer[name] if name in layer else heads[name]
             if not torch.isfinite(t).all():
                 raise ProbeError(f"spectra: layer {self.idx} {name} has non-finite values (NaN/inf) on the 'lm' eval set")
+        if self.names is not None:
+            layer = {k: v for k, v in layer.items() if k in self.names}
+            heads = {k: v for k, v in heads.items() if k in self.names}
         for name, t in layer.items():
             d = t.shape[-1]
             if d > self.max_joint_dim:
@@ -296,13 +311,15 @@ def _hook(stats: LayerStats):
     return fn
 
 
-def attach(model: torch.nn.Module, max_joint_dim: int) -> tuple[list[LayerStats], list]:
-    """Forward hooks on every layer's attention streaming its K/V features into LayerStats; (stats, hook handles).
+def attach(model: torch.nn.Module, max_joint_dim: int, names: Optional[Sequence[str]] = None
+           ) -> tuple[list[LayerStats], list]:
+    """Forward hooks on every layer's attention streaming its K/V features (``names``: only these; None = all) into
+    LayerStats; returns (stats, hook handles).
 
     Run the model with ``training.forward_hooks.run_hooked(model, handles, ...)`` (which removes the hooks), together
     with other hooks when one pass should serve several measurements."""
     core = unwrap(model)
-    stats = [LayerStats(i, max_joint_dim) for i in range(len(core.layers))]
+    stats = [LayerStats(i, max_joint_dim, names) for i in range(len(core.layers))]
     handles = [
         block.attn.register_forward_hook(_hook(s), with_kwargs=True) for block, s in zip(core.layers, stats)
     ]

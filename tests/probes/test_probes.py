@@ -61,6 +61,10 @@ def test_gram_spectrum_matches_svd_and_chunking_is_exact():
     few = GramAccumulator(12)
     few.update(x[:5].float())  # float32 rows are promoted to float64
     np.testing.assert_allclose(few.spectrum(), torch.linalg.svdvals(x[:5].float().double()).numpy(), rtol=1e-8)
+    # a block of columns is the accumulator of those columns alone
+    cols = [1, 4, 5, 9]
+    np.testing.assert_allclose(one.block(cols).spectrum(center=True), torch.linalg.svdvals(x[:, cols] - x[:, cols].mean(0)).numpy(), rtol=1e-9)
+    np.testing.assert_allclose(one.block(slice(0, 6)).spectrum(), torch.linalg.svdvals(x[:, :6]).numpy(), rtol=1e-9)
     # batched [B, T, d] input is flattened into rows
     b = GramAccumulator(12)
     b.update(x.view(3, 100, 12))
@@ -210,7 +214,7 @@ def test_layer_concatenations_have_the_known_spectra_of_constructed_keys_and_val
         eye = torch.eye(32)
         attn.wk.weight.copy_(eye[:16])
         attn.wv.weight.copy_(3.0 * eye[16:])
-    stats, handles = attach(model, max_joint_dim=64)
+    stats, handles = attach(model, max_joint_dim=64, names=("k_pre_all", "k_all", "v_all", "kv_pre_all"))
     cos, sin = model.rope(torch.arange(48))
     with torch.no_grad():
         attn(x[None], model.rope, cos, sin)  # (1, 48, 32): one sequence of 48 tokens
@@ -229,6 +233,7 @@ def test_layer_concatenations_have_the_known_spectra_of_constructed_keys_and_val
     e = np.cumsum(joint**2) / (joint**2).sum()
     assert energy_rank(layer["kv_pre_all"].spectrum(), 0.9) == int(np.argmax(e >= 0.9)) + 1
     assert 1 - energy_at_rank(layer["kv_pre_all"].spectrum(), 8) == pytest.approx(1 - e[7], rel=1e-3)
+    assert stats[0].heads == {} and "kv_all" not in layer  # only the tensors asked for are accumulated
     assert stats[1].layer == {}  # layer 1 was never called
 
 
