@@ -5,7 +5,8 @@ Run (the full setting, ~10 min on 2 shared cores; see the README for the measure
 Smoke: PYTHONPATH=. python experiments/real_conversion/spectra.py --windows 1 --seq 128 --layers 2 --out /tmp/spectra \
     convert.calib_examples=1
 Options: ``--windows N --seq L`` evaluation windows, ``--layers N`` only the first N layers (each layer's teacher-forced
-numbers depend only on the layers before it, so they equal the full run's), ``--converted DIR`` a converted checkpoint
+numbers depend only on the layers before it, so they equal the full run's; not with convert.strategy=norm, which pools
+its scores over all layers), ``--converted DIR`` a converted checkpoint
 (run dir) instead of converting here, ``--out DIR`` (default: beside this file), trailing ``key=value`` Hydra overrides
 of the study's config (default ``+experiment=real_conversion convert.cache_budget=120 convert.rope_dims=32``: the main
 recipe at 120, as its run).
