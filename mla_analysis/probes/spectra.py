@@ -6,7 +6,9 @@ independent of the number of tokens). Singular values are the square roots of th
 
 Activations (per layer; "per head" = one spectrum per K/V head):
 - MHA / GQA / MQA: ``k_pre`` (key before RoPE), ``k`` (after RoPE, as cached), ``v`` and ``kv`` =
-  [k; v] per head; ``kv_all`` = every head's k and v side by side (the layer's whole cache entry).
+  [k; v] per head; per layer, every K/V head side by side: ``k_pre_all``, ``k_all``, ``v_all`` (H_kv d_h wide),
+  ``kv_pre_all`` = [k_pre_all; v_all] (the keys before RoPE: what a joint MLA latent of the layer compresses)
+  and ``kv_all`` = [k_all; v_all] (the layer's whole cache entry).
 - MLA: ``c_kv`` (the normalised latent), ``k_rope`` (shared decoupled key after RoPE, as cached),
   per head ``k_nope`` = W^UK c_kv, ``v`` = W^UV c_kv and ``kv`` = [k_nope; v] (rank <= d_c by
   construction); ``kv_all`` = [all k_nope, all v, k_rope] (rank <= d_c + d_h^R).
@@ -91,6 +93,15 @@ class GramAccumulator:
         """Singular values of the stacked rows (min(n, dim) of them, descending)."""
         evals, _ = self.eig(center)
         return np.sqrt(evals[: min(self.n, self.dim)])
+
+    def block(self, idx: Sequence[int] | slice) -> "GramAccumulator":
+        """The accumulator of the columns ``idx`` alone (the Gram's diagonal block): no second pass over the rows."""
+        cols = torch.arange(self.dim)[idx]
+        out = GramAccumulator(len(cols), self.gram.device)
+        out.gram = self.gram[cols][:, cols].clone()
+        out.col_sum = self.col_sum[cols].clone()
+        out.n = self.n
+        return out
 
     def subspace(self, r: int, center: bool = False) -> np.ndarray:
         """Orthonormal basis [dim, r] of the dominant r-dim right singular subspace."""
@@ -197,15 +208,23 @@ def _arg(args: tuple, kwargs: dict, i: int, name: str) -> Any:
 
 def _features(attn: torch.nn.Module, x: torch.Tensor, rope, cos, sin) -> tuple[dict, dict, list]:
     """Recompute what the layer caches: layer-level {name: (B, T, d)}, per-head {name: (B, T, H, d)},
-    and the names in computation order (upstream first, so a NaN is reported where it appears)."""
+    and the names to check for NaN/inf in computation order (upstream first, so a NaN is reported where it
+    appears; a concatenation of checked tensors needs no check of its own)."""
     B, T, _ = x.shape
     if isinstance(attn, Attention):
         k_pre = attn.wk(x).view(B, T, attn.n_kv_heads, attn.head_dim)  # (B, T, H_kv, d_h)
         v = attn.wv(x).view(B, T, attn.n_kv_heads, attn.head_dim)  # (B, T, H_kv, d_h)
         k = rope.rotate(k_pre, cos, sin)
         heads = {"k_pre": k_pre, "k": k, "v": v, "kv": torch.cat((k, v), -1)}
-        layer = {"kv_all": torch.cat((k.flatten(2), v.flatten(2)), -1)}  # (B, T, 2 H_kv d_h)
-        return layer, heads, ["k_pre", "k", "v", "kv", "kv_all"]
+        k_pre_all, k_all, v_all = k_pre.flatten(2), k.flatten(2), v.flatten(2)  # (B, T, H_kv d_h) each
+        layer = {
+            "k_pre_all": k_pre_all,
+            "k_all": k_all,
+            "v_all": v_all,
+            "kv_pre_all": torch.cat((k_pre_all, v_all), -1),  # (B, T, 2 H_kv d_h): what a joint MLA latent compresses
+            "kv_all": torch.cat((k_all, v_all), -1),  # (B, T, 2 H_kv d_h): the cache entry
+        }
+        return layer, heads, ["k_pre", "k", "v"]  # the rest are concatenations of these: no second NaN check
     if isinstance(attn, MLACoupledRoPE):
         c_kv = attn.kv_norm(attn.wkv_a(x))  # (B, T, d_c)
         w_uk, w_uv = attn.w_uk_uv()  # (H, d_qk, d_c), (H, d_v, d_c)
@@ -244,22 +263,30 @@ def _weights(attn: torch.nn.Module) -> tuple[dict, dict]:
     return layer, {"w_uk": w_uk, "w_uv": w_uv}
 
 
-class _LayerStats:
-    """Gram accumulators of one layer, created on the first batch (widths come from the tensors)."""
+class LayerStats:
+    """Gram accumulators of one layer, created on the first batch (widths come from the tensors).
 
-    def __init__(self, idx: int, max_joint_dim: int):
+    ``layer[name]``: one GramAccumulator per layer-level tensor; ``heads[name]``: one per head; ``skipped``:
+    layer-level tensors wider than ``max_joint_dim`` (not accumulated) and why. ``names``: only these tensors are
+    accumulated (None = all; every tensor is still checked for NaN/inf)."""
+
+    def __init__(self, idx: int, max_joint_dim: int, names: Optional[Sequence[str]] = None):
         self.idx = idx
         self.max_joint_dim = max_joint_dim
+        self.names = None if names is None else set(names)
         self.layer: dict[str, GramAccumulator] = {}
         self.heads: dict[str, list[GramAccumulator]] = {}
         self.skipped: dict[str, str] = {}
 
     def add(self, layer: dict, heads: dict, order: list) -> None:
-        """Check one batch's tensors for NaN/inf and stream them into the accumulators."""
+        """Check one batch's tensors named in ``order`` for NaN/inf and stream them into the accumulators."""
         for name in order:
             t = layer[name] if name in layer else heads[name]
             if not torch.isfinite(t).all():
                 raise ProbeError(f"spectra: layer {self.idx} {name} has non-finite values (NaN/inf) on the 'lm' eval set")
+        if self.names is not None:
+            layer = {k: v for k, v in layer.items() if k in self.names}
+            heads = {k: v for k, v in heads.items() if k in self.names}
         for name, t in layer.items():
             d = t.shape[-1]
             if d > self.max_joint_dim:
@@ -273,7 +300,7 @@ class _LayerStats:
                 accs[h].update(t[..., h, :].reshape(-1, d))  # (B*T, d) rows of head h
 
 
-def _hook(stats: _LayerStats):
+def _hook(stats: LayerStats):
     def fn(module, args, kwargs, output):
         x = _arg(args, kwargs, 0, "x")
         if not torch.isfinite(x).all():
@@ -284,14 +311,20 @@ def _hook(stats: _LayerStats):
     return fn
 
 
-def _collect(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int, device, max_joint_dim: int) -> list[_LayerStats]:
+def attach(model: torch.nn.Module, max_joint_dim: int, names: Optional[Sequence[str]] = None
+           ) -> tuple[list[LayerStats], list]:
+    """Forward hooks on every layer's attention streaming its K/V features (``names``: only these; None = all) into
+    LayerStats; returns (stats, hook handles).
+
+    Run the model with ``training.forward_hooks.run_hooked(model, handles, ...)`` (which removes the hooks), together
+    with other hooks when one pass should serve several measurements."""
     core = unwrap(model)
-    stats = [_LayerStats(i, max_joint_dim) for i in range(len(core.layers))]
+    stats = [LayerStats(i, max_joint_dim, names) for i in range(len(core.layers))]
     handles = [
         block.attn.register_forward_hook(_hook(s), with_kwargs=True) for block, s in zip(core.layers, stats)
     ]
-    run_hooked(core, handles, inputs, batch_size, device)
-    return stats
+    return stats, handles
+
 
 
 # ---- the probe --------------------------------------------------------------------------------
@@ -324,7 +357,8 @@ def run(model: torch.nn.Module, params: dict, data_cfg: Any, run_dir: Path, devi
     T = min(inputs.shape[1], p["max_tokens"])
     n_seq = min(inputs.shape[0], max(1, p["max_tokens"] // T))
     inputs = inputs[:n_seq, :T]
-    stats = _collect(model, inputs, p["batch_size"], device, p["max_joint_dim"])
+    stats, handles = attach(model, p["max_joint_dim"])
+    run_hooked(core, handles, inputs, p["batch_size"], device)
 
     taus, ranks, rtol, center = p["taus"], p["ranks"], float(p["rank_rtol"]), p["center"]
     measure_keys = ["erank", "srank", *(_tau_name(t) for t in taus), *(f"energy_r{r}" for r in ranks)]
@@ -405,7 +439,7 @@ def run(model: torch.nn.Module, params: dict, data_cfg: Any, run_dir: Path, devi
     return metrics
 
 
-def _subspace_angles(stats: list[_LayerStats], r_max: int, center: bool) -> dict[str, Any]:
+def _subspace_angles(stats: list[LayerStats], r_max: int, center: bool) -> dict[str, Any]:
     """Mean cosine of principal angles between consecutive layers' dominant key subspaces."""
     out: dict[str, Any] = {}
     for name in SUBSPACE_TENSORS:

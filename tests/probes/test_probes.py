@@ -61,6 +61,10 @@ def test_gram_spectrum_matches_svd_and_chunking_is_exact():
     few = GramAccumulator(12)
     few.update(x[:5].float())  # float32 rows are promoted to float64
     np.testing.assert_allclose(few.spectrum(), torch.linalg.svdvals(x[:5].float().double()).numpy(), rtol=1e-8)
+    # a block of columns is the accumulator of those columns alone
+    cols = [1, 4, 5, 9]
+    np.testing.assert_allclose(one.block(cols).spectrum(center=True), torch.linalg.svdvals(x[:, cols] - x[:, cols].mean(0)).numpy(), rtol=1e-9)
+    np.testing.assert_allclose(one.block(slice(0, 6)).spectrum(), torch.linalg.svdvals(x[:, :6]).numpy(), rtol=1e-9)
     # batched [B, T, d] input is flattened into rows
     b = GramAccumulator(12)
     b.update(x.view(3, 100, 12))
@@ -186,8 +190,51 @@ def test_spectra_probe_mha_centred_matches_cache(tmp_path):
                 xc = x[:, h] - x[:, h].mean(0)
                 np.testing.assert_allclose(_json_sv(js, layer, name, h), torch.linalg.svdvals(xc).numpy(), rtol=1e-5, atol=1e-7)
         assert js["layers"][layer]["activations"]["kv_all"]["dim"] == 2 * H * d
+        for name in ("k_all", "v_all"):  # every KV head side by side, as cached
+            x = cache[layer][name[0]].reshape(-1, H * d).double()
+            xc = x - x.mean(0)
+            np.testing.assert_allclose(_json_sv(js, layer, name), torch.linalg.svdvals(xc).numpy(), rtol=1e-5, atol=1e-7)
         assert set(js["layers"][layer]["weights"]) == {"wk", "wv"}
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_layer_concatenations_have_the_known_spectra_of_constructed_keys_and_values():
+    # x = U diag(s) with orthonormal U; wk reads coordinates 0..15 of x, wv 16..31 scaled by 3. So every KV head
+    # side by side has singular values s[:16] (K pre-RoPE) and 3 s[16:] (V), [K_pre; V] their union (disjoint
+    # coordinates of orthonormal columns), and RoPE (a rotation per token) keeps K's Frobenius norm.
+    from mla_analysis.probes.spectra import attach
+
+    cfg = tiny(attention="gqa", n_kv_heads=2)  # head_dim 8: K and V are 2 x 8 = 16 wide, [K; V] 32 = d_model
+    model = Transformer(cfg).eval()
+    attn = model.layers[0].attn
+    s = np.geomspace(10.0, 0.1, 32)
+    u, _ = torch.linalg.qr(torch.randn(48, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    x = (u * torch.from_numpy(s)).float()  # (48, 32): column j is s_j times an orthonormal column
+    with torch.no_grad():
+        eye = torch.eye(32)
+        attn.wk.weight.copy_(eye[:16])
+        attn.wv.weight.copy_(3.0 * eye[16:])
+    stats, handles = attach(model, max_joint_dim=64, names=("k_pre_all", "k_all", "v_all", "kv_pre_all"))
+    cos, sin = model.rope(torch.arange(48))
+    with torch.no_grad():
+        attn(x[None], model.rope, cos, sin)  # (1, 48, 32): one sequence of 48 tokens
+    for h in handles:
+        h.remove()
+    layer = stats[0].layer
+    np.testing.assert_allclose(layer["k_pre_all"].spectrum(), s[:16], rtol=1e-4)
+    np.testing.assert_allclose(layer["v_all"].spectrum(), 3.0 * s[16:], rtol=1e-4)
+    joint = np.sort(np.concatenate((s[:16], 3.0 * s[16:])))[::-1]
+    np.testing.assert_allclose(layer["kv_pre_all"].spectrum(), joint, rtol=1e-4)
+    assert (layer["k_all"].spectrum() ** 2).sum() == pytest.approx((s[:16] ** 2).sum(), rel=1e-4)
+    assert not np.allclose(layer["k_all"].spectrum(), s[:16], rtol=1e-2)  # RoPE does change the spectrum
+    # closed forms on these spectra: p_i = s_i / sum s, erank = exp(-sum p log p); r90 by the cumulative energy
+    p = s[:16] / s[:16].sum()
+    assert effective_rank(layer["k_pre_all"].spectrum()) == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-4)
+    e = np.cumsum(joint**2) / (joint**2).sum()
+    assert energy_rank(layer["kv_pre_all"].spectrum(), 0.9) == int(np.argmax(e >= 0.9)) + 1
+    assert 1 - energy_at_rank(layer["kv_pre_all"].spectrum(), 8) == pytest.approx(1 - e[7], rel=1e-3)
+    assert stats[0].heads == {} and "kv_all" not in layer  # only the tensors asked for are accumulated
+    assert stats[1].layer == {}  # layer 1 was never called
 
 
 def test_spectra_probe_rejects_nan(tmp_path):
