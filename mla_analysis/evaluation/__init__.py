@@ -1,7 +1,7 @@
 """Evaluating a model: sliding-window perplexity and KL, and lm-eval tasks through an lm-eval model adapter.
 
 ``perplexity`` scores token streams in chunked sliding windows (equal to transformers' loss) and the per-token
-KL to a reference; ``lm_eval_model`` is lm-eval's ``model="mla_analysis"`` (KV-cached loglikelihood and greedy
+KL to a reference (``mla_analysis.metrics.perplexity``, at the data level, re-exported here); ``lm_eval_model`` is lm-eval's ``model="mla_analysis"`` (KV-cached loglikelihood and greedy
 generation); ``registration`` registers that model with lm-eval lazily (``import mla_analysis`` stays cheap);
 ``cli`` is ``python -m mla_analysis.eval`` and exports the procedural tasks. The ``lm_eval`` probe is in
 ``mla_analysis.probes``.
