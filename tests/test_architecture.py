@@ -117,6 +117,7 @@ def test_config_imports_nothing_above_it():
 #  - evaluation (lm-eval adapter) < probes (the lm_eval probe uses it) < bench (times the probes' code, e.g. the
 #    spectra probe) < analysis (claims reuse the bench's decode shapes) < runner < the entry points.
 LAYERS = [
+    ("package helpers", ("mla_analysis._lazy",)),
     ("config", ("mla_analysis.config",)),
     ("models", ("mla_analysis.models", "mla_analysis.published_configs")),
     ("files and measures", ("mla_analysis.assets", "mla_analysis.metrics", "mla_analysis.training.results",
@@ -185,7 +186,7 @@ def test_every_subpackage_says_what_it_owns():
 
 
 # the package root: the entry points and the cached assets; everything else lives in a subpackage of its stage
-ROOT_MODULES = {"__init__", "run", "cli", "assets"}
+ROOT_MODULES = {"__init__", "run", "cli", "assets", "_lazy"}  # _lazy: the subpackages' lazy exports
 SHIMS = {"convert", "eval", "figures", "report"}  # `python -m mla_analysis.<x>` as documented
 SUBPACKAGES = {"config", "models", "metrics", "data", "training", "interop", "conversion", "evaluation", "probes", "bench",
                "analysis", "runner", "published_configs"}
@@ -208,3 +209,19 @@ def test_a_shim_only_forwards_to_its_module():
         assert len(targets) == 1 and next(iter(targets)).count(".") == 2, (name, targets)
         assert len(path.read_text().splitlines()) <= 12, name
         assert not [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))], name
+
+
+def test_every_exported_name_of_every_package_resolves():
+    """Each package's ``__all__`` (lazy ones through ``_lazy.lazy_exports``) names objects that exist, and dir() lists them."""
+    import importlib
+
+    packages = sorted({".".join(p.relative_to(PKG.parent).parts[:-1]) for p in PKG.rglob("__init__.py")
+                       if "__pycache__" not in p.parts})
+    lazy = 0
+    for name in packages:
+        module = importlib.import_module(name)
+        missing = [export for export in getattr(module, "__all__", []) if not hasattr(module, export)]
+        assert missing == [], f"{name}: {missing}"
+        lazy += "lazy_exports" in vars(module)
+        assert set(getattr(module, "__all__", [])) <= set(dir(module)), name
+    assert lazy >= 7  # the root and analysis, conversion, evaluation, interop, runner, training

@@ -11,23 +11,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .._lazy import lazy_exports
+
 if TYPE_CHECKING:  # the names below, for readers and type checkers; imported on first use
     from .perplexity import perplexity, kl_divergence, lm_metrics, sliding_windows, document_windows
     from .lm_eval_model import MLAnalysisLM, ProceduralTokenizer
     from .cli import evaluate_tasks, export_procedural_tasks, load_tasks, TaskError
 
-_EXPORTS = {name: module for module, names in {
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "perplexity": ("perplexity", "kl_divergence", "lm_metrics", "sliding_windows", "document_windows"),
     "lm_eval_model": ("MLAnalysisLM", "ProceduralTokenizer"),
     "cli": ("evaluate_tasks", "export_procedural_tasks", "load_tasks", "TaskError"),
-}.items() for name in names}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    # lazy, so that importing one submodule (or `import mla_analysis`) does not import the whole stage
-    if name in _EXPORTS:
-        from importlib import import_module
-
-        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+})
