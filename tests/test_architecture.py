@@ -225,3 +225,20 @@ def test_every_exported_name_of_every_package_resolves():
         lazy += "lazy_exports" in vars(module)
         assert set(getattr(module, "__all__", [])) <= set(dir(module)), name
     assert lazy >= 7  # the root and analysis, conversion, evaluation, interop, runner, training
+
+
+def test_no_test_module_imports_another():
+    """Shared constants and helpers live in tests/helpers.py and tests/conftest.py, not in a test module."""
+    tests = PKG.parent / "tests"
+    bad = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module or ''}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            if any(part.startswith("test_") for n in names for part in n.split(".")):
+                bad.append(f"{path.relative_to(tests)}:{node.lineno}")
+    assert bad == []

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from .checks import Choice, ConfigError, check_finite
 from .data import DataConfig
 from .model import ModelConfig, validate_model_config
