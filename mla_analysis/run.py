@@ -256,9 +256,40 @@ def precheck(argv: list[str]) -> Optional[str]:
     for overrides in candidates:
         try:
             with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-                check_job_nodes(compose("config", overrides=overrides))
+                cfg = compose("config", overrides=overrides)
+            check_job_nodes(cfg)
         except Exception as e:  # anything that stops composing is reported here, before any directory is made
-            return one_line(e) or str(e).splitlines()[0]
+            return one_line(e) or unset_node(overrides) or str(e).splitlines()[0]
+        try:  # the probes' option values (ranges, lists), which composing checks only for their types
+            check_probes(OmegaConf.to_container(cfg.probe, resolve=True), None)
+        except ConfigError as e:
+            return str(e)
+    return None
+
+
+# how to set a node that is null by default: OmegaConf 2.3 cannot merge a command-line dict (or a field) into it
+UNSET_NODES = {"model.rope_scaling": "+model/rope_scaling=yarn model.rope_scaling.factor=N"}
+
+
+def unset_node(overrides: list[str]) -> Optional[str]:
+    """A one-line error for an override that sets a dict or a field under a node that is null, else None."""
+    from hydra import compose, initialize_config_dir
+
+    safe = [o for o in overrides if "." not in _override_key(o)]  # group choices and root values: they compose
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=safe)
+    except Exception:
+        return None
+    for o in overrides:
+        key = _override_key(o)
+        parts = key.split(".")
+        for i in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:i])
+            if OmegaConf.select(cfg, prefix) is None and "." in prefix and (i < len(parts) or "={" in o):
+                how = UNSET_NODES.get(prefix, f"set {prefix} in a config file of conf/, which is merged into it")
+                what = "a dict cannot be merged into it" if key == prefix else f"{key} cannot be set under it"
+                return f"{prefix} is null by default: {what} on the command line (allowed: {how})"
     return None
 
 

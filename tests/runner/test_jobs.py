@@ -86,3 +86,26 @@ def _with_resume(cfg):
     cfg = cfg.copy()
     OmegaConf.update(cfg, "train.resume", True)
     return cfg
+
+
+def test_a_null_node_set_from_the_command_line_is_one_line_and_the_group_sets_it():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from mla_analysis.config import RopeScaling
+    from mla_analysis.run import CONF_DIR
+
+    for args in (["model.rope_scaling={type:yarn,factor:4}"], ["model.rope_scaling.factor=4"]):
+        msg = precheck(args)
+        assert msg.startswith("model.rope_scaling is null by default") and "+model/rope_scaling=yarn" in msg
+    working = ["+model/rope_scaling=yarn", "model.rope_scaling.factor=4"]
+    assert precheck(working) is None
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        model = OmegaConf.to_object(compose("config", overrides=working).model)
+    assert model.rope_scaling == RopeScaling(factor=4.0)  # YaRN with the dataclass's other defaults
+
+
+def test_a_bad_probe_option_value_stops_before_the_run_directory():
+    assert precheck(["probe=retrieval", "probe.retrieval.lengths=[63]"]) == (
+        "probe.retrieval.lengths=[63] is invalid (allowed: even integers >= 8 | null)")
+    assert precheck(["+probe.retrieval.lenghts=[64]"]).startswith("probe.retrieval.lenghts: unknown key (allowed: ")
