@@ -43,7 +43,9 @@ from .training.trainer import NonFiniteLoss, TrainingInterrupted, export_submiti
 
 
 def _return_value(cfg: DictConfig, result: JobResult) -> Optional[float]:
-    """What the task function returns to a sweeper: the search objective when searching, else val_loss."""
+    """What the task function returns to a sweeper: the search objective when searching, else val_loss (None: failed)."""
+    if result.status not in ("ok", "skipped"):
+        return None
     value = result.metrics.get("search.objective" if cfg.get("search") is not None else "val_loss")
     return float(value) if value is not None else None
 
