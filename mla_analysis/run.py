@@ -1,9 +1,11 @@
 """Hydra entry point: ``python -m mla_analysis.run +experiment=rank_sweep``.
 
-Each job trains one model, evaluates it and writes ``results.json`` in its Hydra output directory.
+Each job does what ``job`` names (train a model, the default; ``convert`` one and heal it; the ``claims``
+audit), evaluates the model and writes ``results.json`` in its Hydra output directory.
 A sweep (``-m``, or an experiment declaring ``hydra.mode: MULTIRUN``) ends with ``comparison.md``
 and ``comparison.csv`` in the sweep directory (``mla_analysis.runner.callbacks.ComparisonTables``).
-Errors: a bad config ends with one line naming the key and exit code 2, and no results file; in a
+Errors: a bad config ends with one line naming the key and exit code 2, and no results file
+(``mla_analysis.runner.errors``); in a
 sweep every job's config is validated before the first job starts, a failing job records
 ``status: failed`` with the reason, the other jobs go on, and the sweep exits 1 at the end.
 The run (or sweep) directory is locked before Hydra writes into it (``mla_analysis.runner.lock``).
@@ -23,34 +25,29 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from .runner import schema  # noqa: F401  (registers the structured configs)
-from .assets import AssetError
-from .config import ConfigError
+from .config import ConfigError, Job
 from .data import prepare_data_config
 from .interop.hf_io import load_model, model_config_of, save_tokenizer
 from .training.loggers import Tracker, start_tracking
 from .probes import ProbeError, check_probes, run_probes
 from .training.results import (RESULTS_FILE, ResultsError, atomic_write_json, environment, flatten, is_finished, load_record,
                       make_record)
-from .runner.job_config import check_config, job_objects, record_config  # noqa: F401  (check_config: run's API)
+from .runner.errors import BAD_INPUT, exit_on_bad_input, one_line
+from .runner.job_config import (JobResult, check_config, check_job_nodes, job_objects,  # noqa: F401 (run's API)
+                                record_config)
 from .runner.launcher import launched_dirs, register_launchers
 from .analysis.search import objective, resolve_reference
 from .training.trainer import NonFiniteLoss, TrainingInterrupted, export_submitit_env, train
 
 
-def _primary_metric(metrics: dict[str, Any]) -> Optional[float]:
-    value = metrics.get("val_loss")
+def _return_value(cfg: DictConfig, result: JobResult) -> Optional[float]:
+    """What the task function returns to a sweeper: the search objective when searching, else val_loss (None: failed)."""
+    if result.status not in ("ok", "skipped"):
+        return None
+    value = result.metrics.get("search.objective" if cfg.get("search") is not None else "val_loss")
     return float(value) if value is not None else None
-
-
-def _return_value(cfg: DictConfig, metrics: dict[str, Any]) -> Optional[float]:
-    """What the task function returns to a sweeper: the search objective when searching, else val_loss."""
-    if cfg.get("search") is not None:
-        value = metrics.get("search.objective")
-        return float(value) if value is not None else None
-    return _primary_metric(metrics)
 
 
 def format_summary(metrics: dict[str, Any]) -> str:
@@ -66,37 +63,41 @@ def format_summary(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> Optional[float]:
-    """Validate, train, evaluate and record one job; returns the validation loss (or the search objective).
+def run_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> JobResult:
+    """Validate, run (``cfg.job``: train, convert or claims), evaluate and record one job; returns how it ended.
 
-    Signals (SIGINT/SIGTERM) stay deferred until the record is written: a run stopped at any point
-    after start-up is recorded ``interrupted`` with a checkpoint to resume from, and exits 128 + signal.
+    A single run that fails exits here: 2 for bad input (one line, nothing written), 1 for a failed run,
+    128 + signal for an interrupted one. A job of a sweep records its failure and returns it (the sweep
+    goes on). Signals (SIGINT/SIGTERM) stay deferred until the record is written: a run stopped at any
+    point after start-up is recorded ``interrupted`` with a checkpoint to resume from.
     """
     from .training.trainer import StopFlag
 
     if is_finished(run_dir) and ((multirun and cfg.skip_finished) or cfg.train.resume):
         # a finished run is never rewritten: a sweep rerun skips it, train.resume=true leaves it as it is
         print(f"[skip] {run_dir} already has a complete {RESULTS_FILE}")
-        return _return_value(cfg, load_record(run_dir)["metrics"])
+        return JobResult("skipped", load_record(run_dir)["metrics"], run_dir / RESULTS_FILE)
     job_lock = None
     if multirun:  # a job dir names its worker (host, pid) while it runs; the sweep dir is locked by cli()
         from .runner.lock import RunLock
 
         job_lock = RunLock(run_dir).acquire()
     try:
-        with StopFlag.get() as stop:
-            value = _run_job(cfg, run_dir, multirun, stop)
-        if stop.signum is not None:  # arrived while the record was written: it stands, and the process stops
-            print(f"[interrupted] signal {signal.Signals(stop.signum).name} after {run_dir} was recorded: stopping",
-                  file=sys.stderr)
-            sys.exit(128 + stop.signum)
-        return value
+        with StopFlag.get() as stop, exit_on_bad_input():  # bad input reaches here from single runs only
+            result = _run_job(cfg, run_dir, multirun, stop)
     finally:
         if job_lock is not None:
             job_lock.release()
+    if result.exit_code:
+        sys.exit(result.exit_code)
+    if stop.signum is not None:  # arrived while the record was written: it stands, and the process stops
+        print(f"[interrupted] signal {signal.Signals(stop.signum).name} after {run_dir} was recorded: stopping",
+              file=sys.stderr)
+        sys.exit(128 + stop.signum)
+    return result
 
 
-def _run_job(cfg: DictConfig, run_dir: Path, multirun: bool, stop: Any) -> Optional[float]:
+def _run_job(cfg: DictConfig, run_dir: Path, multirun: bool, stop: Any) -> JobResult:
     from .runner.schema import kv_cache_warning, validate_run
 
     results_path = run_dir / RESULTS_FILE
@@ -106,12 +107,9 @@ def _run_job(cfg: DictConfig, run_dir: Path, multirun: bool, stop: Any) -> Optio
     config = record_config(cfg)
     tracker = Tracker()  # the experiment trackers (logger=...), started once the config is valid
     try:
-        try:
-            config = OmegaConf.to_container(cfg, resolve=True)
-            model_cfg, data_cfg, tcfg = job_objects(cfg)
-        except OmegaConfBaseException as e:  # e.g. a mandatory value (???) left unset
-            key = getattr(e, "full_key", None) or "config"
-            raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
+        config = OmegaConf.to_container(cfg, resolve=True)
+        job = check_job_nodes(cfg)
+        model_cfg, data_cfg, tcfg = job_objects(cfg)
         probe_cfg = OmegaConf.to_container(cfg.probe, resolve=True)
         init_model = None
         if tcfg.init_from is not None:  # the loaded model's own config replaces the model group
@@ -119,7 +117,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, multirun: bool, stop: Any) -> Optio
             model_cfg = init_model.cfg
             config["model"] = model_cfg.to_dict()
         token_source, max_len = tcfg.init_from, init_model.cfg.max_seq_len if init_model else None
-        convert_source = cfg.convert.get("source") if cfg.get("convert") is not None else None
+        convert_source = cfg.convert.source if job is Job.convert else None
         if init_model is None and convert_source is not None:  # converting an existing model: its shape and tokenizer
             model_cfg = model_config_of(convert_source)
             token_source, max_len = convert_source, model_cfg.max_seq_len
@@ -130,18 +128,17 @@ def _run_job(cfg: DictConfig, run_dir: Path, multirun: bool, stop: Any) -> Optio
         warning = kv_cache_warning(model_cfg)
         if warning is not None and is_rank0:
             print(warning, file=sys.stderr)
-        check_probes(probe_cfg, None if cfg.get("convert") is not None else model_cfg)  # convert changes the model
+        check_probes(probe_cfg, None if job is Job.convert else model_cfg)  # convert changes the model
+        if job is Job.claims and probe_cfg:
+            raise ConfigError(f"probe={','.join(probe_cfg)}: the claims audit has no model to probe (use probe=none)")
         search = OmegaConf.to_object(cfg.search) if cfg.get("search") is not None else None
         reference = resolve_reference(search) if search is not None else None
         tracker = start_tracking(cfg, config, run_dir, multirun)
-        if cfg.get("claims") is not None:  # the claims audit: arithmetic, a timing and the studies' records
+        if job is Job.claims:  # the claims audit: arithmetic, a timing and the studies' records
             from .analysis.claims import run_claims
 
-            if probe_cfg:
-                raise ConfigError(f"probe={','.join(probe_cfg)}: the claims audit has no model to probe (use probe=none)")
-
             out = run_claims(OmegaConf.to_object(cfg.claims), run_dir, cfg.device)
-        elif cfg.get("convert") is not None:  # convert a trained model and heal it (mla_analysis/conversion/job.py)
+        elif job is Job.convert:  # convert a trained model and heal it (mla_analysis/conversion/job.py)
             from .conversion.job import run_convert
 
             out = run_convert(OmegaConf.to_object(cfg.convert), model_cfg, data_cfg, tcfg, run_dir, cfg.seed, cfg.device)
@@ -160,34 +157,11 @@ def _run_job(cfg: DictConfig, run_dir: Path, multirun: bool, stop: Any) -> Optio
             out["metrics"].update(objective(search, reference, flatten(config), out["metrics"]))
         if stop.signum is not None:  # during the probes: the final checkpoint is saved, a resume redoes them
             raise stop.interrupted("after training: checkpoint saved; rerun with train.resume=true to finish")
-    except (ConfigError, ResultsError, AssetError) as e:  # AssetError: e.g. train.init_from=smollm2-135m not installed
-        tracker.close("failed")
-        if multirun:
-            _write_record(results_path, make_record("failed", config, {}, error=f"{type(e).__name__}: {e}"))
-            print(f"[failed] {run_dir}: {e}", file=sys.stderr)
-            return None
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (TrainingInterrupted, NonFiniteLoss, ProbeError) as e:
-        status = "interrupted" if isinstance(e, TrainingInterrupted) else "failed"
-        tracker.close(status)
-        _write_record(results_path, make_record(status, config, {}, error=str(e)))
-        print(f"[{status}] {e}", file=sys.stderr)
-        if multirun and status == "failed":
-            return None
-        sys.exit(e.exit_code if status == "interrupted" else 1)
-    except Exception as e:  # a crash in one job of a sweep must not stop the others
-        tracker.close("failed")
-        if not multirun:
-            raise
-        _write_record(
-            results_path,
-            make_record("failed", config, {}, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()),
-        )
-        print(f"[failed] {run_dir}: {type(e).__name__}: {e}", file=sys.stderr)
-        return None
+    except Exception as e:
+        tracker.close("interrupted" if isinstance(e, TrainingInterrupted) else "failed")
+        return _failed(e, config, run_dir, multirun)
     if not is_rank0:
-        return _primary_metric(out["metrics"])
+        return JobResult("ok", out["metrics"])
     failure = out.get("checkpoint_error")  # the metrics are kept, but the model is not saved: not a finished run
     record = make_record(
         "failed" if failure else "ok",
@@ -201,11 +175,33 @@ def _run_job(cfg: DictConfig, run_dir: Path, multirun: bool, stop: Any) -> Optio
     tracker.finish(record, results_path, write=_write_record)  # results.json (+ logging_errors), trackers closed
     if failure:
         print(f"[failed] {failure}; metrics recorded in {results_path}", file=sys.stderr)
-        if multirun:
-            return None
-        sys.exit(1)
+        return JobResult("failed", out["metrics"], results_path, exit_code=0 if multirun else 1)
     print(f"\n{config['model']['name']} done -> {results_path}\n{format_summary(out['metrics'])}")
-    return _return_value(cfg, out["metrics"])
+    return JobResult("ok", out["metrics"], results_path)
+
+
+def _failed(e: Exception, config: dict[str, Any], run_dir: Path, multirun: bool) -> JobResult:
+    """How a job that raised ends: bad input and crashes of a single run are re-raised, the rest recorded.
+
+    A single run's bad input ends in ``exit_on_bad_input`` (one line, exit 2, no record); a crash shows its
+    traceback. In a sweep both are recorded ``failed`` and the sweep goes on. An interruption, a
+    non-finite loss or a failed probe is recorded in both, and stops a single run (or any interrupted job).
+    """
+    path = run_dir / RESULTS_FILE
+    if isinstance(e, TrainingInterrupted):
+        status, code = "interrupted", e.exit_code
+    elif isinstance(e, (NonFiniteLoss, ProbeError)):
+        status, code = "failed", 0 if multirun else 1
+    elif not multirun:
+        raise e
+    else:  # a bad config or a crash in one job of a sweep must not stop the others
+        extra = {} if isinstance(e, BAD_INPUT) else {"traceback": traceback.format_exc()}
+        _write_record(path, make_record("failed", config, {}, error=f"{type(e).__name__}: {e}", **extra))
+        print(f"[failed] {run_dir}: {one_line(e) or f'{type(e).__name__}: {e}'}", file=sys.stderr)
+        return JobResult("failed", {}, path)
+    _write_record(path, make_record(status, config, {}, error=str(e)))
+    print(f"[{status}] {e}", file=sys.stderr)
+    return JobResult(status, {}, path, exit_code=code)
 
 
 def _write_record(path: Path, record: dict[str, Any]) -> None:
@@ -228,54 +224,6 @@ def conf_dir() -> Path:
 CONF_DIR = conf_dir()
 
 
-def _one_line(exc: BaseException, overrides: list[str]) -> str:
-    """A one-line message naming the offending key and the allowed values, from a compose error."""
-    from hydra.errors import MissingConfigException
-
-    if isinstance(exc, MissingConfigException):
-        lines = str(exc).splitlines()
-        head = lines[0].replace("In 'config': ", "")
-        opts = []
-        if any(ln.startswith("Available options") for ln in lines):
-            start = next(i for i, ln in enumerate(lines) if ln.startswith("Available options")) + 1
-            for ln in lines[start:]:
-                if not ln.startswith("\t"):
-                    break
-                opts.append(ln.strip())
-        return f"{head} (allowed: {', '.join(opts) if opts else 'see conf/'})"
-    from omegaconf.nodes import EnumNode
-
-    cause = exc.__cause__ or exc
-    key = getattr(cause, "full_key", None)
-    node = getattr(cause, "child_node", None)
-    if key is not None and isinstance(node, EnumNode):  # a closed choice (mla_analysis.config.checks.Choice)
-        allowed = " | ".join(str(m.value) for m in node.enum_type)
-        return f"{key}={getattr(cause, 'value', None)!r} is invalid (allowed: {allowed})"
-    msg = str(getattr(cause, "msg", None) or cause).splitlines()[0]
-    if key is None:
-        return msg
-    if "not in" in msg:  # unknown key: list the keys its parent allows
-        parent, _, _ = key.rpartition(".")
-        allowed = _keys_at(parent, [o for o in overrides if not o.lstrip("+~").startswith(key)])
-        return f"{key}: unknown key (allowed: {', '.join(allowed)})"
-    if "could not be converted to" in msg:
-        kind = msg.rsplit("converted to", 1)[1].strip()
-        return f"{key}: {msg} (allowed: a value of type {kind})"
-    return f"{key}: {msg}"
-
-
-def _keys_at(parent: str, overrides: list[str]) -> list[str]:
-    from hydra import compose, initialize_config_dir
-
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
-        node = OmegaConf.select(cfg, parent) if parent else cfg
-        return sorted(str(k) for k in node.keys())
-    except Exception:
-        return ["see mla_analysis/runner/schema.py"]
-
-
 def precheck(argv: list[str]) -> Optional[str]:
     """Compose the config for the command line before Hydra runs; a one-line error, or None when it composes.
 
@@ -290,7 +238,7 @@ def precheck(argv: list[str]) -> Optional[str]:
     try:
         parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
     except Exception as e:
-        return str(e).splitlines()[0]
+        return one_line(e) or str(e).splitlines()[0]
     base, sweeps = [], []
     for o in parsed:
         if o.key_or_group.startswith("hydra"):
@@ -310,9 +258,40 @@ def precheck(argv: list[str]) -> Optional[str]:
     for overrides in candidates:
         try:
             with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-                compose("config", overrides=overrides)
-        except Exception as e:
-            return _one_line(e, overrides)
+                cfg = compose("config", overrides=overrides)
+            check_job_nodes(cfg)
+        except Exception as e:  # anything that stops composing is reported here, before any directory is made
+            return one_line(e) or unset_node(overrides) or str(e).splitlines()[0]
+        try:  # the probes' option values (ranges, lists), which composing checks only for their types
+            check_probes(OmegaConf.to_container(cfg.probe, resolve=True), None)
+        except ConfigError as e:
+            return str(e)
+    return None
+
+
+# how to set a node that is null by default: OmegaConf 2.3 cannot merge a command-line dict (or a field) into it
+UNSET_NODES = {"model.rope_scaling": "+model/rope_scaling=yarn model.rope_scaling.factor=N"}
+
+
+def unset_node(overrides: list[str]) -> Optional[str]:
+    """A one-line error for an override that sets a dict or a field under a node that is null, else None."""
+    from hydra import compose, initialize_config_dir
+
+    safe = [o for o in overrides if "." not in _override_key(o)]  # group choices and root values: they compose
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=safe)
+    except Exception:
+        return None
+    for o in overrides:
+        key = _override_key(o)
+        parts = key.split(".")
+        for i in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:i])
+            if OmegaConf.select(cfg, prefix) is None and "." in prefix and (i < len(parts) or "={" in o):
+                how = UNSET_NODES.get(prefix, f"set {prefix} in a config file of conf/, which is merged into it")
+                what = "a dict cannot be merged into it" if key == prefix else f"{key} cannot be set under it"
+                return f"{prefix} is null by default: {what} on the command line (allowed: {how})"
     return None
 
 
@@ -394,7 +373,7 @@ def sweep_failures(sweep_dir: Path) -> list[str]:
 def main(cfg: DictConfig) -> Optional[float]:
     """Hydra task function."""
     hc = HydraConfig.get()
-    return run_job(cfg, Path(hc.runtime.output_dir), multirun=hc.mode == RunMode.MULTIRUN)
+    return _return_value(cfg, run_job(cfg, Path(hc.runtime.output_dir), multirun=hc.mode == RunMode.MULTIRUN))
 
 
 def cli() -> None:
@@ -404,15 +383,11 @@ def cli() -> None:
     with failed or interrupted jobs (after all jobs ran and the tables are written); 130 / 143 an
     interrupted run (SIGINT / SIGTERM), recorded as interrupted and resumable.
     """
-    error = precheck(sys.argv[1:])
-    if error is not None:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    try:
+    with exit_on_bad_input():
+        error = precheck(sys.argv[1:])
+        if error is not None:
+            raise ConfigError(error)
         lock, argv, directory, multirun = lock_output_dir(sys.argv[1:])
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     sys.argv[1:] = argv
     register_launchers()
     try:

@@ -108,6 +108,61 @@ def test_config_imports_nothing_above_it():
         assert above == [], f"{m} imports {above}"
 
 
+# The layers, bottom first, as the code after the restructuring has them (every edge below was read from it).
+# A module may import its own layer and the layers below; a module is in the layer of its longest prefix.
+#  - files and measures: records and checkpoints as files (training.results, .checkpoint: no training in them),
+#    the cached assets, and the model-agnostic measures (metrics: perplexity, timing): import only config.
+#  - interop reads and writes model files (HF, GGUF, run dirs) into models; data loads tokenizers through it.
+#  - training and conversion: the trainer, and converting trained models (which trains the healing steps).
+#  - evaluation (lm-eval adapter) < probes (the lm_eval probe uses it) < bench (times the probes' code, e.g. the
+#    spectra probe) < analysis (claims reuse the bench's decode shapes) < runner < the entry points.
+LAYERS = [
+    ("package helpers", ("mla_analysis._lazy",)),
+    ("config", ("mla_analysis.config",)),
+    ("models", ("mla_analysis.models", "mla_analysis.published_configs")),
+    ("files and measures", ("mla_analysis.assets", "mla_analysis.metrics", "mla_analysis.training.results",
+                            "mla_analysis.training.checkpoint")),
+    ("interop", ("mla_analysis.interop",)),
+    ("data", ("mla_analysis.data",)),
+    ("training", ("mla_analysis.training", "mla_analysis.conversion")),
+    ("evaluation", ("mla_analysis.evaluation",)),
+    ("probes", ("mla_analysis.probes",)),
+    ("bench", ("mla_analysis.bench",)),
+    ("analysis", ("mla_analysis.analysis",)),
+    ("runner", ("mla_analysis.runner",)),
+    ("entry points", ("mla_analysis", "mla_analysis.run", "mla_analysis.cli", "mla_analysis.convert",
+                      "mla_analysis.eval", "mla_analysis.figures", "mla_analysis.report")),
+]
+
+
+def _layer(module: str) -> int:
+    """The index in LAYERS of a module: the layer of its longest prefix (whole dotted parts)."""
+    best = None
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and (best is None or len(p) > best[1]):
+                best = (i, len(p))
+    assert best is not None, f"{module}: in no layer of LAYERS"
+    return best[0]
+
+
+def _upward(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} ({LAYERS[_layer(m)][0]}) -> {d} ({LAYERS[_layer(d)][0]})"
+                  for m, deps in graph.items() for d in deps if _layer(d) > _layer(m))
+
+
+def test_the_layer_check_sees_an_upward_import():
+    graph = {"mla_analysis.data.mixture": {"mla_analysis.evaluation.perplexity"},
+             "mla_analysis.training.trainer": {"mla_analysis.training.results", "mla_analysis.data"}}
+    assert _upward(graph) == ["mla_analysis.data.mixture (data) -> mla_analysis.evaluation.perplexity (evaluation)"]
+    assert _layer("mla_analysis.training.results") < _layer("mla_analysis.interop.hf_io") < _layer("mla_analysis.data")
+
+
+def test_every_import_goes_down_the_layers():
+    """Imports inside functions count: a lazy import is still an edge of the design."""
+    assert _upward(_graph()) == []
+
+
 def test_models_import_only_config_and_models():
     graph = _graph()
     for m in (m for m in graph if m.startswith("mla_analysis.models")):
@@ -131,9 +186,9 @@ def test_every_subpackage_says_what_it_owns():
 
 
 # the package root: the entry points and the cached assets; everything else lives in a subpackage of its stage
-ROOT_MODULES = {"__init__", "run", "cli", "assets"}
+ROOT_MODULES = {"__init__", "run", "cli", "assets", "_lazy"}  # _lazy: the subpackages' lazy exports
 SHIMS = {"convert", "eval", "figures", "report"}  # `python -m mla_analysis.<x>` as documented
-SUBPACKAGES = {"config", "models", "data", "training", "interop", "conversion", "evaluation", "probes", "bench",
+SUBPACKAGES = {"config", "models", "metrics", "data", "training", "interop", "conversion", "evaluation", "probes", "bench",
                "analysis", "runner", "published_configs"}
 
 
@@ -154,3 +209,36 @@ def test_a_shim_only_forwards_to_its_module():
         assert len(targets) == 1 and next(iter(targets)).count(".") == 2, (name, targets)
         assert len(path.read_text().splitlines()) <= 12, name
         assert not [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))], name
+
+
+def test_every_exported_name_of_every_package_resolves():
+    """Each package's ``__all__`` (lazy ones through ``_lazy.lazy_exports``) names objects that exist, and dir() lists them."""
+    import importlib
+
+    packages = sorted({".".join(p.relative_to(PKG.parent).parts[:-1]) for p in PKG.rglob("__init__.py")
+                       if "__pycache__" not in p.parts})
+    lazy = 0
+    for name in packages:
+        module = importlib.import_module(name)
+        missing = [export for export in getattr(module, "__all__", []) if not hasattr(module, export)]
+        assert missing == [], f"{name}: {missing}"
+        lazy += "lazy_exports" in vars(module)
+        assert set(getattr(module, "__all__", [])) <= set(dir(module)), name
+    assert lazy >= 7  # the root and analysis, conversion, evaluation, interop, runner, training
+
+
+def test_no_test_module_imports_another():
+    """Shared constants and helpers live in tests/helpers.py and tests/conftest.py, not in a test module."""
+    tests = PKG.parent / "tests"
+    bad = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module or ''}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            if any(part.startswith("test_") for n in names for part in n.split(".")):
+                bad.append(f"{path.relative_to(tests)}:{node.lineno}")
+    assert bad == []

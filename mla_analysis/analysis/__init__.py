@@ -10,25 +10,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .._lazy import lazy_exports
+
 if TYPE_CHECKING:  # the names below, for readers and type checkers; imported on first use
     from .report import load_rows, aggregate, write_tables
     from .figures import make_figures, pareto_front, figure, save_figure
     from .claims import run_claims, audit, VERDICTS
     from .search import objective, resolve_reference
 
-_EXPORTS = {name: module for module, names in {
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "report": ("load_rows", "aggregate", "write_tables"),
     "figures": ("make_figures", "pareto_front", "figure", "save_figure"),
     "claims": ("run_claims", "audit", "VERDICTS"),
     "search": ("objective", "resolve_reference"),
-}.items() for name in names}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    # lazy, so that importing one submodule (or `import mla_analysis`) does not import the whole stage
-    if name in _EXPORTS:
-        from importlib import import_module
-
-        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+})

@@ -18,7 +18,6 @@ Groups are report.aggregate's (every varying config key except the seed); only r
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -26,28 +25,12 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 
 from ..config import MLA_VARIANTS
-from ..training.results import atomic_write_bytes, read_json
+from ..probes.plotting import figure, save_figure  # noqa: F401  (the shared style; importable from here as before)
+from ..training.results import read_json
 
 FORMATS = ("png", "pdf")
 LOWER_IS_BETTER = ("loss", "ppl", "perplexity")
 LABEL_SKIP = ("rope_interleave",)  # follows from the variant name
-
-
-def figure(nrows: int, ncols: int, width: float, height: float):
-    """A matplotlib Figure on the Agg canvas (no pyplot global state) and its axes array [nrows, ncols]."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), constrained_layout=True)
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(nrows, ncols, squeeze=False)
-
-
-def save_figure(fig, path: Path, dpi: int = 110) -> Path:
-    """Write ``fig`` atomically in the format of ``path``'s suffix (png, pdf, ...); returns the path."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format=Path(path).suffix.lstrip("."), dpi=dpi)
-    return atomic_write_bytes(path, buf.getvalue())
 
 
 def _save(fig, out_dir: Path, name: str) -> list[Path]:

@@ -45,7 +45,7 @@ MLA decode step at the longest context of figure 3.
 
 from __future__ import annotations
 
-from .timing import BenchError, median, profile_top, sync, time_decode, time_interleaved
+from ..metrics.timing import BenchError, median, profile_top, sync, time_decode, time_interleaved
 from .machine import (OtherCpuLoad, PeakMemory, available_memory, cache_sizes, cpu_flags, cpu_model, load_average,
     machine_info, measure_copy_bandwidth)
 from .sizes import Sizes, decode_config, decode_shape, make_sizes, train_config

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .timing import median, time_interleaved
+from ..metrics.timing import median, time_interleaved
 from .sizes import Sizes
 from .decode import check_decode_parity, decode_models, fill_cache_, make_decode_step, parity_atol
 

@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .timing import profile_top
+from ..metrics.timing import profile_top
 from .machine import OtherCpuLoad, load_average, machine_info, measure_copy_bandwidth
 from .sizes import make_sizes
 from .spectra import bench_spectra

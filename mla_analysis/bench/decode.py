@@ -8,7 +8,7 @@ import torch
 
 from ..models.cache import KVCache
 from ..models.transformer import Transformer
-from .timing import BenchError
+from ..metrics.timing import BenchError
 from .sizes import decode_config
 from .train_step import cast_params_
 

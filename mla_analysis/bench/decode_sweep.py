@@ -7,7 +7,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ..models.accounting import decode_flops_per_token, kv_bytes_per_token
-from .timing import median, profile_top, time_interleaved
+from ..metrics.timing import median, profile_top, time_interleaved
 from .machine import PeakMemory, available_memory
 from .sizes import Sizes
 from .decode import decode_models, fill_cache_, make_decode_step

@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..training.results import git_commit
-from .timing import median, time_interleaved
+from ..metrics.timing import median, time_interleaved
 
 
 def _proc_status(field_name: str) -> Optional[int]:

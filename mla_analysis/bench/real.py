@@ -318,7 +318,7 @@ def bench_healing(ours: Transformer, hf: torch.nn.Module, mla: Optional[Transfor
 def bench_perplexity(ours: Transformer, hf: torch.nn.Module, tokens: torch.Tensor, sizes: RealSizes,
                      device: torch.device) -> dict[str, Any]:
     """Figure 3: windows/s of the toolkit's scored NLL vs transformers' forward + cross-entropy (same NLL first)."""
-    from ..evaluation.perplexity import scored_nll
+    from ..metrics.perplexity import scored_nll
 
     w = windows(tokens, sizes.ppl_seq + 1)[: sizes.ppl_windows]  # (n, L + 1)
     x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()

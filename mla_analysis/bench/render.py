@@ -10,7 +10,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from ..config import ModelConfig
 from ..training.results import atomic_write_text
-from .timing import median
+from ..metrics.timing import median
 from .decode_sweep import VARIANT_LABELS
 
 DEFAULT_OUT = "BENCHMARKS.md"

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..models.transformer import Transformer
-from .timing import BenchError, median, time_interleaved
+from ..metrics.timing import BenchError, median, time_interleaved
 from .sizes import Sizes
 
 

@@ -20,7 +20,7 @@ from .model import (ATTENTION_VARIANTS, FFN_KINDS, MLA_DECODE_PATHS, MLA_VARIANT
 from .probes import (PROBE_CONFIGS, CopyingConfig, CostConfig, ExpertsConfig, HeadAblationConfig, IntervalConfig,
                      IntervalMethod, KlConfig, LmEvalConfig, NeedlesConfig, NeedleTask, NextLineConfig, RetrievalConfig,
                      SpectraConfig, TokenBinsConfig, probe_config)
-from .run import check_run
+from .run import Job, check_job, check_run
 from .search import SearchConfig
 from .train import PARALLEL, TRAINABLE, Parallel, TrainConfig, Trainable, validate_train
 
@@ -31,6 +31,7 @@ __all__ = [
     "IntervalConfig", "IntervalMethod", "KlConfig", "LmEvalConfig", "LoggerConfig", "MLflowConfig", "MlaDecode",
     "Mlp", "ModelConfig", "NeedlesConfig", "NeedleTask", "NextLineConfig", "NiahHaystack", "NiahType", "Norm",
     "Parallel", "PosEmb", "PROBE_CONFIGS", "RetrievalConfig", "RopeScaling", "RopeType", "ScoreFunc",
-    "SearchConfig", "Source", "SpectraConfig", "TensorBoardConfig", "TokenBinsConfig", "TrainConfig", "Trainable",
-    "check_data", "check_finite", "check_run", "probe_config", "tiny", "validate_model_config", "validate_train",
+    "Job", "SearchConfig", "Source", "SpectraConfig", "TensorBoardConfig", "TokenBinsConfig", "TrainConfig",
+    "Trainable", "check_data", "check_finite", "check_job", "check_run", "probe_config", "tiny",
+    "validate_model_config", "validate_train",
 ]

@@ -184,7 +184,7 @@ class DataConfig:
     val_fraction: float = 0.05  # last fraction of the token stream held out for the "lm" eval set
     hf: HFConfig = field(default_factory=HFConfig)
     # source: shakespeare (split by play, editions); "lm" eval = sliding windows over the evaluation
-    # plays every eval_stride tokens (None = seq_len), at most eval_examples windows (mla_analysis/evaluation/perplexity.py)
+    # plays every eval_stride tokens (None = seq_len), at most eval_examples windows (mla_analysis/metrics/perplexity.py)
     shakespeare: ShakespeareConfig = field(default_factory=ShakespeareConfig)
     eval_stride: Optional[int] = None
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .._lazy import lazy_exports
+
 if TYPE_CHECKING:  # the names below, for readers and type checkers; imported on first use
     from .mla import (mha_to_mla, factorize, collect_attention_covariances, select_rope_pairs, pair_dims,
         pair_norm_scores)
@@ -17,20 +19,10 @@ if TYPE_CHECKING:  # the names below, for readers and type checkers; imported on
     from .moefy import dense_to_moe
     from .job import run_convert, convert_model, heal
 
-_EXPORTS = {name: module for module, names in {
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "mla": ("mha_to_mla", "factorize", "collect_attention_covariances", "select_rope_pairs", "pair_dims",
         "pair_norm_scores"),
     "rank_allocation": ("allocate_ranks",),
     "moefy": ("dense_to_moe",),
     "job": ("run_convert", "convert_model", "heal"),
-}.items() for name in names}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    # lazy, so that importing one submodule (or `import mla_analysis`) does not import the whole stage
-    if name in _EXPORTS:
-        from importlib import import_module
-
-        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+})

@@ -231,7 +231,7 @@ def _eval_rng(cfg, name: str) -> np.random.Generator:
 
 def build_eval_sets(cfg) -> Dict[str, Batch]:
     """Fixed eval sets: "lm" (held-out language / text val split / evaluation plays) and one per ``cfg.eval_tasks``."""
-    from mla_analysis.evaluation.perplexity import document_windows
+    from mla_analysis.metrics.perplexity import document_windows
 
     validate_data_config(cfg)
     vocab = make_vocab(cfg)

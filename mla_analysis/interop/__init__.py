@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .._lazy import lazy_exports
+
 if TYPE_CHECKING:  # the names below, for readers and type checkers; imported on first use
     from .hf_io import (INDEX_FILE, TOKENIZER_FILES, from_hf, to_hf, load_model, resolve_hf_dir, has_tokenizer,
         load_tokenizer, save_tokenizer)
@@ -18,20 +20,10 @@ if TYPE_CHECKING:  # the names below, for readers and type checkers; imported on
         state_dict_to_hf)
     from .gguf import hf_dir_from_gguf
 
-_EXPORTS = {name: module for module, names in {
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "hf_io": ("INDEX_FILE", "TOKENIZER_FILES", "from_hf", "to_hf", "load_model", "model_config_of", "resolve_hf_dir", "has_tokenizer",
         "load_tokenizer", "save_tokenizer"),
     "state_dict": ("EXPORT_ARCHS", "IMPORT_ARCHS", "to_hf_config", "from_hf_config", "state_dict_from_hf",
         "state_dict_to_hf"),
     "gguf": ("hf_dir_from_gguf",),
-}.items() for name in names}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    # lazy, so that importing one submodule (or `import mla_analysis`) does not import the whole stage
-    if name in _EXPORTS:
-        from importlib import import_module
-
-        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+})

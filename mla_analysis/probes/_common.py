@@ -11,8 +11,8 @@ import torch
 from ..config import ConfigError, ModelConfig
 from ..config.checks import plain
 from ..config.probes import probe_config
-from ..analysis.figures import figure  # noqa: F401  (re-exported for the probes)
-from ..analysis.figures import save_figure as _save_figure
+from .plotting import figure  # noqa: F401  (re-exported for the probes)
+from .plotting import save_figure as _save_figure
 
 
 def options(probe: str, params: Any) -> dict:

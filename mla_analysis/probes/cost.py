@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..bench import timing
+from ..metrics import timing
 from ..models import accounting
 from ..config import Attention, MlaDecode, ModelConfig
 from ..models.mla import MLA, MLACoupledRoPE
@@ -126,7 +126,7 @@ def _set_path(core: torch.nn.Module, path: str) -> None:
 
 
 def time_decode(core, S: int, B: int, steps: int, vocab: int, device: torch.device):
-    """(prefill seconds, per-step seconds, first decode logits [B, V]) for one cache (``bench.timing.time_decode``)."""
+    """(prefill seconds, per-step seconds, first decode logits [B, V]) for one cache (``metrics.timing.time_decode``)."""
     prefill, lat, first = timing.time_decode(core, S, B, steps, vocab, device)
     if not torch.isfinite(first).all():
         raise ProbeError(f"cost: non-finite logits in cached decoding (context {S}, batch {B})")

@@ -1,7 +1,7 @@
 """``probe=kl``: per-token KL(reference || model) and the NLL change on the held-out plays, with intervals over windows.
 
 The evaluation plays of the run's data config (``data.source=shakespeare``, ``data.shakespeare.eval_edition``)
-are cut into sliding windows (``mla_analysis.evaluation.perplexity.document_windows``: ``seq_len`` tokens, a new window
+are cut into sliding windows (``mla_analysis.metrics.perplexity.document_windows``: ``seq_len`` tokens, a new window
 every ``stride``, every token scored once, at most ``max_windows`` windows evenly spread over the plays). Each
 batch of windows runs through both models and the next-token distributions are compared at the scored
 positions, chunk by chunk (the reference's logits are recomputed per chunk, never stored; neither model's full
@@ -85,7 +85,7 @@ def window_sums(values: torch.Tensor, mask: torch.Tensor) -> tuple[np.ndarray, n
 
 def eval_windows(data_cfg: Any, probe: str, p: dict):
     """The held-out windows of the run (EvalWindows) for seq_len / stride / max_windows of ``p``."""
-    from ..evaluation.perplexity import document_windows
+    from ..metrics.perplexity import document_windows
 
     seq_len = p["seq_len"] or data_cfg.seq_len
     stride = p["stride"] or seq_len

@@ -159,7 +159,7 @@ def bin_metrics(tokens: dict[str, torch.Tensor], targets: torch.Tensor, codes: t
 @register("token_bins")
 def run(model: torch.nn.Module, params: dict, data_cfg: Any, run_dir: Path, device: torch.device) -> dict:
     """NLL change (model - reference) per training-frequency bin, on names and numerals, with intervals over windows."""
-    from ..evaluation.perplexity import document_windows
+    from ..metrics.perplexity import document_windows
     from ..training.results import atomic_write_json
     from ._common import unwrap
 

@@ -11,25 +11,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .._lazy import lazy_exports
+
 if TYPE_CHECKING:  # the names below, for readers and type checkers; imported on first use
     from .schema import RunConfig, validate_run
     from .job_config import check_config, record_config, job_objects
     from .lock import RunLock, LOCK_FILE
     from .callbacks import ComparisonTables, TrackingStore
 
-_EXPORTS = {name: module for module, names in {
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "schema": ("RunConfig", "validate_run"),
     "job_config": ("check_config", "record_config", "job_objects"),
     "lock": ("RunLock", "LOCK_FILE"),
     "callbacks": ("ComparisonTables", "TrackingStore"),
-}.items() for name in names}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    # lazy, so that importing one submodule (or `import mla_analysis`) does not import the whole stage
-    if name in _EXPORTS:
-        from importlib import import_module
-
-        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+})

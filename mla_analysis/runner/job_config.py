@@ -6,16 +6,37 @@ before the first one starts; nothing here builds a model or reads a file.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..config import ConfigError, ModelConfig
+from ..config import ConfigError, Job, ModelConfig, check_job
 from ..data import DataConfig
 from ..probes import check_probes
 from ..analysis.search import resolve_reference
 from ..training.trainer import TrainConfig
+from .errors import one_line
+
+JOB_NODES = ("convert", "claims")  # the root nodes that only their job reads (config.run.check_job)
+
+
+@dataclass
+class JobResult:
+    """How one job ended: its status, its metrics and the record it wrote (None when it wrote none)."""
+
+    status: str  # ok | failed | interrupted | skipped (a finished run left as it is)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    record: Optional[Path] = None
+    exit_code: int = 0  # non-zero: the process stops with it (a failed single run, an interrupted job)
+
+
+def check_job_nodes(cfg: DictConfig) -> Job:
+    """The config's ``job``, after checking that its node is set and no other job's node is (ConfigError)."""
+    check_job(cfg.job, {name: cfg.get(name) is not None for name in JOB_NODES})
+    return Job(cfg.job)
 
 
 def job_objects(cfg: DictConfig) -> tuple[ModelConfig, DataConfig, TrainConfig]:
@@ -32,12 +53,12 @@ def check_config(cfg: DictConfig) -> None:
 
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # a ??? left unset
+        job = check_job_nodes(cfg)
         model_cfg, data_cfg, tcfg = job_objects(cfg)
         search = OmegaConf.to_object(cfg.search) if cfg.get("search") is not None else None
-        convert = OmegaConf.to_object(cfg.convert) if cfg.get("convert") is not None else None
+        convert = OmegaConf.to_object(cfg.convert) if job is Job.convert else None
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "config"
-        raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(one_line(e)) from None
     if search is not None:
         resolve_reference(search)
     if convert is not None:
@@ -60,7 +81,7 @@ def check_config(cfg: DictConfig) -> None:
         validate_train(tcfg)  # the model group is replaced by the loaded model's config: checked when loaded
         return
     validate_run(model_cfg, data_cfg, tcfg, cfg.device)
-    if cfg.get("claims") is None and cfg.get("convert") is None:
+    if job is Job.train:
         check_probes(OmegaConf.to_container(cfg.probe, resolve=True), model_cfg)
 
 

@@ -20,7 +20,7 @@ from ..config import (ClaimsConfig, ConfigError, ConvertConfig, LoggerConfig, Mo
                      TrainConfig, check_finite, validate_model_config, validate_train)  # importable from here as before
 from ..config.data import DataConfig
 from ..config.probes import PROBE_CONFIGS
-from ..config.run import check_run
+from ..config.run import Job, check_run
 from ..data import validate_data_config
 
 
@@ -35,14 +35,15 @@ class RunConfig:
     # registered below), so probe=... composes typed nodes and the record keeps only the probes selected
     probe: Dict[str, Any] = field(default_factory=dict)
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # experiment trackers (conf/logger/)
+    job: Job = Job.train  # what the run does; convert and claims need their node below (config.run.check_job)
     experiment: str = "none"
     scale: str = "tiny"
     seed: int = 0
     device: str = "auto"
     skip_finished: bool = True  # a rerun of a sweep skips runs whose results.json is complete
-    claims: Optional[ClaimsConfig] = None  # set by +experiment=claims: audit instead of training
+    claims: Optional[ClaimsConfig] = None  # job=claims: set by +experiment=claims
     search: Optional[SearchConfig] = None  # set by +experiment=rank_search: the value a sweeper optimises
-    convert: Optional[ConvertConfig] = None  # set by +experiment=convert_mha: convert + heal instead of train
+    convert: Optional[ConvertConfig] = None  # job=convert: set by +experiment=convert_mha, convert_moe, ...
 
 
 def kv_cache_warning(model: ModelConfig) -> Optional[str]:

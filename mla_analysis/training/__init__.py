@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .._lazy import lazy_exports
+
 if TYPE_CHECKING:  # the names below, for readers and type checkers; imported on first use
     from .trainer import train, evaluate, resolve_device, total_steps, TrainingInterrupted, NonFiniteLoss, StopFlag
     from .checkpoint import CheckpointError, save_checkpoint, load_checkpoint, latest_checkpoint, save_model_config
@@ -18,7 +20,7 @@ if TYPE_CHECKING:  # the names below, for readers and type checkers; imported on
     from .loggers import Tracker, start_tracking
     from .forward_hooks import run_hooked
 
-_EXPORTS = {name: module for module, names in {
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "trainer": ("train", "evaluate", "resolve_device", "total_steps", "TrainingInterrupted", "NonFiniteLoss",
         "StopFlag"),
     "checkpoint": ("CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "save_model_config"),
@@ -26,14 +28,4 @@ _EXPORTS = {name: module for module, names in {
         "read_json", "flatten", "make_record", "load_record", "is_finished", "find_run_dirs"),
     "loggers": ("Tracker", "start_tracking"),
     "forward_hooks": ("run_hooked",),
-}.items() for name in names}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    # lazy, so that importing one submodule (or `import mla_analysis`) does not import the whole stage
-    if name in _EXPORTS:
-        from importlib import import_module
-
-        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+})

@@ -174,7 +174,7 @@ def _autocast(device: torch.device):
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, eval_sets: dict, device: torch.device, batch_size: int) -> dict[str, float]:
     """Held-out LM loss/perplexity and exact-match / token accuracy per retrieval task."""
-    from ..evaluation.perplexity import lm_metrics
+    from ..metrics.perplexity import lm_metrics
 
     was_training = model.training
     model.eval()

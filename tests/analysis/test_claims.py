@@ -10,7 +10,7 @@ from mla_analysis.analysis.claims import (VERDICTS, ClaimsConfig, describe, kv_c
                                  provenance, quality_claims, to_markdown)
 from mla_analysis.training.results import atomic_write_json, make_record
 
-from ..runner.test_run import run
+from tests.helpers import run_app
 
 
 def test_kv_claims_vs_hand_arithmetic():
@@ -70,7 +70,7 @@ def test_quality_verdicts_follow_the_records(tmp_path):
 def test_claims_experiment_writes_claims_md(tmp_path):
     rs = _study(tmp_path, [("mha", None, s, 1.0, 1.75) for s in (0, 1)] + [("mla", 16, s, 0.995, 1.76) for s in (0, 1)])
     out = tmp_path / "CLAIMS.md"
-    p = run(["+experiment=claims", "claims.quick=true", f"claims.out={out}", f"claims.studies.rank_sweep={rs}",
+    p = run_app(["+experiment=claims", "claims.quick=true", f"claims.out={out}", f"claims.studies.rank_sweep={rs}",
              f"hydra.run.dir={tmp_path / 'run'}", "device=cpu"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     text = out.read_text()
@@ -80,9 +80,9 @@ def test_claims_experiment_writes_claims_md(tmp_path):
     rec = json.loads((tmp_path / "run" / "results.json").read_text())
     verdicts = [v for k, v in rec["metrics"].items() if k.endswith(".verdict")]
     assert len(verdicts) == rec["metrics"]["claims.n"] and set(verdicts) <= set(VERDICTS)
-    p = run(["+experiment=claims", "claims.cache_bits=0", f"hydra.run.dir={tmp_path / 'bad'}"], cwd=tmp_path)
+    p = run_app(["+experiment=claims", "claims.cache_bits=0", f"hydra.run.dir={tmp_path / 'bad'}"], cwd=tmp_path)
     assert p.returncode == 2 and "claims.cache_bits" in p.stderr
-    p = run(["+experiment=claims", "claims.repeats=0", f"hydra.run.dir={tmp_path / 'bad2'}"], cwd=tmp_path)
+    p = run_app(["+experiment=claims", "claims.repeats=0", f"hydra.run.dir={tmp_path / 'bad2'}"], cwd=tmp_path)
     assert p.returncode == 2 and "claims.repeats" in p.stderr
 
 

@@ -13,25 +13,13 @@ from mla_analysis.interop.hf_io import load_model
 from mla_analysis.config import RopeScaling, tiny
 from mla_analysis.conversion.mla import factorize, mha_to_mla, pair_dims, pair_norm_scores, select_rope_pairs
 from mla_analysis.models.transformer import Transformer
+from tests.helpers import source_model
 
 D = 32  # tiny preset d_model; head_dim 8 -> 4 frequency pairs
 YARN = RopeScaling(factor=4.0, original_max_position_embeddings=16, mscale=1.0, mscale_all_dim=0.5)
 
 
-def _source(seed: int = 0, embed_std: float = 1.0, **overrides) -> Transformer:
-    """A source model whose attention is far from uniform (init_std 0.2) and whose norms are not 1.
-
-    embed_std 1 gives an O(1) residual stream as in trained models, so the attention RMSNorm's eps
-    (the one documented source of inexactness at full rank) is negligible.
-    """
-    torch.manual_seed(seed)
-    model = Transformer(tiny(init_std=0.2, **overrides)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-        model.embed.weight.normal_(0.0, embed_std)
-    return model
+_source = source_model
 
 
 def _ids(seed: int = 1, shape=(2, 48)) -> torch.Tensor:

@@ -13,7 +13,7 @@ from mla_analysis.conversion.mla import mha_to_mla
 from mla_analysis.models.transformer import Transformer
 from mla_analysis.conversion.rank_allocation import METHODS, allocate_ranks, energy_ranks, fisher_rows, water_fill
 
-from .test_conversion import _source as conversion_source
+from tests.helpers import source_model as conversion_source
 
 D = 32  # tiny preset: d_model 32, 4 heads of 8, 2 layers -> latent matrix (64, 32), max rank 32
 

@@ -1,15 +1,17 @@
-"""The committed studies' configs compose, and the MoE study's variants match in active and total FFN width."""
+"""The committed studies' configs compose and name their job, and the MoE study's variants match in FFN width."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import mla_analysis.runner.schema  # noqa: F401  (registers the schema and the idiv resolver)
 from mla_analysis.config import ConfigError, ModelConfig
+from mla_analysis.runner.job_config import check_job_nodes
 from mla_analysis.runner.schema import _idiv
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
@@ -48,6 +50,11 @@ def test_every_experiment_composes(experiment):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("config", overrides=[f"+experiment={experiment}"])
     assert cfg.experiment == experiment
+    # the job is named by the file that sets the job's node (read as plain YAML, not through the schema)
+    own = yaml.safe_load(Path(CONF, "experiment", f"{experiment}.yaml").read_text())
+    expected = "convert" if "convert" in own else "claims" if "claims" in own else "train"
+    assert cfg.job == expected and own.get("job", "train") == expected
+    assert check_job_nodes(cfg) == expected
 
 
 def test_idiv_rejects_non_divisors():

@@ -11,16 +11,7 @@ import torch
 
 from mla_analysis.config import ConfigError, ModelConfig, tiny
 from mla_analysis.models.transformer import Transformer
-
-GPT2 = dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True, rms_norm_eps=1e-5)
-VARIANTS = [
-    pytest.param(dict(GPT2, tie_embeddings=True), id="gpt2"),
-    pytest.param(dict(attention="gqa", n_kv_heads=2, attn_qkv_bias=True), id="qwen2-gqa"),
-    pytest.param(dict(attention="mqa", pos_emb="learned"), id="mqa-learned-pos"),
-    pytest.param(dict(mlp="gelu", norm="layernorm"), id="rope-layernorm-gelu"),
-    pytest.param(dict(bias=True), id="swiglu-bias"),
-    pytest.param(dict(GPT2, ffn="none"), id="gpt2-attention-only"),
-]
+from tests.helpers import GPT2, KNOB_VARIANTS as VARIANTS
 
 
 def _randomised(cfg: ModelConfig, seed: int = 0) -> Transformer:

@@ -13,7 +13,7 @@ from mla_analysis.interop.state_dict import to_hf_config
 from mla_analysis.models.transformer import Transformer
 
 from ..helpers import randomise
-from ..interop.test_gpt2_qwen import VARIANTS as KNOB_VARIANTS
+from tests.helpers import KNOB_VARIANTS
 
 transformers = pytest.importorskip("transformers")
 

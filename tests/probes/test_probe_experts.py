@@ -11,8 +11,6 @@ import torch
 
 from mla_analysis.training.checkpoint import save_checkpoint, save_model_config
 from mla_analysis.config import ConfigError, tiny
-from mla_analysis.data import DataConfig
-from mla_analysis.data.tasks import MQARConfig
 from mla_analysis.models.moe import max_vio, routing_load
 from mla_analysis.models.transformer import Transformer
 from mla_analysis.probes import PROBES, run_probes
@@ -32,9 +30,9 @@ from mla_analysis.probes.experts import (
     vocab_specialisation,
 )
 
-from .test_probes import CPU, PNG_MAGIC
+from tests.helpers import CPU, PNG_MAGIC, mqar_data
 
-DATA = DataConfig(vocab_size=128, seq_len=32, eval_examples=8, eval_tasks=["mqar"], mqar=MQARConfig(num_kv_pairs=2))
+DATA = mqar_data()
 
 
 # ---- co-activation --------------------------------------------------------------------------------

@@ -27,8 +27,10 @@ from mla_analysis.probes.head_ablation import (
 )
 from mla_analysis.probes.spectra import _features
 
-from .test_probe_experts import DATA
-from .test_probes import CPU, PNG_MAGIC
+from tests.helpers import mqar_data
+
+DATA = mqar_data()
+from tests.helpers import CPU, PNG_MAGIC
 
 VARIANTS = {
     "mha": dict(attention="mha"),

@@ -294,7 +294,7 @@ def smollm2_model():
 
 def test_smollm2_kl_with_itself_is_zero_and_nll_is_the_perplexity(smollm2_model, tmp_path):
     from mla_analysis.data import DataConfig
-    from mla_analysis.evaluation.perplexity import perplexity
+    from mla_analysis.metrics.perplexity import perplexity
     from mla_analysis.probes.kl import eval_windows
 
     cfg = DataConfig(source="shakespeare", tokenizer="smollm2-135m", vocab_size=49152, seq_len=32, eval_tasks=[])

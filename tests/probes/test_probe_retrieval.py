@@ -35,7 +35,7 @@ from mla_analysis.probes.retrieval import (
     run,
 )
 
-from .test_probes import CPU, PNG_MAGIC
+from tests.helpers import CPU, PNG_MAGIC
 
 DATA = DataConfig(vocab_size=128, seq_len=32, eval_examples=8, mqar=MQARConfig(num_kv_pairs=2))
 VARIANTS = {

@@ -25,10 +25,9 @@ from mla_analysis.probes.spectra import (
     stable_rank,
 )
 from mla_analysis.published_configs import PUBLISHED_DIR, load_all
+from tests.helpers import CPU, PNG_MAGIC
 
-CPU = torch.device("cpu")
 DATA = DataConfig(vocab_size=128, seq_len=32, eval_examples=16, eval_tasks=[])
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _with_spectrum(s, rows: int, seed: int = 0) -> torch.Tensor:

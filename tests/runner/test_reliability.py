@@ -15,7 +15,7 @@ import pytest
 from mla_analysis.analysis.report import load_rows, main as report_main
 from mla_analysis.training.results import ResultsError, atomic_write_json, load_record, make_record
 
-from .test_run import FAST, run
+from tests.helpers import FAST, run_app
 
 
 def test_atomic_write_leaves_old_file_intact_on_failure(tmp_path):
@@ -57,16 +57,16 @@ def test_report_missing_dir_is_one_line_error(tmp_path, capsys):
 def test_rerun_of_sweep_skips_finished_runs(tmp_path):
     sweep = tmp_path / "sweep"
     args = ["-m", "model=mha,mqa", f"hydra.sweep.dir={sweep}", *FAST]
-    assert run(args, cwd=tmp_path).returncode == 0
+    assert run_app(args, cwd=tmp_path).returncode == 0
     first = {p: p.stat().st_mtime_ns for p in sweep.glob("*/results.json")}
     assert len(first) == 2
     victim = next(iter(first))
     victim.unlink()  # as if that job had died after its last checkpoint
-    p = run(args, cwd=tmp_path)  # a fresh start over that job's checkpoints is refused (one lineage per directory)
+    p = run_app(args, cwd=tmp_path)  # a fresh start over that job's checkpoints is refused (one lineage per directory)
     assert p.returncode == 1 and "train.resume=true" in p.stderr, p.stderr[-2000:]
     assert p.stdout.count("[skip]") == 1
     victim.unlink()
-    p = run(args + ["train.resume=true"], cwd=tmp_path)  # continues it from its checkpoint
+    p = run_app(args + ["train.resume=true"], cwd=tmp_path)  # continues it from its checkpoint
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.count("[skip]") == 1
     for path, mtime in first.items():
@@ -75,7 +75,7 @@ def test_rerun_of_sweep_skips_finished_runs(tmp_path):
             assert path.stat().st_mtime_ns == mtime  # untouched
     # resuming with train.resume=true keeps the job directories (the flag is not part of their names)
     dirs = sorted(d.name for d in sweep.iterdir() if d.is_dir())
-    p = run(args + ["train.resume=true"], cwd=tmp_path)
+    p = run_app(args + ["train.resume=true"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.count("[skip]") == 2
     assert sorted(d.name for d in sweep.iterdir() if d.is_dir()) == dirs
@@ -99,7 +99,7 @@ def test_sigterm_saves_checkpoint_and_resume_finishes(tmp_path):
     assert rec["status"] == "interrupted" and "SIGTERM" in rec["error"]
     step = int((out / "checkpoints" / "LATEST").read_text().strip().split("-")[1])
     assert step > 0
-    p = run(args[:4] + [f"train.steps={step + 3}"] + args[5:] + ["train.resume=true"], cwd=tmp_path)
+    p = run_app(args[:4] + [f"train.steps={step + 3}"] + args[5:] + ["train.resume=true"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     rec = json.loads((out / "results.json").read_text())
     assert rec["status"] == "ok" and rec["metrics"]["steps"] == step + 3
@@ -175,7 +175,7 @@ def test_second_run_into_a_locked_dir_exits_2_and_touches_nothing(tmp_path):
     out = tmp_path / "run"
     lock = _write_lock(out, start=process_start(os.getpid()))  # as if a first run were training in it
     before = lock.read_text()
-    p = run(FAST + [f"hydra.run.dir={out}"], cwd=tmp_path)
+    p = run_app(FAST + [f"hydra.run.dir={out}"], cwd=tmp_path)
     assert p.returncode == 2
     line = _one_line(p.stderr)
     assert str(out) in line and f"pid {os.getpid()}" in line
@@ -184,9 +184,9 @@ def test_second_run_into_a_locked_dir_exits_2_and_touches_nothing(tmp_path):
 
 def test_run_dir_that_is_a_file_exits_2(tmp_path):
     (tmp_path / "taken").write_text("x")
-    p = run(FAST + [f"hydra.run.dir={tmp_path / 'taken'}"], cwd=tmp_path)
+    p = run_app(FAST + [f"hydra.run.dir={tmp_path / 'taken'}"], cwd=tmp_path)
     assert p.returncode == 2 and "taken: is an existing file" in _one_line(p.stderr)
-    p = run(FAST + [f"hydra.run.dir={tmp_path / 'taken' / 'sub'}"], cwd=tmp_path)
+    p = run_app(FAST + [f"hydra.run.dir={tmp_path / 'taken' / 'sub'}"], cwd=tmp_path)
     assert p.returncode == 2 and "sub: cannot be created" in _one_line(p.stderr)
 
 
@@ -195,7 +195,7 @@ def test_run_dir_not_writable_exits_2(tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
-    p = run(FAST + [f"hydra.run.dir={ro}"], cwd=tmp_path)
+    p = run_app(FAST + [f"hydra.run.dir={ro}"], cwd=tmp_path)
     assert p.returncode == 2 and "not writable" in _one_line(p.stderr)
 
 
@@ -275,14 +275,14 @@ def test_nonfinite_model_and_data_values_are_rejected():
 
 def test_bad_train_option_is_one_line_before_compute(tmp_path):
     out = tmp_path / "run"
-    p = run(FAST + [f"hydra.run.dir={out}", "train.lr=nan"], cwd=tmp_path)
+    p = run_app(FAST + [f"hydra.run.dir={out}", "train.lr=nan"], cwd=tmp_path)
     assert p.returncode == 2 and _one_line(p.stderr).startswith("error: train.lr=nan is invalid")
     assert not (out / "model_config.json").exists() and not (out / "results.json").exists()
 
 
 def test_sweep_validates_every_job_before_the_first_starts(tmp_path):
     sweep = tmp_path / "sweep"
-    p = run(["-m", "model=mla", "model.kv_lora_rank=8,0", f"hydra.sweep.dir={sweep}", *FAST], cwd=tmp_path)
+    p = run_app(["-m", "model=mla", "model.kv_lora_rank=8,0", f"hydra.sweep.dir={sweep}", *FAST], cwd=tmp_path)
     assert p.returncode == 2
     line = _one_line(p.stderr)
     assert "model.kv_lora_rank=0" in line and "allowed" in line
@@ -391,7 +391,7 @@ def test_text_source_rejects_utf16_and_binary_files(tmp_path):
         with pytest.raises(ValueError, match=f"data.paths: {path} is {what}"):
             read_files([str(good), str(path)], 10_000)
     out = tmp_path / "run"
-    p = run(FAST + [f"hydra.run.dir={out}", "data=text", f"data.paths=[{utf16}]"], cwd=tmp_path)
+    p = run_app(FAST + [f"hydra.run.dir={out}", "data=text", f"data.paths=[{utf16}]"], cwd=tmp_path)
     assert p.returncode == 2 and "UTF-16" in _one_line(p.stderr) and not (out / "model_config.json").exists()
 
 

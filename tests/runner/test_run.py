@@ -6,22 +6,15 @@ import csv
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-FAST = ["train.steps=4", "train.eval_every=2", "data.eval_examples=8", "train.progress=false", "train.batch_size=4",
-        "device=cpu"]
-
-
-def run(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mla_analysis.run", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+from tests.helpers import FAST, run_app
 
 
 def test_single_run_writes_results_json(tmp_path):
     out = tmp_path / "run"
-    p = run(FAST + [f"hydra.run.dir={out}", "model=mla_r8"], cwd=tmp_path)
+    p = run_app(FAST + [f"hydra.run.dir={out}", "model=mla_r8"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     rec = json.loads((out / "results.json").read_text())
     assert rec["status"] == "ok"
@@ -39,13 +32,13 @@ def test_single_run_writes_results_json(tmp_path):
 
     # evaluate-only from the saved run: the model group (default mha) is replaced by the loaded model's config
     again = tmp_path / "again"
-    p = run(FAST + [f"hydra.run.dir={again}", f"train.init_from={out}", "train.steps=0"], cwd=tmp_path)
+    p = run_app(FAST + [f"hydra.run.dir={again}", f"train.init_from={out}", "train.steps=0"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     rec2 = json.loads((again / "results.json").read_text())
     assert rec2["config"]["model"]["attention"] == "mla" and rec2["flat"]["model.kv_lora_rank"] == 8
     assert rec2["metrics"]["steps"] == 0
     assert rec2["metrics"]["val_loss"] == pytest.approx(m["val_loss"], rel=1e-6)
-    p = run(FAST + [f"hydra.run.dir={tmp_path / 'bad'}", "train.steps=0"], cwd=tmp_path)
+    p = run_app(FAST + [f"hydra.run.dir={tmp_path / 'bad'}", "train.steps=0"], cwd=tmp_path)
     assert p.returncode == 2 and "train.steps=0" in p.stderr and not (tmp_path / "bad" / "results.json").exists()
 
 
@@ -68,7 +61,7 @@ def test_bad_config_fails_with_one_line_and_no_results(tmp_path, override, key):
     out = tmp_path / "run"
     model = "model=gqa" if "n_kv_heads" in override else "model=mla"
     args = FAST + [f"hydra.run.dir={out}", f"hydra.sweep.dir={out}"] + ([] if override.startswith("model=") else [model])
-    p = run(args + [override] + (["-m"] if "," in override else []), cwd=tmp_path)
+    p = run_app(args + [override] + (["-m"] if "," in override else []), cwd=tmp_path)
     assert p.returncode == 2
     lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and key in lines[0] and "allowed" in lines[0], p.stderr
@@ -80,7 +73,7 @@ def test_bad_config_fails_with_one_line_and_no_results(tmp_path, override, key):
 @pytest.mark.slow
 def test_sweep_writes_comparison_tables_and_report_rebuilds_them(tmp_path):
     sweep = tmp_path / "sweep"
-    p = run(["-m", "model=mha,mla_r4", f"hydra.sweep.dir={sweep}", *FAST], cwd=tmp_path)
+    p = run_app(["-m", "model=mha,mla_r4", f"hydra.sweep.dir={sweep}", *FAST], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     md, csv_path = sweep / "comparison.md", sweep / "comparison.csv"
     assert md.exists() and csv_path.exists()
@@ -104,7 +97,7 @@ def test_sweep_writes_comparison_tables_and_report_rebuilds_them(tmp_path):
 def test_sweep_records_failed_job_and_continues(tmp_path):
     sweep = tmp_path / "sweep"
     missing = "no_such_run"  # a valid config that fails when the job loads it: recorded, the other job goes on
-    p = run(["-m", f"train.init_from=null,{missing}", f"hydra.sweep.dir={sweep}", *FAST], cwd=tmp_path)
+    p = run_app(["-m", f"train.init_from=null,{missing}", f"hydra.sweep.dir={sweep}", *FAST], cwd=tmp_path)
     assert p.returncode == 1, p.stderr[-2000:]  # after all jobs ran and the tables were written
     assert "1 job(s) of the sweep did not finish" in p.stderr.strip().splitlines()[-1]
     recs = [json.loads(f.read_text()) for f in sweep.glob("*/results.json")]
@@ -122,7 +115,7 @@ def test_sweep_records_failed_job_and_continues(tmp_path):
 def test_bad_data_source_fails_with_one_line_before_writing(tmp_path, override, key):
     out = tmp_path / "run"
     extra = ["data=text"] if override.startswith("data.paths") else []
-    p = run(FAST + [f"hydra.run.dir={out}", *extra, override], cwd=tmp_path)
+    p = run_app(FAST + [f"hydra.run.dir={out}", *extra, override], cwd=tmp_path)
     assert p.returncode == 2
     lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and key in lines[0], p.stderr

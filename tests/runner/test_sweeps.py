@@ -10,7 +10,7 @@ import yaml
 from mla_analysis.config import ConfigError
 from mla_analysis.analysis.search import PENALTY, SearchConfig, objective, resolve_reference
 
-from .test_run import FAST, run
+from tests.helpers import FAST, run_app
 
 
 
@@ -47,7 +47,7 @@ def test_reference_from_number_or_run_dir(tmp_path):
 def test_rank_search_optuna_picks_smallest_feasible_rank(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")  # the [dev] extra installs it
     sweep = tmp_path / "search"
-    p = run(["+experiment=rank_search", "search.reference=0.0", "hydra.sweeper.n_trials=2",
+    p = run_app(["+experiment=rank_search", "search.reference=0.0", "hydra.sweeper.n_trials=2",
              f"hydra.sweep.dir={sweep}", *FAST], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     recs = [json.loads(f.read_text()) for f in sweep.glob("*/results.json")]
@@ -57,14 +57,14 @@ def test_rank_search_optuna_picks_smallest_feasible_rank(tmp_path):
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     smallest = min(r["flat"]["model.kv_lora_rank"] for r in recs)
     assert best["best_value"] == smallest and best["best_params"]["model.kv_lora_rank"] == smallest
-    p = run(["+experiment=rank_search", f"hydra.sweep.dir={tmp_path / 'x'}", *FAST], cwd=tmp_path)
+    p = run_app(["+experiment=rank_search", f"hydra.sweep.dir={tmp_path / 'x'}", *FAST], cwd=tmp_path)
     assert p.returncode != 0 and "search.reference" in p.stderr
 
 
 @pytest.mark.slow
 def test_submitit_local_launcher_runs_a_sweep(tmp_path):
     sweep = tmp_path / "sub"
-    p = run(["-m", "model=mha,mqa", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
+    p = run_app(["-m", "model=mha,mqa", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
              f"hydra.sweep.dir={sweep}", *FAST], cwd=tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     recs = sorted((json.loads(f.read_text()) for f in sweep.glob("*/results.json")), key=lambda r: r["flat"]["model.name"])

@@ -1,4 +1,4 @@
-"""Timing harness: synchronised timers, A/B interleaving, medians, profiler hotspots."""
+"""Timing harness: synchronised timers, A/B interleaving, medians, profiler hotspots (the bench's and the cost probe's)."""
 
 from __future__ import annotations
 

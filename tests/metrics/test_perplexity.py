@@ -1,4 +1,4 @@
-"""Sliding-window perplexity and KL (mla_analysis.evaluation.perplexity) against transformers' own loss and brute force."""
+"""Sliding-window perplexity and KL (mla_analysis.metrics.perplexity) against transformers' own loss and brute force."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mla_analysis.conversion.cli import from_hf
-from mla_analysis.evaluation.perplexity import (
+from mla_analysis.metrics.perplexity import (
     IGNORE,
     document_windows,
     kl_divergence,
