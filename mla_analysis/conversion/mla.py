@@ -406,6 +406,7 @@ def mha_to_mla(
     rope_heads: str = "shared",
     bkv: bool = False,
     bkv_tokens: int = 4096,
+    calib_stats: Optional[list[dict[str, torch.Tensor]]] = None,
 ) -> Transformer:
     """Convert an MHA/GQA/MQA Transformer into MLA at kv_lora_rank by (whitened) SVD; see the module doc.
 
@@ -429,6 +430,8 @@ def mha_to_mla(
     kv_lora_rank then only names the config's nominal rank.
     kv_norm: keep DeepSeek's latent RMSNorm (its scale set to the calibrated latent RMS, see the module doc);
     False = no latent norm, so the conversion is exact once each layer's rank reaches the rank of its K/V maps.
+    calib_stats: ``collect_calibration_stats`` of ``calib`` when the caller already has them (``convert_model``
+    shares them with the rank allocation, so one calibration forward serves both); None = collected here.
     """
     src = model.cfg
     if src.is_mla:
@@ -472,8 +475,13 @@ def mha_to_mla(
     n_rope = H_kv if rope_heads == "per_kv_head" else 1
     layer_pairs = strategy == "2norm"  # per layer (and per rope head) pair choice
 
-    stats = (collect_calibration_stats(model, calib, pair_norms=layer_pairs, sample_tokens=bkv_tokens if bkv else 0)
-             if calib is not None else None)
+    if calib_stats is not None:
+        need = ["cov"] + (["q_pair_norm", "k_pair_norm"] if layer_pairs else []) + (["u"] if bkv else [])
+        if calib is None or len(calib_stats) != L or any(k not in st for st in calib_stats for k in need):
+            raise ValueError(f"calib_stats must be collect_calibration_stats of calib: {L} layers with {need}")
+    stats = calib_stats
+    if stats is None and calib is not None:
+        stats = collect_calibration_stats(model, calib, pair_norms=layer_pairs, sample_tokens=bkv_tokens if bkv else 0)
     covs = [st["cov"] for st in stats] if stats is not None else [None] * L
     group = H // H_kv
     a_idx, b_idx = pair_dims(d_h, src.rope_interleave)
