@@ -273,7 +273,7 @@ def moe_top_k(c: ConvertConfig) -> int:
 
 def convert_model(c: ConvertConfig, source: Transformer, calib: tuple[torch.Tensor, torch.Tensor], seed: int = 0) -> Transformer:
     """The converted (unhealed) model the ``convert`` node describes."""
-    from .mla import mha_to_mla
+    from .mla import collect_calibration_stats, mha_to_mla
     from .moefy import dense_to_moe
 
     source = source.cpu().float().eval()
@@ -288,14 +288,16 @@ def convert_model(c: ConvertConfig, source: Transformer, calib: tuple[torch.Tens
                             method=c.moe_method, calib=inputs, noise=c.upcycle_noise, seed=seed,
                             gate_weights=None if c.moe_gate_weights is None else str(c.moe_gate_weights),
                             aux_alpha=float(c.moe_aux_alpha), bias_update_speed=float(c.moe_bias_update_speed))
-    ranks, rank = None, c.kv_lora_rank
+    ranks, rank, stats = None, c.kv_lora_rank, None
     if c.cache_budget is not None:
         rank = c.cache_budget - rope_cache_elements(c, source.cfg)  # the latent gets what the rope keys leave
     if c.kv_budget is not None:
         # the new strategies allocate uniformly only (validate_convert): their shapes are the shared-key ones
         strategy = c.strategy if c.strategy != "2norm" else "high"
+        if c.allocation != "uniform" and c.strategy != "2norm" and not c.bkv:  # one calibration forward for both
+            stats = collect_calibration_stats(source, inputs)
         ranks = allocate_ranks(source, c.kv_budget, c.allocation, calib=calib, rope_dims=c.rope_dims,
-                               strategy=strategy)
+                               strategy=strategy, covs=None if stats is None else [st["cov"] for st in stats])
         rank = max(1, c.kv_budget // source.cfg.n_layers)  # the config's nominal rank
     import warnings
 
@@ -303,7 +305,8 @@ def convert_model(c: ConvertConfig, source: Transformer, calib: tuple[torch.Tens
         warnings.simplefilter("ignore")  # frequencies outside the config are reported in conversion_info
         return mha_to_mla(source, rank, rope_dims=c.rope_dims, strategy=c.strategy, calib=inputs,
                           factorization=c.factorization, target=c.target, whiten=c.whiten, kv_lora_ranks=ranks,
-                          kv_norm=c.kv_norm, rope_heads=str(c.rope_heads), rope_key=str(c.rope_key), bkv=c.bkv)
+                          kv_norm=c.kv_norm, rope_heads=str(c.rope_heads), rope_key=str(c.rope_key), bkv=c.bkv,
+                          calib_stats=stats)
 
 
 def run_convert(c: ConvertConfig, model_cfg: ModelConfig, data_cfg: DataConfig, tcfg: TrainConfig, run_dir: str | Path,

@@ -87,6 +87,14 @@ Departures from the literature:
   NoPE get m^2 folded into their query rows to keep the score.
 - No fine-tuning step; queries stay full rank (q_lora_rank=None); v_head_dim = head_dim.
 
+Cost: one calibration forward collects every layer's statistics (running float64 sums of u^T u per batch, hidden
+states only: the LM head is skipped); per layer one eigendecomposition of C (``sym_sqrt``, shared by the shared-key
+fit and the factorisation) and one SVD of the H_kv kv heads' rows (query heads repeat them: same subspace, the
+up-projection is repeated afterwards). SmolLM2-135M (30 layers), 8 x 1,024 calibration tokens, 1 thread on a shared
+2-core machine: 29 s CPU for the study's recipe (was 40 s), ~80% of it the forward; peak memory above the source is the
+converted model plus one batch's activations, flat in the calibration tokens (bench.real's recipe: 0.82 GiB at 8 x 1,024
+and at 64k tokens in windows of 512; before, 1.7 / 1.04 GiB with each batch's 49k-vocabulary logits).
+
 Model-file note: the kept frequencies persist through ``ModelConfig.rope_inv_freq``, honoured by
 ``RotaryEmbedding.from_config``.
 
@@ -186,14 +194,16 @@ def sym_sqrt(cov: torch.Tensor, ridge: float = 1e-6) -> tuple[torch.Tensor, torc
 
 
 def factorize(
-    w: torch.Tensor, rank: int, cov: Optional[torch.Tensor] = None, whiten: bool = False
+    w: torch.Tensor, rank: int, cov: Optional[torch.Tensor] = None, whiten: bool = False,
+    roots: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-`rank` factorisation w (m, D) ~= b (m, rank) @ a (rank, D) with orthonormal rows of a.
 
     whiten=True: the subspace minimises E||(w - b a) x||^2 for E[x x^T] = cov (SVD of w C^{1/2});
     otherwise plain SVD. a's rows beyond rank(w) are ballast (complement directions of largest
     energy under cov, then zeros beyond D) so that ||a x|| tracks ||x||; b is the least-squares
-    decoder for the chosen subspace (plain: b = w a^T).
+    decoder for the chosen subspace (plain: b = w a^T). roots: ``sym_sqrt(cov)`` when the caller already has it
+    (mha_to_mla computes it once per layer; the eigendecomposition is the costly step).
     """
     w = w.double()
     m, D = w.shape
@@ -203,7 +213,7 @@ def factorize(
     k = min(rank, m, D)
     if k > 0 and m > 0:
         if whiten:
-            half, inv_half = sym_sqrt(cov_d)
+            half, inv_half = sym_sqrt(cov_d) if roots is None else (roots[0].double(), roots[1].double())
             _, s, vh = torch.linalg.svd(w @ half, full_matrices=False)
             dirs = inv_half @ vh[:k].T  # (D, k): un-whitened row space of the rank-k approximation
         else:
@@ -260,22 +270,7 @@ def safe_inv(g: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def collect_attention_covariances(model: Transformer, calib: torch.Tensor, batch_size: int = 8) -> list[torch.Tensor]:
     """Per layer, E[u u^T] (D, D, float64) of the RMS-normalised attention input u = x / attn_norm.weight."""
-    D = model.cfg.d_model
-    sums = [torch.zeros(D, D, dtype=torch.float64) for _ in model.layers]
-    counts = [0 for _ in model.layers]
-    hooks = []
-    for i, block in enumerate(model.layers):
-        g_inv = safe_inv(block.attn_norm.weight.detach().double().cpu())
-
-        def hook(_mod, args, i=i, g_inv=g_inv):
-            u = args[0].detach().double().cpu().reshape(-1, D) * g_inv  # (B*T, D)
-            sums[i] += u.T @ u
-            counts[i] += u.shape[0]
-
-        hooks.append(block.attn.register_forward_pre_hook(hook))
-    calib = calib.reshape(-1, calib.shape[-1]) if calib.dim() > 1 else calib[None]
-    run_hooked(model, hooks, calib, batch_size)
-    return [s / max(c, 1) for s, c in zip(sums, counts)]
+    return [st["cov"] for st in collect_calibration_stats(model, calib, batch_size=batch_size)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,9 +317,14 @@ def rorope_mixing(wa: torch.Tensor, wb: torch.Tensor, cov: Optional[torch.Tensor
     """
     cov = torch.eye(wa.shape[1], dtype=wa.dtype) if cov is None else cov.to(wa.dtype)
     c = wa @ cov @ wa.T + wb @ cov @ wb.T  # (H_kv, H_kv)
+    return _principal_mixing(c), c
+
+
+def _principal_mixing(c: torch.Tensor) -> torch.Tensor:
+    # top eigenvector of the (H_kv, H_kv) pair-energy matrix, sign fixed so the result is deterministic
     evals, evecs = torch.linalg.eigh((c + c.T) / 2)
     u = evecs[:, -1]
-    return (u if float(u.sum()) >= 0 else -u), c  # sign fixed: deterministic
+    return u if float(u.sum()) >= 0 else -u
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,7 +363,9 @@ def collect_calibration_stats(model: Transformer, calib: torch.Tensor, pair_norm
 
         hooks.append(block.attn.register_forward_pre_hook(hook))
     calib = calib.reshape(-1, calib.shape[-1]) if calib.dim() > 1 else calib[None]
-    run_hooked(model, hooks, calib, batch_size)
+    # one forward for every layer's statistics, running sums per batch (memory flat in the number of batches);
+    # the hooks read attention inputs only, so the LM head (49k-vocab logits for SmolLM2) is skipped
+    run_hooked(model, hooks, calib, batch_size, return_hidden=True)
     out = []
     for st in stats:
         n = max(st["n"], 1)
@@ -412,6 +414,7 @@ def mha_to_mla(
     rope_heads: str = "shared",
     bkv: bool = False,
     bkv_tokens: int = 4096,
+    calib_stats: Optional[list[dict[str, torch.Tensor]]] = None,
 ) -> Transformer:
     """Convert an MHA/GQA/MQA Transformer into MLA at kv_lora_rank by (whitened) SVD; see the module doc.
 
@@ -435,6 +438,8 @@ def mha_to_mla(
     kv_lora_rank then only names the config's nominal rank.
     kv_norm: keep DeepSeek's latent RMSNorm (its scale set to the calibrated latent RMS, see the module doc);
     False = no latent norm, so the conversion is exact once each layer's rank reaches the rank of its K/V maps.
+    calib_stats: ``collect_calibration_stats`` of ``calib`` when the caller already has them (``convert_model``
+    shares them with the rank allocation, so one calibration forward serves both); None = collected here.
     """
     src = model.cfg
     if src.is_mla:
@@ -478,13 +483,20 @@ def mha_to_mla(
     n_rope = H_kv if rope_heads == "per_kv_head" else 1
     layer_pairs = strategy == "2norm"  # per layer (and per rope head) pair choice
 
-    stats = (collect_calibration_stats(model, calib, pair_norms=layer_pairs, sample_tokens=bkv_tokens if bkv else 0)
-             if calib is not None else None)
+    if calib_stats is not None:
+        need = ["cov"] + (["q_pair_norm", "k_pair_norm"] if layer_pairs else []) + (["u"] if bkv else [])
+        if calib is None or len(calib_stats) != L or any(k not in st for st in calib_stats for k in need):
+            raise ValueError(f"calib_stats must be collect_calibration_stats of calib: {L} layers with {need}")
+    stats = calib_stats
+    if stats is None and calib is not None:
+        stats = collect_calibration_stats(model, calib, pair_norms=layer_pairs, sample_tokens=bkv_tokens if bkv else 0)
     covs = [st["cov"] for st in stats] if stats is not None else [None] * L
     group = H // H_kv
     a_idx, b_idx = pair_dims(d_h, src.rope_interleave)
 
-    # per layer weights acting on u = x / g (g = attn_norm.weight), in float64, K/V repeated per query head
+    # per layer weights acting on u = x / g (g = attn_norm.weight), in float64, per source K/V head: query head h
+    # reads kv head h // group (SDPA's GQA grouping), so the latent is factorised over the H_kv heads' rows and its
+    # up-projection repeated per query head afterwards (same subspace as the repeated rows: their Gram is group x)
     layers = []
     for block in model.layers:
         g = block.attn_norm.weight.detach().double().cpu()
@@ -492,17 +504,15 @@ def mha_to_mla(
         wq = at.wq.weight.detach().double().cpu() * g  # (H*d_h, D)
         wk = at.wk.weight.detach().double().cpu() * g  # (H_kv*d_h, D)
         wv = at.wv.weight.detach().double().cpu() * g
-        wk_rep = wk.view(H_kv, d_h, D).repeat_interleave(group, dim=0)  # (H, d_h, D): SDPA's GQA grouping
-        wv_rep = wv.view(H_kv, d_h, D).repeat_interleave(group, dim=0)  # (H, d_h, D)
-        layers.append(
-            dict(g=g, wq=wq.view(H, d_h, D), wk=wk.view(H_kv, d_h, D), wk_rep=wk_rep, wv_rep=wv_rep, wo=at.wo.weight)
-        )
+        layers.append(dict(g=g, wq=wq.view(H, d_h, D), wk=wk.view(H_kv, d_h, D), wv=wv.view(H_kv, d_h, D),
+                           wo=at.wo.weight))
 
     # kept pairs: keeps[l] (n_rope, r) per layer, rope key j of layer l keeps pairs keeps[l][j] (ascending)
     scores = None
     if strategy == "norm":
         scores = sum(
-            pair_norm_scores(l["wq"].reshape(H * d_h, D), l["wk_rep"].reshape(H * d_h, D), H, src.rope_interleave, c)
+            pair_norm_scores(l["wq"].reshape(H * d_h, D), l["wk"].repeat_interleave(group, dim=0).reshape(H * d_h, D),
+                             H, src.rope_interleave, c)
             for l, c in zip(layers, covs)
         )
     if layer_pairs:
@@ -552,28 +562,37 @@ def mha_to_mla(
     for li, (layer, blk, cov) in enumerate(zip(layers, new.layers, covs)):
         kv_lora_rank = blk.attn.kv_lora_rank  # this layer's rank (cfg.kv_lora_ranks when given)
         g_inv = safe_inv(layer["g"])
-        wq, wk, wk_rep, wv_rep = layer["wq"], layer["wk"], layer["wk_rep"], layer["wv_rep"]
+        wq, wk, wv = layer["wq"], layer["wk"], layer["wv"]  # (H, d_h, D), (H_kv, d_h, D) x 2
         rope_src = [_layout(a_idx[k], b_idx[k], src.rope_interleave) for k in keeps[li]]  # (d_rope,) per rope key
         nope_src = [torch.cat((a_idx[d], b_idx[d])).sort().values  # (d_nope,) per rope key
-                    for d in (torch.tensor([i for i in range(n_pairs) if i not in set(k.tolist())], dtype=torch.long)
+                    for d in (torch.tensor(sorted(set(range(n_pairs)) - set(k.tolist())), dtype=torch.long)
                               for k in keeps[li])]
-        q_rope = torch.stack([wq[h, rope_src[j]] for h, j in enumerate(rope_of_head.tolist())]) * q_scale  # (H, d_rope, D)
+        # C^{1/2}, C^{-1/2}: one eigendecomposition per layer, shared by the shared-key fit and the factorisation
+        roots = sym_sqrt(cov) if whiten else None
+        heads = torch.arange(H)[:, None]  # (H, 1): gathers query head h's rows of its rope key's dims in one index
+        q_rope = wq[heads, torch.stack(rope_src)[rope_of_head]] * q_scale  # (H, d_rope, D)
         linfo: dict = {}
         if rope_key == "rorope":
             q_nope = wq * nope_q_scale  # (H, d_h, D): every dim keeps its un-rotated part
         else:
-            q_nope = torch.stack([wq[h, nope_src[j]] for h, j in enumerate(rope_of_head.tolist())]) * nope_q_scale
+            q_nope = wq[heads, torch.stack(nope_src)[rope_of_head]] * nope_q_scale  # (H, d_nope, D)
         if target == "mla" and n_rope > 1:
             # one rope key per kv head: its kept rows as they are (exact), NoPE rows through the latent
             k_rope = torch.cat([wk[j, rope_src[j]] for j in range(n_rope)])  # (n_rope * d_rope, D)
-            k_lat = torch.stack([wk_rep[h, nope_src[j]] for h, j in enumerate(rope_of_head.tolist())])  # (H, d_nope, D)
+            k_lat = torch.stack([wk[j, nope_src[j]] for j in range(H_kv)])  # (H_kv, d_nope, D): rope key j = kv head j
         elif target == "mla" and rope_key == "rorope":
             # per kept pair: the principal mixture of the kv heads keeps RoPE; every head's remainder goes NoPE
             k_rope = torch.zeros(rope_dims, D, dtype=torch.float64)
             wk_res = wk.clone()  # (H_kv, d_h, D)
             captured, best_head = [], []
+            # every pair's energy matrix C[j, m] = wa_j C_u wa_m^T + wb_j C_u wb_m^T from one Gram of all key rows
+            cov_u = cov if whiten else torch.eye(D, dtype=torch.float64)
+            gram = (wk @ cov_u).reshape(H_kv * d_h, D) @ wk.reshape(H_kv * d_h, D).T  # (H_kv*d_h, H_kv*d_h)
+            gram = gram.view(H_kv, d_h, H_kv, d_h)
             for j, i in enumerate(keeps[li][0].tolist()):
-                u, c = rorope_mixing(wk[:, a_idx[i]], wk[:, b_idx[i]], cov if whiten else None)
+                ia, ib = int(a_idx[i]), int(b_idx[i])
+                c = gram[:, ia, :, ia] + gram[:, ib, :, ib]  # (H_kv, H_kv), as rorope_mixing computes it
+                u = _principal_mixing(c)
                 ka, kb = u @ wk[:, a_idx[i]], u @ wk[:, b_idx[i]]  # (D,) each: the mixed head's pair rows
                 k_rope[t_a[j]], k_rope[t_b[j]] = ka, kb
                 wk_res[:, a_idx[i]] -= u[:, None] * ka
@@ -586,15 +605,15 @@ def mha_to_mla(
                 best_head.append(float(c.diagonal().max()) / tr)
             linfo["rorope_energy"] = captured  # share of the pair's key energy on the rotated key
             linfo["rorope_best_head_energy"] = best_head  # the best single source head's share
-            k_lat = wk_res.repeat_interleave(group, dim=0)  # (H, d_h, D)
+            k_lat = wk_res  # (H_kv, d_h, D)
         elif target == "mla":
             # shared decoupled key: per kept pair, complex rank-1 fit over the kv heads
             k_rope = torch.zeros(rope_dims, D, dtype=torch.float64)
             rel_err = []
-            roots = sym_sqrt(cov) if whiten and rope_key == "lstsq" else None  # one eigendecomposition per layer
+            roots_c = None if roots is None else tuple(r.to(torch.complex128) for r in roots)  # cast once per layer
             for j, i in enumerate(keeps[li][0].tolist()):
                 mc = torch.complex(wk[:, a_idx[i]], wk[:, b_idx[i]])  # (H_kv, D): k_h = a_h + i b_h
-                alpha, beta = _rank1_shared_key(mc, cov if whiten else None, rope_key, roots)
+                alpha, beta = _rank1_shared_key(mc, cov if whiten else None, rope_key, roots_c)
                 fit = alpha[:, None] * beta[None]  # (H_kv, D)
                 rel_err.append(float((mc - fit).abs().norm() / mc.abs().norm().clamp_min(1e-30)))
                 k_rope[t_a[j]], k_rope[t_b[j]] = beta.real, beta.imag
@@ -605,47 +624,48 @@ def mha_to_mla(
                 q_rope[:, t_a[j]] = ar * qa + ai * qb
                 q_rope[:, t_b[j]] = ar * qb - ai * qa
             linfo["rope_key_rel_err"] = rel_err
-            k_lat = wk_rep[:, nope_src[0]]  # (H, d_nope, D): only NoPE keys go through the latent
+            k_lat = wk[:, nope_src[0]]  # (H_kv, d_nope, D): only NoPE keys go through the latent
         else:
-            k_lat = torch.cat((wk_rep[:, nope_src[0]], wk_rep[:, rope_src[0]]), dim=1)  # (H, d_h, D), rope last
+            k_lat = torch.cat((wk[:, nope_src[0]], wk[:, rope_src[0]]), dim=1)  # (H_kv, d_h, D), rope last
         d_k = k_lat.shape[1]
-        kv = torch.cat((k_lat, wv_rep), dim=1)  # (H, d_k + d_h, D): wkv_b's per-head row layout
+        kv = torch.cat((k_lat, wv), dim=1)  # (H_kv, d_k + d_h, D): wkv_b's per-head row layout, per kv head
         k_bal = 1.0
         if bkv:
             # BKV: balance mean ||K_lat u|| against mean ||V u|| so the joint SVD does not favour the larger one
             u_s = stats[li]["u"].double()  # (N, D)
-            k_norm = torch.einsum("nd,hkd->nhk", u_s, k_lat).norm(dim=-1).mean()
-            v_norm = torch.einsum("nd,hkd->nhk", u_s, wv_rep).norm(dim=-1).mean()
+            k_norm = torch.einsum("nd,hkd->nhk", u_s, k_lat).norm(dim=-1).mean()  # over kv heads = over query heads
+            v_norm = torch.einsum("nd,hkd->nhk", u_s, wv).norm(dim=-1).mean()
             k_bal = float(k_norm / v_norm.clamp_min(1e-30)) if float(k_norm) > 0 else 1.0
             linfo["bkv_scale"] = k_bal
-        kv_fit = torch.cat((k_lat / k_bal, wv_rep), dim=1)  # (H, d_k + d_h, D)
+        kv_fit = torch.cat((k_lat / k_bal, wv), dim=1)  # (H_kv, d_k + d_h, D)
         if factorization == "joint":
-            b, a = factorize(kv_fit.reshape(-1, D), kv_lora_rank, cov, whiten)  # (H*(d_k+d_h), r), (r, D)
+            b, a = factorize(kv_fit.reshape(-1, D), kv_lora_rank, cov, whiten, roots)  # (H_kv*(d_k+d_h), r), (r, D)
         else:
             half = kv_lora_rank // 2
-            b_k, a_k = factorize(kv_fit[:, :d_k].reshape(-1, D), half, cov, whiten)  # (H*d_k, r/2), (r/2, D)
-            b_v, a_v = factorize(wv_rep.reshape(-1, D), half, cov, whiten)  # (H*d_h, r/2), (r/2, D)
+            b_k, a_k = factorize(kv_fit[:, :d_k].reshape(-1, D), half, cov, whiten, roots)  # (H_kv*d_k, r/2), (r/2, D)
+            b_v, a_v = factorize(wv.reshape(-1, D), half, cov, whiten, roots)  # (H_kv*d_h, r/2), (r/2, D)
             a = torch.cat((a_k, a_v))  # (r, D)
             b = torch.cat(
                 (
-                    torch.cat((b_k.view(H, d_k, half), torch.zeros(H, d_k, half, dtype=b_k.dtype)), dim=2),
-                    torch.cat((torch.zeros(H, d_h, half, dtype=b_v.dtype), b_v.view(H, d_h, half)), dim=2),
+                    torch.cat((b_k.view(H_kv, d_k, half), torch.zeros(H_kv, d_k, half, dtype=b_k.dtype)), dim=2),
+                    torch.cat((torch.zeros(H_kv, d_h, half, dtype=b_v.dtype), b_v.view(H_kv, d_h, half)), dim=2),
                 ),
                 dim=1,
-            ).reshape(-1, kv_lora_rank)  # (H*(d_k+d_h), r): block-diagonal per head
-        b = b.view(H, d_k + d_h, kv_lora_rank)  # (H, d_k + d_h, r)
-        b = torch.cat((b[:, :d_k] * k_bal, b[:, d_k:]), dim=1).reshape(-1, kv_lora_rank)  # BKV undone in W^UK
+            ).reshape(-1, kv_lora_rank)  # (H_kv*(d_k+d_h), r): block-diagonal per head
+        b = b.view(H_kv, d_k + d_h, kv_lora_rank)  # (H_kv, d_k + d_h, r)
+        b = torch.cat((b[:, :d_k] * k_bal, b[:, d_k:]), dim=1)  # BKV undone in W^UK
         cov_eff = torch.eye(D, dtype=torch.float64) if cov is None else cov
-        ms_c = float(torch.einsum("rd,de,re->", a, cov_eff, a) / kv_lora_rank)  # E[ms(c)]
+        ms_c = float(((a @ cov_eff) * a).sum() / kv_lora_rank)  # E[ms(c)]
         # kv_norm divides by sqrt(ms(c) + eps): include its eps so a constant ms(c) cancels exactly
         rho = (ms_c + blk.attn.kv_norm.eps) ** 0.5 if kv_norm else ms_c**0.5
-        kv_flat = kv.reshape(-1, D)  # (m, D)
-        err = kv_flat - b @ a  # (m, D): linear reconstruction error, kv_norm aside
+        kv_flat = kv.reshape(-1, D)  # (m, D), m = H_kv (d_k + d_h): the ratios below equal those over query heads
+        err = kv_flat - b.reshape(-1, kv_lora_rank) @ a  # (m, D): linear reconstruction error, kv_norm aside
         linfo["kv_rel_err"] = float(err.norm() / kv_flat.norm().clamp_min(1e-30))
         if cov is not None:
-            w_err = torch.einsum("md,de,me->", err, cov, err)  # E||err u||^2 over calibration
-            w_ref = torch.einsum("md,de,me->", kv_flat, cov, kv_flat)
+            w_err = ((err @ cov) * err).sum()  # E||err u||^2 over calibration
+            w_ref = ((kv_flat @ cov) * kv_flat).sum()
             linfo["kv_weighted_rel_err"] = float((w_err / w_ref.clamp_min(1e-30)).sqrt())
+        b = b.repeat_interleave(group, dim=0).reshape(-1, kv_lora_rank)  # (H*(d_k+d_h), r): head h <- kv head h // group
         linfo["latent_rms"] = rho
         info_layers.append(linfo)
 

@@ -242,11 +242,13 @@ def allocate_ranks(
     strategy: str = "high",
     min_rank: int = 1,
     max_rank: Optional[int] = None,
+    covs: Optional[list[torch.Tensor]] = None,
 ) -> list[int]:
     """Per-layer kv_lora_ranks summing to ``budget`` by uniform | energy | fisher | whitened (module doc).
 
     calib: token ids (B, T) (next-token targets for fisher) or an (inputs, targets) pair. rope_dims /
-    strategy: as passed to mha_to_mla (they decide which key dims go through the latent).
+    strategy: as passed to mha_to_mla (they decide which key dims go through the latent). covs: the per-layer
+    ``collect_attention_covariances`` of calib when the caller already has them (None = collected here).
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is invalid (allowed: {' | '.join(METHODS)})")
@@ -255,8 +257,11 @@ def allocate_ranks(
     L, D = model.cfg.n_layers, model.cfg.d_model
     if min_rank < 1:
         raise ValueError(f"min_rank={min_rank} is invalid (allowed: an integer >= 1)")
-    covs = None
-    if calib is not None and method != "uniform":
+    if covs is not None and len(covs) != L:
+        raise ValueError(f"covs must hold one covariance per layer ({L}), got {len(covs)}")
+    if method == "uniform":
+        covs = None  # the weights alone decide
+    elif covs is None and calib is not None:
         covs = collect_attention_covariances(model, _calib_ids(calib))
     weights = latent_weights(model, rope_dims, strategy, covs)
     bound = min(weights[0].shape[0], D)

@@ -329,6 +329,35 @@ def test_whitened_svd_beats_plain_svd_on_anisotropic_activations():
     assert errs[True] < 0.8 * errs[False], errs
 
 
+@pytest.mark.parametrize("overrides", [dict(attention="gqa", n_kv_heads=2), dict(attention="mqa")], ids=["gqa", "mqa"])
+def test_gqa_latent_is_the_eckart_young_optimum_of_the_repeated_kv_rows(overrides):
+    """The latent is fitted on the kv heads' rows and repeated per query head: still the C-weighted optimum of the
+    per-query-head K/V matrix (H (d_h + d_h), D) that the MLA layer reproduces (brute force: hooked inputs, svdvals)."""
+    src = _source(**overrides)
+    calib = _ids(seed=9, shape=(8, 64))
+    xs = []
+    hook = src.layers[1].attn.register_forward_pre_hook(lambda m, args: xs.append(args[0].reshape(-1, D).double()))
+    with torch.no_grad():
+        src(calib)
+    hook.remove()
+    x = torch.cat(xs)  # (N, D): layer 1's attention inputs
+    cov = x.T @ x / x.shape[0]
+    H, H_kv, d_h = src.cfg.n_heads, src.cfg.kv_heads, src.cfg.attn_head_dim
+    at = src.layers[1].attn
+    rep = lambda w: w.detach().double().view(H_kv, d_h, D).repeat_interleave(H // H_kv, dim=0)  # noqa: E731
+    w = torch.cat((rep(at.wk.weight), rep(at.wv.weight)), dim=1).reshape(-1, D)  # (H * 2 d_h, D), wkv_b's layout
+    rank = 10
+    new = mha_to_mla(src, rank, calib=calib, kv_norm=False)  # all RoPE kept: coupled, K rows in source order
+    a = new.layers[1].attn
+    m = (a.wkv_b.weight @ a.wkv_a.weight).detach().double()  # (H * 2 d_h, D): the linear K/V map of every query head
+    e = w - m
+    err = float(torch.einsum("md,de,me->", e, cov, e))
+    evals, evecs = torch.linalg.eigh(cov)
+    s = torch.linalg.svdvals(w @ (evecs * evals.clamp_min(0).sqrt()) @ evecs.T)  # singular values of W C^{1/2}
+    assert err == pytest.approx(float(s[rank:].pow(2).sum()), rel=1e-4)  # the optimum at this rank
+    assert float(s[rank:].pow(2).sum()) > 1e-3 * float(s.pow(2).sum())  # below the K/V rank: not trivially 0
+
+
 def test_rejects_bad_arguments():
     src = _source()
     with pytest.raises(ValueError):

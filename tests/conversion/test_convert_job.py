@@ -82,3 +82,31 @@ def test_convert_node_kv_norm_false_reaches_the_converted_model():
         with torch.no_grad():
             rel = float((new(ids) - src(ids)).norm() / src(ids).norm())
         assert (rel < 1e-5) is (not kv_norm), rel
+
+
+def test_allocation_and_conversion_share_one_calibration_forward_without_the_lm_head():
+    """convert.kv_budget with a calibrated allocation: one pass over the calibration windows (the allocation's and the
+    conversion's statistics from the same forward), the LM head never run, the same model as collecting them twice."""
+    import torch
+
+    from mla_analysis.config import ConvertConfig, tiny
+    from mla_analysis.conversion.job import convert_model
+    from mla_analysis.conversion.mla import mha_to_mla
+    from mla_analysis.conversion.rank_allocation import allocate_ranks
+    from mla_analysis.models.transformer import Transformer
+
+    torch.manual_seed(0)
+    src = Transformer(tiny(attention="gqa", n_kv_heads=2, init_std=0.2)).eval()
+    ids = torch.randint(0, src.cfg.vocab_size, (12, 24), generator=torch.Generator().manual_seed(1))
+    calls = {"embed": 0, "head": 0}
+    hooks = [getattr(src, k).register_forward_hook(lambda *_, k=k: calls.__setitem__(k, calls[k] + 1)) for k in calls]
+    c = ConvertConfig(kv_budget=20, allocation="whitened", rope_dims=4)
+    new = convert_model(c, src, (ids, ids))
+    for h in hooks:
+        h.remove()
+    assert calls == {"embed": 2, "head": 0}  # 12 windows in batches of 8: one pass, hidden states only
+    ranks = allocate_ranks(src, 20, "whitened", calib=(ids, ids), rope_dims=4)
+    ref = mha_to_mla(src, 10, rope_dims=4, calib=ids, kv_lora_ranks=ranks)  # statistics collected separately
+    assert new.conversion_info["kv_lora_ranks"] == ranks
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(new.state_dict()[k], v, rtol=0, atol=0, msg=k)
