@@ -79,7 +79,7 @@ def ffn_inputs(model: Transformer, calib: torch.Tensor, batch_size: int = 8) -> 
         if isinstance(block.ffn, SwiGLU):
             hooks.append(block.ffn.register_forward_pre_hook(
                 lambda m, args, i=i: store[i].append(args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu())))
-    run_hooked(model, hooks, calib, batch_size, return_hidden=True)  # the logits (a fifth of the FLOPs) are unused
+    run_hooked(model, hooks, calib, batch_size, return_hidden=True)  # FFN inputs only: the LM head is not needed
     return [torch.cat(v) if v else None for v in store]  # (N, D) each
 
 

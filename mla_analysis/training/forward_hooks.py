@@ -12,8 +12,8 @@ def run_hooked(model: torch.nn.Module, handles: Iterable, inputs: torch.Tensor, 
                device: Optional[torch.device] = None, **forward_kwargs) -> None:
     """Forward ``inputs`` [N, T] in eval mode and batches of ``batch_size``; then remove ``handles``, restore the mode.
 
-    ``forward_kwargs`` go to every forward call (e.g. ``return_hidden=True``: no vocabulary projection).
-    """
+    ``forward_kwargs`` go to every forward call (e.g. ``return_hidden=True``: hooks that only need the layers skip
+    the vocabulary projection)."""
     handles = list(handles)
     device = device if device is not None else next(model.parameters()).device
     was_training = model.training
