@@ -18,7 +18,13 @@ experts is the dense FFN exactly.
    (co-activated neurons cluster together). sklearn ``KMeans`` gives the initial centroids; then, until the
    assignment stops changing (at most 20 rounds), an exact *balanced* assignment (every cluster exactly
    I neurons: ``scipy.optimize.linear_sum_assignment`` of neurons to E * I slots, slot cost = squared
-   distance to its cluster's centroid) alternates with recomputing the centroids.
+   distance to its cluster's centroid) alternates with recomputing the centroids. Both run on the patterns'
+   Gram embedding (``gram_embedding``: n <= d_ff coordinates with the same pairwise distances, instead of one
+   coordinate per calibration token): the same k-means up to float round-off, 3-8x faster at 16k tokens.
+   On SmolLM2 at 16 x 1,024 calibration tokens the partition is identical to the direct one in layer 15 (all
+   three layouts); in layers 0 and 29 exact distance ties between the integer patterns break otherwise and
+   k-means ends in another local optimum (layer 0: ARI 0.17, SSE +0.5%, inside the spread of k-means' own
+   seeds, whose partitions agree to ARI 0.2 there; layer 29: ARI 0.88, SSE +0.03%).
 4. Router (``Gate.weight`` row e), from the k-means centroids: the mean input direction that activates
    cluster e. With c_{e,t} = the cluster's centroid coordinate (the share of its neurons active on token
    t), w_e = sum_t c_{e,t} x_t / sum_t c_{e,t} - mean_t x_t; all rows are then scaled by one factor so the
@@ -108,8 +114,35 @@ def active_pattern(h: torch.Tensor, fraction: float) -> torch.Tensor:
     return torch.zeros_like(h, dtype=torch.bool).scatter_(1, top, True)
 
 
+def gram_embedding(features: np.ndarray) -> np.ndarray:
+    """Rows Y (n, r), r = rank <= min(n, F), with Y Y^T = X X^T for features X (n, F): the same pairwise distances.
+
+    Pivoted Cholesky of the Gram matrix (LAPACK dpstrf; it tolerates the rank deficiency of duplicate or silent
+    neurons). Binary features (activity patterns) are multiplied in float32, exact for counts below 2^24.
+    """
+    from scipy.linalg import lapack
+
+    n = features.shape[0]
+    binary = features.dtype == bool or np.array_equal(features, features.astype(bool))
+    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32 if binary else np.float64))
+    gram = (x @ x.T).double().numpy()  # (n, n)
+    factor, piv, rank, info = lapack.dpstrf(gram, lower=1)
+    if info < 0:
+        raise RuntimeError(f"dpstrf failed (info={info})")
+    out = np.zeros((n, max(int(rank), 1)))  # a rank-0 Gram (every pattern zero) keeps one zero coordinate
+    out[piv - 1, : int(rank)] = np.tril(factor)[:, : int(rank)]  # undo the pivoting: (P L)(P L)^T = G
+    return out
+
+
 def balanced_kmeans(features: np.ndarray, n_clusters: int, seed: int = 0, max_rounds: int = 20) -> np.ndarray:
-    """Labels (n,) with exactly n / n_clusters points per cluster: KMeans init, then balanced assignment rounds."""
+    """Labels (n,) with exactly n / n_clusters points per cluster: KMeans init, then balanced assignment rounds.
+
+    k-means (Lloyd and k-means++) only sees distances between points and means of points, so it runs on the
+    Gram embedding (``gram_embedding``: at most n coordinates instead of one per calibration token, the same
+    distances up to float64 round-off), with sklearn's tolerance rescaled to the new number of coordinates
+    (sklearn scales ``tol`` by the mean per-coordinate variance; the total variance is unchanged). The result
+    is MoEfication's balanced k-means of the patterns themselves; only exact ties may break differently.
+    """
     from scipy.optimize import linear_sum_assignment
     from sklearn.cluster import KMeans
     from sklearn.exceptions import ConvergenceWarning
@@ -118,16 +151,17 @@ def balanced_kmeans(features: np.ndarray, n_clusters: int, seed: int = 0, max_ro
     if n % n_clusters:
         raise ValueError(f"{n} points cannot form {n_clusters} equal clusters")
     size = n // n_clusters
-    feats = features.astype(np.float64)
+    feats = gram_embedding(features)  # (n, r)
     with warnings.catch_warnings():
         # identical patterns (e.g. every neuron active when all experts are) leave fewer distinct
         # clusters; the balanced assignment below still splits their ties into equal sizes
         warnings.simplefilter("ignore", ConvergenceWarning)
-        centers = KMeans(n_clusters, n_init=4, random_state=seed).fit(feats).cluster_centers_  # (k, F)
+        tol = 1e-4 * feats.shape[1] / features.shape[1]  # sklearn's default 1e-4 on the original coordinates
+        centers = KMeans(n_clusters, n_init=4, random_state=seed, tol=tol).fit(feats).cluster_centers_  # (k, r)
     labels = None
     sq = (feats ** 2).sum(1)[:, None]  # (n, 1)
     for _ in range(max_rounds):
-        # |a - c|^2 = |a|^2 - 2 a.c + |c|^2 without the (n, k, F) broadcast (F = calibration tokens)
+        # |a - c|^2 = |a|^2 - 2 a.c + |c|^2 without the (n, k, r) broadcast
         dist = np.maximum(sq - 2.0 * feats @ centers.T + (centers ** 2).sum(1)[None, :], 0.0)  # (n, k)
         _, slots = linear_sum_assignment(np.repeat(dist, size, axis=1))  # (n,) slot of each point
         new = slots // size
@@ -244,7 +278,7 @@ def dense_to_moe(
         order = torch.argsort(-freq, stable=True)
         shared_idx = order[: n_shared_experts * size].sort().values
         routed_idx = order[n_shared_experts * size:].sort().values  # (E*I,)
-        labels = balanced_kmeans(active[:, routed_idx].T.float().numpy(), n_routed_experts, seed=seed)
+        labels = balanced_kmeans(active[:, routed_idx].T.numpy(), n_routed_experts, seed=seed)  # bool (E*I, N)
         experts = [routed_idx[torch.from_numpy(np.flatnonzero(labels == e))] for e in range(n_routed_experts)]
         idx = torch.stack(experts)  # (E, I)
         moe.w1.copy_(w1[idx])  # (E, I, D)
@@ -266,4 +300,4 @@ def dense_to_moe(
 
 
 __all__ = ["METHODS", "active_experts", "active_pattern", "balanced_kmeans", "dense_to_moe", "ffn_activations", "ffn_inputs",
-           "hidden_activations"]
+           "gram_embedding", "hidden_activations"]

@@ -188,3 +188,64 @@ def test_convert_config_errors_name_the_key_before_any_compute():
                      (ConvertConfig(direction="moe", moe_aux_alpha=-1.0), "moe_aux_alpha")):
         with pytest.raises(ConfigError, match=f"convert.{key}"):
             validate_convert(bad, cfg)
+
+
+def _sse(points: np.ndarray, labels: np.ndarray) -> float:
+    """Within-cluster sum of squared distances to the cluster means (the k-means objective)."""
+    return float(sum(((points[labels == c] - points[labels == c].mean(0)) ** 2).sum() for c in np.unique(labels)))
+
+
+def _balanced_partitions(items: tuple, size: int):
+    """Every partition of items into groups of `size` (brute force; groups unordered)."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    from itertools import combinations
+    for mates in combinations(rest, size - 1):
+        left = tuple(i for i in rest if i not in mates)
+        for tail in _balanced_partitions(left, size):
+            yield [(first, *mates)] + tail
+
+
+def test_gram_embedding_keeps_every_pairwise_distance_of_activity_patterns():
+    """Many more tokens than neurons, duplicate and silent neurons (a rank-deficient Gram)."""
+    from mla_analysis.conversion.moefy import gram_embedding
+
+    rng = np.random.default_rng(3)
+    pats = rng.random((20, 500)) < 0.2  # (neurons, tokens)
+    pats[4] = pats[11]
+    pats[7] = False
+    y = gram_embedding(pats)
+    assert y.shape[0] == 20 and y.shape[1] <= 19  # rank: one duplicate, one zero row
+    f = pats.astype(np.float64)
+    brute = ((f[:, None, :] - f[None, :, :]) ** 2).sum(-1)  # (20, 20) Hamming distances
+    torch.testing.assert_close(((y[:, None, :] - y[None, :, :]) ** 2).sum(-1), brute, atol=1e-8, rtol=0)
+    assert gram_embedding(np.zeros((6, 40), dtype=bool)).tolist() == [[0.0]] * 6  # rank 0
+
+
+def test_balanced_kmeans_reaches_the_brute_force_optimum_on_planted_co_activation():
+    """12 neurons in 3 planted co-activation groups of 4 over 300 tokens (10% of entries flipped): the balanced
+    k-means objective equals the minimum over all 5,775 balanced partitions, which is the planted one."""
+    rng = np.random.default_rng(0)
+    groups = rng.random((3, 300)) < 0.3  # each group's token pattern
+    truth = rng.permutation(np.repeat(np.arange(3), 4))
+    pats = groups[truth] ^ (rng.random((12, 300)) < 0.1)  # (12, 300) bool
+    labels = balanced_kmeans(pats, 3)
+    f = pats.astype(np.float64)
+    best = min(_sse(f, np.array([next(g for g, part in enumerate(p) if i in part) for i in range(12)]))
+               for p in _balanced_partitions(tuple(range(12)), 4))
+    assert np.bincount(labels).tolist() == [4, 4, 4]
+    assert _sse(f, labels) == pytest.approx(best, abs=1e-9)
+    assert _sse(f, truth) == pytest.approx(best, abs=1e-9)  # the optimum is the planted partition
+
+
+def test_balanced_kmeans_recovers_planted_experts_from_long_patterns():
+    """The SmolLM2 regime in miniature: tokens >> neurons; 8 planted experts of 6 neurons, 2,000 tokens."""
+    rng = np.random.default_rng(1)
+    groups = rng.random((8, 2000)) < 0.15
+    truth = rng.permutation(np.repeat(np.arange(8), 6))
+    pats = groups[truth] ^ (rng.random((48, 2000)) < 0.05)
+    labels = balanced_kmeans(pats, 8)
+    for c in range(8):  # each cluster is exactly one planted expert
+        assert (labels == c).sum() == 6 and len(set(truth[labels == c])) == 1
