@@ -348,7 +348,7 @@ def noise_verdict(r: dict, main: dict | None, spread: float | None) -> str:
         return f"|ΔKL| {abs(a - m):.3f}; calibration spread not run"
     within = abs(a - m) < spread
     cmp = "<" if within else ">="
-    return f"{'within' if within else 'beyond'} calibration noise (|ΔKL| {abs(a - m):.3f} {cmp} {spread:.3f})"
+    return f"{'within' if within else 'beyond'} calibration noise (|KL - KL_main| {abs(a - m):.3f} {cmp} {spread:.3f})"
 
 
 def ablation_lines(runs: list[dict], ablate: list[dict]) -> list[str]:
@@ -361,7 +361,7 @@ def ablation_lines(runs: list[dict], ablate: list[dict]) -> list[str]:
             "", "Around the main recipe at 120 (RoRoPE shared key, 32 RoPE dims, rank 88, whitened joint SVD, no BKV, "
             "no latent norm, uniform rank). Perplexity ratio to the original and KL(original || variant): mean [95% t over "
             f"windows, n={n}]; ΔKL and NLL vs main: paired per-window differences ablation minus main (positive = the "
-            "ablation is worse). 'vs calibration noise' (rule 8): |ΔKL| against the spread of the main recipe's KL over "
+            "ablation is worse). 'vs calibration noise' (rule 8): |KL - KL_main| of the records' token-weighted means (the paired ΔKL column averages windows) against the spread of the main recipe's KL over "
             "two disjoint calibration sets at 120 " + ("(not run)" if spread is None else f"({spread:.3f} nats/token)") + ".",
             "", "| ablation | variant | latent rank | ppl ratio | KL (nats/token) | ΔKL vs main | NLL vs main "
             "| vs calibration noise |",

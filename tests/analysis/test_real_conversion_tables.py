@@ -85,8 +85,8 @@ def test_ablations_calibration_noise_and_orderings(tables, tmp_path):
     tables.study(tmp_path, figures=False)
     text = (tmp_path / "ablations.md").read_text()
     row = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
-    assert "within calibration noise (|ΔKL| 0.020 < 0.050)" in row["bkv=true"]
-    assert "beyond calibration noise (|ΔKL| 0.300 >= 0.050)" in row["whiten=false"]
+    assert "within calibration noise (|KL - KL_main| 0.020 < 0.050)" in row["bkv=true"]
+    assert "beyond calibration noise (|KL - KL_main| 0.300 >= 0.050)" in row["whiten=false"]
     assert "+0.500 [+0.500, +0.500] (n=8)" in row["whiten=false"]  # paired NLL difference of a constant shift
     assert "not run" in row["kv_norm=true"] and "not run" in row["kv_budget=2640 allocation=fisher"]
     assert "rope_dims=48" in text  # the unexpected ablation, labelled by its overrides
