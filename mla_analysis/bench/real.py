@@ -494,9 +494,20 @@ def _fmt_dict(d: dict[str, float], unit: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- main
-def run_real(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Every selected figure of the real-model section; returns the measurements."""
+def run_real(args: argparse.Namespace, log: Callable[[str], None] = print,
+             on_figure: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:
+    """Every selected figure of the real-model section; returns the measurements.
+
+    ``on_figure(res)`` is called after each finished figure (``res["wall_s"]`` so far), so that a run killed later
+    (out of memory on a shared machine, a time limit) keeps the figures it finished.
+    """
     t_start = time.perf_counter()
+
+    def done() -> None:
+        res["wall_s"] = time.perf_counter() - t_start
+        if on_figure is not None:
+            on_figure(res)
+
     device = torch.device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     if args.threads:
@@ -521,18 +532,24 @@ def run_real(args: argparse.Namespace, log: Callable[[str], None] = print) -> di
         res["copy_bw"] = measure_copy_bandwidth(device, sizes.copy_bytes, 5)["median_bw"]
         models = {"hf": hf, "ours": ours, "mla120": mla[120], "mla48": mla[48]}
         res["generation"] = bench_generation(models, sizes, device, res["copy_bw"], log, profile=True)
+        del models
+        done()
+    mla.pop(48, None)  # only figure 1 decodes MLA-48: its weights need not stay beside figure 2's optimizer states
     if "2" in figures:
         log("2. healing step ...")
         res["healing"] = bench_healing(ours, hf, mla.get(120), evaluation, sizes, device)
         log("   " + _fmt_dict(res["healing"]["tok_s"], "tok/s"))
+        done()
     if "3" in figures:
         log("3. perplexity ...")
         res["perplexity"] = bench_perplexity(ours, hf, evaluation, sizes, device)
         log("   " + _fmt_dict(res["perplexity"]["windows_s"], "windows/s"))
+        done()
     if "4" in figures:
         log("4. spectra probe ...")
         res["probe"] = bench_probe(ours, hf_dir, sizes, device)
         log(f"   overhead {res['probe']['overhead']:.1%}, memory ratio {_fmt(res['probe']['memory_ratio'], 3)}")
+        done()
     if "5" in figures:
         log("5. conversion ...")
         res["conversion"] = bench_conversion(ours, hf_dir, sizes, device)
@@ -560,13 +577,20 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_real_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
-    res = run_real(args)
+    out = args.out if args.out else (None if args.quick else "BENCHMARKS.md")
+    key = f"real-{torch.device(args.device).type}"
+
+    def partial(res: dict[str, Any]) -> None:  # the figures finished so far, marked as a partial run
+        if out:
+            write_report(out, key, render_real({**res, "note": "; ".join(
+                x for x in (res.get("note"), "partial: the figures finished before the run ended") if x)}, argv))
+
+    res = run_real(args, on_figure=partial)
     body = render_real(res, argv)
     print()
     print(body)
-    out = args.out if args.out else (None if args.quick else "BENCHMARKS.md")
     if out:
-        print(f"wrote {write_report(out, f'real-{torch.device(args.device).type}', body)}")
+        print(f"wrote {write_report(out, key, body)}")
     res["markdown"] = body
     return res
 

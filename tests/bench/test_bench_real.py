@@ -3,6 +3,7 @@ and the report's status per figure. (No timings are asserted; the real-model fig
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mla_analysis.bench.real import (TARGETS, cache_bytes, hf_cache_bytes, hf_generate_fn, ours_generate_fn,
@@ -59,3 +60,20 @@ def test_report_marks_each_figure_against_its_target():
     assert status("3. perplexity") == "met"
     assert status("4. spectra probe overhead") == "met" and status("4. probe peak memory") == "met"
     assert TARGETS["healing"] == 1.2
+
+
+def test_a_run_killed_after_a_figure_keeps_that_figure_in_the_report(tmp_path, monkeypatch):
+    import mla_analysis.bench.real as real
+
+    def fake_run(args, log=print, on_figure=None):  # figure 3 finishes, then the run dies (as the OOM killer would)
+        res = {"quick": False, "device": "cpu", "note": None, "layers": 30, "wall_s": 12.0,
+               "machine": {"cpu": "test cpu", "threads": 2, "dtype": "torch.float32"}}
+        on_figure(res)
+        raise MemoryError("killed after figure 3")
+
+    monkeypatch.setattr(real, "run_real", fake_run)
+    out = tmp_path / "BENCHMARKS.md"
+    with pytest.raises(MemoryError):
+        real.main(["--real", "--out", str(out)])
+    text = out.read_text()
+    assert "partial: the figures finished before the run ended" in text and "## Real model" in text
