@@ -450,7 +450,7 @@ def experts_evidence(studies: dict[str, Any]) -> dict[str, tuple[str, Optional[V
     return {"13": (text13, v13), "14": (text14, v14), "note": (note, None)}
 
 
-def _experts_fields(real: dict[str, tuple[str, Optional[V.Verdict]]], claim: str) -> dict[str, str]:
+def experts_fields(real: dict[str, tuple[str, Optional[V.Verdict]]], claim: str) -> dict[str, str]:
     """The Claim fields of the real experts line (claims 13-14; claim 14 also carries rule 7's note)."""
     return {**_real_fields(real, claim), "real_study": EXPERTS_DIR,
             "real_note": real["note"][0] if claim == "14" else ""}
@@ -838,7 +838,7 @@ def moe_claims(studies: dict[str, Optional[list[dict[str, Any]]]]) -> list[Claim
     ms, mp = studies.get("moe_study"), studies.get("moe_probes")
     real = experts_evidence(studies)
     if not ms:
-        return [_not_measured("DeepSeekMoE claims", "moe_study", _experts_fields(real, "13"))]
+        return [_not_measured("DeepSeekMoE claims", "moe_study", experts_fields(real, "13"))]
     names = {g.get("model.name"): g for g in ms}
     probes = {g.get("model.name"): g for g in (mp or [])}
     quality = "; ".join(f"{n}: excess loss {fmt_excess(g)}, copy EM {fmt(g, 'copy.exact_match')}"
@@ -871,7 +871,7 @@ def moe_claims(studies: dict[str, Optional[list[dict[str, Any]]]]) -> list[Claim
                    "quality reading",
         verdict=v13.verdict, rule=v13.rule, earlier=_earlier(old13),
         evidence="experiments/moe_study (probe=experts on the trained models)",
-        **_experts_fields(real, "13"),
+        **experts_fields(real, "13"),
     )]
     aux, freeg = names.get("moe_fine"), names.get("moe_fine_auxfree")
     if aux and freeg:
@@ -893,7 +893,7 @@ def moe_claims(studies: dict[str, Optional[list[dict[str, Any]]]]) -> list[Claim
                        "~100k+ steps",
             verdict=v14.verdict, rule=v14.rule, earlier=_earlier(old14),
             evidence="experiments/moe_study",
-            **_experts_fields(real, "14"),
+            **experts_fields(real, "14"),
         ))
     caps = facts(ms).get("capacity_factor", [])
     v15 = V.rule_needs_measurement(False)
