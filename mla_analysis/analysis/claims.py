@@ -425,9 +425,11 @@ def experts_evidence(studies: dict[str, Any]) -> dict[str, tuple[str, Optional[V
               + (f"README rules: {'; '.join(stages)}. " if stages else "")
               + (f"Not measured: needs {' and '.join(needs)}" if v13.verdict == V.UNMEASURED else v13.found))
     gamma = sorted({g["flat"].get("convert.moe_bias_update_speed") for g in rows.values()} - {None, 0, 0.0})
-    steps = sorted({g["flat"].get("train.steps") for g in rows.values()} - {None})
+    healed = [k for k in rows if k[3] == X.AFTER]
+    steps = sorted({rows[k]["flat"].get("convert.heal_steps") for k in healed} - {None}) or sorted(
+        {g["flat"].get("train.steps") for g in rows.values()} - {None})  # before any healed record: the planned budget
     experts = sorted({g["flat"].get("model.n_routed_experts") for g in rows.values()} - {None})
-    reach = (f"over {_one(steps)} steps at gamma {_one(gamma)} a bias moves by at most {max(steps) * max(gamma):g} "
+    reach = (f"over {_one(steps)} {'healing' if healed else 'planned healing'} steps at gamma {_one(gamma)} a bias moves by at most {max(steps) * max(gamma):g} "
              f"in {any_flat.get('model.score_func')} score units, against a uniform score of 1/E = "
              + ", ".join(f"{1 / e:.3f}" for e in experts) + f" (E = {', '.join(map(str, experts))})"
              if gamma and steps else "no bias update speed in the records")
