@@ -75,3 +75,44 @@ def randomise(model: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(0.08 * torch.randn(p.shape, generator=g))
+
+
+EXPERTS_SHAPE = {"fine": (62, 2), "coarse_top1": (8, 0), "coarse_top2": (16, 0)}  # real_experts layouts: (E, S)
+EXPERTS_PLAYS = ("merchant_of_venice.modern", "twelfth_night.modern", "richard_iii.modern", "hamlet.modern",
+                 "phoenix_and_the_turtle.modern")
+
+
+def experts_record(layout: str, balance: str = "auxfree", frac: float = 0.125, heal: int = 200, ami=0.02, p=0.001,
+                   energy_related: int = 0, delta: float = 0.1, before: float = 4.0, after: float = 3.7,
+                   max_vio=0.5, plays=None) -> dict:
+    """A real_experts record's flat dict (the probe's exact keys): 30 layers; ``ami`` (one value, 30 values, or
+    {label: either}) per label, ``max_vio`` per layer, ``plays`` {play: eval loss} (default: every play at ``after``)."""
+    import numpy as np
+
+    from mla_analysis.analysis.real_experts import LABELS, PROBE as P
+
+    e, s = EXPERTS_SHAPE[layout]
+    f = {"convert.direction": "moe", "convert.n_routed_experts": e, "convert.n_shared_experts": s,
+         "convert.active_fraction": frac, "convert.heal_steps": heal,
+         "convert.moe_aux_alpha": 0.003 if balance == "aux" else 0.0,
+         "convert.moe_bias_update_speed": 0.001 if balance == "auxfree" else 0.0,
+         "model.n_routed_experts": e, "model.n_shared_experts": s, "model.moe_d_ff": 1536 // (e + s),
+         "model.n_activated_experts": round(frac * (e + s)) - s, "model.score_func": "softmax", "train.steps": 200,
+         "metrics.convert.source.val_loss": 3.5, "metrics.convert.before.val_loss": before, "metrics.val_loss": after,
+         P + "max_vio_mean": float(np.mean(max_vio)), P + "redundancy.r1.loss_delta": delta}
+    for play, loss in (plays or dict.fromkeys(EXPERTS_PLAYS, after)).items():
+        f[f"metrics.eval.{play}.loss"] = loss
+    p = np.broadcast_to(p, 30)
+    for lab in LABELS:
+        a = np.broadcast_to(ami[lab] if isinstance(ami, dict) else ami, 30)
+        for l in range(30):
+            f[f"{P}L{l}.spec.{lab}.ami"], f[f"{P}L{l}.spec.{lab}.p_value"] = float(a[l]), float(p[l])
+        f[f"{P}spec.{lab}.ami_mean"] = float(np.mean(a))
+    mv = np.broadcast_to(max_vio, 30)
+    for l in range(30):
+        f[f"{P}L{l}.max_vio"] = float(mv[l])
+        f[f"{P}energy_routing.layer{l}.bins.ami"] = 0.05 if l < energy_related else 0.0
+        f[f"{P}energy_routing.layer{l}.bins.p_value"] = 0.005 if l < energy_related else 0.5
+        for i in range(e):
+            f[f"{P}L{l}.load.e{i}"] = 1.0 / e
+    return f

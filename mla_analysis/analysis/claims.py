@@ -7,7 +7,9 @@ scale`` | ``not measured`` (the study it needs has no runs yet) | ``inconclusive
 intervals overlap). Where a rule changed after results were seen, the verdict under the earlier rule is
 reported beside it. Quality and worry rows (9-12) carry a real-model line with its own rule and verdict
 (``verdicts.rule_real_*``), read from the real-model study's sweep directories (``REAL_STUDIES``:
-experiments/real_conversion/run, heal/, full/), "not measured" where a directory has no records.
+experiments/real_conversion/run, heal/, full/), "not measured" where a directory has no records; the MoE rows
+13-14 carry one from the real experts study (``EXPERTS_STUDIES``: experiments/real_experts/before, run/; its README's
+rules 5-7 in ``analysis.real_experts``), and row 14 also its rule 7 (KV rank vs routing) as a note beside it.
 
 Sources of the numbers:
 - Arithmetic from the shipped published configs (``mla_analysis/published_configs``) through
@@ -32,12 +34,13 @@ from typing import Any, Optional
 import torch
 
 from ..models import accounting
+from . import real_experts as X
 from . import verdicts as V
 from ..config import MLA_VARIANTS, ClaimsConfig, ConfigError  # ClaimsConfig: importable from here as before
 
 VERDICTS = V.VERDICTS
 STUDIES = ("rank_sweep", "attention_variants", "long_context", "moe_study", "moe_probes", "real_conversion",
-           "real_conversion_heal", "real_conversion_full")
+           "real_conversion_heal", "real_conversion_full", "real_experts_before", "real_experts")
 
 
 @dataclass
@@ -53,9 +56,11 @@ class Claim:
     metrics: dict[str, Any] = field(default_factory=dict)
     rule: str = ""  # the rule that decided the verdict (verdicts.*)
     earlier: str = ""  # "verdict (earlier rule: ...)" where the rule changed after results were seen
-    real: str = ""  # the real-model study's evidence (claims 9-12), or why there is none
+    real: str = ""  # the real-model study's evidence (claims 9-14), or why there is none
     real_rule: str = ""  # the rule that decided the real-model verdict (verdicts.rule_real_*)
-    real_verdict: str = ""  # the real-model line's own verdict (claims 9-12)
+    real_verdict: str = ""  # the real-model line's own verdict (claims 9-14)
+    real_study: str = "experiments/real_conversion"  # where the real-model line's records are
+    real_note: str = ""  # a real-model reading filed beside the row that does not decide it (claim 14: rule 7)
 
 
 # ---- studies --------------------------------------------------------------------------------------
@@ -345,6 +350,112 @@ def _real_fields(real: dict[str, tuple[str, Optional[V.Verdict]]], claim: str) -
     """The Claim fields of the real-model line: text, rule, verdict."""
     text, v = real[claim]
     return {"real": text, "real_rule": v.rule if v else "", "real_verdict": v.verdict if v else V.UNMEASURED}
+
+
+# ---- the real experts study (claims 13-14) -------------------------------------------------------------
+
+EXPERTS_STUDIES = ("real_experts_before", "real_experts")  # unhealed layouts; healed runs (experiments/real_experts)
+EXPERTS_DIR = "experiments/real_experts"
+
+
+def load_experts(path: Optional[str]) -> Optional[list[dict[str, Any]]]:
+    """The real experts study's finished runs of one sweep directory: each run's flat record plus ``variant`` (its
+    real_experts.variant_key), ``run_dir``, ``commits`` and ``n_ok`` = 1; None when the directory has no such run."""
+    if not path or not Path(path).is_dir():
+        return None
+    out = [dict(r["flat"], variant=key, run_dir=str(r["dir"]), n_ok=1, facts={},
+                commits=[(r["env"] or {}).get("git_commit", "unknown")]) for key, r in X.load([Path(path)]).items()]
+    return out or None
+
+
+def experts_rows(*groups: Optional[list[dict[str, Any]]]) -> X.Rows:
+    """real_experts.load's dict from load_experts' lists (a later list's record of one variant replaces an earlier)."""
+    return {g["variant"]: {"flat": g, "dir": Path(g["run_dir"]), "env": {}} for gs in groups for g in gs or []}
+
+
+def _experts_variant(key: tuple, flat: dict[str, Any]) -> str:
+    """'fine (unhealed; 2 shared + 62 routed of width 24, top-6): excess loss ..., specialising layers ...'."""
+    lay, bal, _, stage = key
+    shape = (f"{flat.get('model.n_shared_experts')} shared + {flat.get('model.n_routed_experts')} routed of width "
+             f"{flat.get('model.moe_d_ff')}, top-{flat.get('model.n_activated_experts')}")
+    spec = []
+    for lab in X.LABELS:
+        n, of = X.specialising_layers(flat, lab)
+        spec.append(f"{lab} {n}/{of} layers, ami_mean {flat.get(f'{X.PROBE}spec.{lab}.ami_mean', float('nan')):.4f}")
+    delta = flat.get(f"{X.PROBE}redundancy.r1.loss_delta")
+    return (f"{lay}{'' if stage == X.BEFORE else ' ' + bal} ({'unhealed' if stage == X.BEFORE else 'healed'}; {shape}): "
+            f"excess loss {X.excess(flat, stage):.3f} nats/token over the original, MaxVio "
+            f"{flat.get(X.PROBE + 'max_vio_mean', float('nan')):.2f}, MoE layers that specialise (p <= {X.P_MAX:g}, "
+            f"AMI >= {X.AMI_MIN:g}; rule 5): {'; '.join(spec)}; redundancy r=1 loss delta (top routed expert disabled; "
+            "negative = the loss falls) " + ("—" if delta is None else f"{delta:+.3f} nats"))
+
+
+def _main_keys(rows: X.Rows) -> list[tuple]:
+    """The main comparison's recorded variants (active fraction 1/8), before healing first."""
+    order = {X.BEFORE: 0, X.AFTER: 1}
+    return sorted((k for k in rows if k[2] == X.MAIN_FRACTION), key=lambda k: (order[k[3]], k[0], k[1]))
+
+
+def experts_evidence(studies: dict[str, Any]) -> dict[str, tuple[str, Optional[V.Verdict]]]:
+    """Claim number -> (the real experts study's evidence, its verdict) for claims 13-14, and "note" -> (rule 7's
+    reading, None); without records, why there is none."""
+    before, run = (studies.get(n) for n in EXPERTS_STUDIES)
+    rows = experts_rows(before, run)
+    if not rows:
+        why = (f"not measured ({EXPERTS_DIR}/before and run/ have no records; rerun +experiment=claims once they have "
+               "runs)")
+        return {"13": (why, None), "14": (why, None), "note": ("", None)}
+    any_flat = next(iter(rows.values()))["flat"]
+    setting = (f"SmolLM2-135M (dequantised Q4_1 GGUF) MoEfied at {X.MAIN_FRACTION:g} of its FFN width active, experts "
+               f"probe on the evaluation plays ({any_flat.get(X.PROBE + 'real.n_windows')} windows x "
+               f"{any_flat.get(X.PROBE + 'real.window')} tokens), adjusted MI (expert; label) per MoE layer with "
+               f"permutation p-values ({any_flat.get('probe.experts.mi_resamples')} resamples); one deterministic "
+               "conversion per variant, no seeds: paired intervals run over the MoE layers, which are not independent, "
+               "so they are descriptive")
+    measured = " | ".join(_experts_variant(k, rows[k]["flat"]) for k in _main_keys(rows))
+    needs = []
+    if X.missing(rows, X.BEFORE):
+        needs.append(f"the coarse layouts (before healing no record of {', '.join(X.missing(rows, X.BEFORE))})")
+    if X.missing(rows, X.AFTER):
+        needs.append(f"the healed runs ({EXPERTS_DIR}/run: no record of {', '.join(X.missing(rows, X.AFTER))})")
+    stages = [f"{stage} healing: rule 5: " + ", ".join(f"{lab} {X.rule5(rows, lab, stage)[0]}" for lab in X.LABELS)
+              + f"; rule 6: {X.rule6(rows, stage)[0]}" for stage in (X.BEFORE, X.AFTER) if not X.missing(rows, stage)]
+    v13 = V.rule_real_specialisation(rows)
+    text13 = (f"{setting}. Main comparison: {measured}. "
+              + (f"README rules: {'; '.join(stages)}. " if stages else "")
+              + (f"Not measured: needs {' and '.join(needs)}" if v13.verdict == V.UNMEASURED else v13.found))
+    gamma = sorted({g["flat"].get("convert.moe_bias_update_speed") for g in rows.values()} - {None, 0, 0.0})
+    healed = [k for k in rows if k[3] == X.AFTER]
+    steps = sorted({rows[k]["flat"].get("convert.heal_steps") for k in healed} - {None}) or sorted(
+        {g["flat"].get("train.steps") for g in rows.values()} - {None})  # before any healed record: the planned budget
+    experts = sorted({g["flat"].get("model.n_routed_experts") for g in rows.values()} - {None})
+    reach = (f"over {_one(steps)} {'healing' if healed else 'planned healing'} steps at gamma {_one(gamma)} a bias moves by at most {max(steps) * max(gamma):g} "
+             f"in {any_flat.get('model.score_func')} score units, against a uniform score of 1/E = "
+             + ", ".join(f"{1 / e:.3f}" for e in experts) + f" (E = {', '.join(map(str, experts))})"
+             if gamma and steps else "no bias update speed in the records")
+    unhealed = ", ".join(f"{k[0]} {rows[k]['flat'].get(X.PROBE + 'max_vio_mean', float('nan')):.2f}"
+                         for k in _main_keys(rows) if k[3] == X.BEFORE)
+    v14 = V.rule_real_aux_free(rows)
+    text14 = ("balancing acts only while healing, so before healing the two balance settings are one model (not "
+              f"measured there); MaxVio of the unhealed models (the imbalance healing starts from): {unhealed or 'none'}. "
+              f"{v14.found}. One bias update speed, one run per variant: {reach}")
+    related = "; ".join(f"{k[0]}{'' if k[3] == X.BEFORE else ' ' + k[1]} ({k[3]} healing) {X.related_layers(rows[k]['flat'])[0]}"
+                        f"/{X.related_layers(rows[k]['flat'])[1]} ({X.rule7_variant(rows[k]['flat'])})"
+                        for k in _main_keys(rows))
+    note = (f"KV rank vs routing (README rule 7: the toolkit's own proposed relation, not a claim of the papers; the README "
+            f"files it under this row, it does not decide the row's verdict): attention layers whose tokens' K/V energy "
+            f"lost at rank {any_flat.get('probe.experts.energy_rank')} ({any_flat.get('probe.experts.energy_bins')} "
+            f"quantile bins) relates to the experts of the same MoE layer (p <= {X.P_MAX:g}, AMI >= {X.AMI_MIN:g}): "
+            f"{related}; study verdict (every main variant the same answer: supported >= {X.SUPPORTED_MIN}, not supported "
+            f"<= {X.NOT_SUPPORTED_MAX} layers): before healing {X.rule7_study(rows, X.BEFORE)}, after healing "
+            f"{X.rule7_study(rows, X.AFTER)}")
+    return {"13": (text13, v13), "14": (text14, v14), "note": (note, None)}
+
+
+def experts_fields(real: dict[str, tuple[str, Optional[V.Verdict]]], claim: str) -> dict[str, str]:
+    """The Claim fields of the real experts line (claims 13-14; claim 14 also carries rule 7's note)."""
+    return {**_real_fields(real, claim), "real_study": EXPERTS_DIR,
+            "real_note": real["note"][0] if claim == "14" else ""}
 
 
 # ---- arithmetic claims --------------------------------------------------------------------------
@@ -727,8 +838,9 @@ def quality_claims(studies: dict[str, Optional[list[dict[str, Any]]]], tol: floa
 def moe_claims(studies: dict[str, Optional[list[dict[str, Any]]]]) -> list[Claim]:
     """Specialisation, aux-loss-free balance, token dropping: from the MoE study and its probe runs."""
     ms, mp = studies.get("moe_study"), studies.get("moe_probes")
+    real = experts_evidence(studies)
     if not ms:
-        return [_not_measured("DeepSeekMoE claims", "moe_study")]
+        return [_not_measured("DeepSeekMoE claims", "moe_study", experts_fields(real, "13"))]
     names = {g.get("model.name"): g for g in ms}
     probes = {g.get("model.name"): g for g in (mp or [])}
     quality = "; ".join(f"{n}: excess loss {fmt_excess(g)}, copy EM {fmt(g, 'copy.exact_match')}"
@@ -761,6 +873,7 @@ def moe_claims(studies: dict[str, Optional[list[dict[str, Any]]]]) -> list[Claim
                    "quality reading",
         verdict=v13.verdict, rule=v13.rule, earlier=_earlier(old13),
         evidence="experiments/moe_study (probe=experts on the trained models)",
+        **experts_fields(real, "13"),
     )]
     aux, freeg = names.get("moe_fine"), names.get("moe_fine_auxfree")
     if aux and freeg:
@@ -782,6 +895,7 @@ def moe_claims(studies: dict[str, Optional[list[dict[str, Any]]]]) -> list[Claim
                        "~100k+ steps",
             verdict=v14.verdict, rule=v14.rule, earlier=_earlier(old14),
             evidence="experiments/moe_study",
+            **experts_fields(real, "14"),
         ))
     caps = facts(ms).get("capacity_factor", [])
     v15 = V.rule_needs_measurement(False)
@@ -826,7 +940,8 @@ def check_config(cfg: ClaimsConfig) -> None:
 def audit_with_studies(cfg: ClaimsConfig, device: torch.device) -> tuple[list[Claim], dict[str, Any]]:
     """(every claim row, the loaded studies) — the studies feed the provenance section."""
     check_config(cfg)
-    studies = {name: (load_real if name in REAL_STUDIES else load_study)(path) for name, path in cfg.studies.items()}
+    loaders = {**{n: load_real for n in REAL_STUDIES}, **{n: load_experts for n in EXPERTS_STUDIES}}
+    studies = {name: loaders.get(name, load_study)(path) for name, path in cfg.studies.items()}
     rows = kv_claims(cfg.cache_bits)
     rows += speed_claims(cfg, decode_timing(cfg, device))
     rows += training_claims(studies)
@@ -846,8 +961,9 @@ def provenance(studies: dict[str, Any], paths: dict[str, Optional[str]]) -> str:
             continue
         f = facts(groups)
         counts = Counter(c for g in groups for c in g.get("commits", []))
-        seeds = "1 run per variant (intervals over windows / examples)" if name in REAL_STUDIES else "/".join(
-            map(str, f["seeds"]))
+        seeds = ("1 run per variant (intervals over windows / examples)" if name in REAL_STUDIES else
+                 "1 run per variant (paired intervals over MoE layers / evaluation plays)" if name in EXPERTS_STUDIES
+                 else "/".join(map(str, f["seeds"])))
         lines.append(f"| {name} | {paths.get(name)} | {seeds} | "
                      + ", ".join(f"`{c}`" for c in sorted(counts)) + " |")
     lines += ["", "A study whose runs span several commits says in its README which of those changes could move its "
@@ -867,11 +983,13 @@ def to_markdown(rows: list[Claim], header: str = "", footer: str = "") -> str:
         lines += [f"## {i}. {r.claim}", "", f"- **Source:** {r.source}", f"- **Measured (tiny studies / arithmetic):** "
                   f"{r.measured}"]
         if r.real:
-            lines.append(f"- **Real model (SmolLM2-135M, experiments/real_conversion):** {r.real}")
+            lines.append(f"- **Real model (SmolLM2-135M, {r.real_study}):** {r.real}")
         if r.real_rule:
             lines.append(f"- **Real-model rule:** {r.real_rule}")
         if r.real_verdict:
             lines.append(f"- **Real-model verdict:** {r.real_verdict}")
+        if r.real_note:
+            lines.append(f"- **Beside this row (real model, not part of its verdict):** {r.real_note}")
         lines += [f"- **Rule:** {r.rule or '—'}", f"- **Conditions:** {r.conditions}", f"- **Verdict:** {r.verdict}"]
         if r.earlier:
             lines.append(f"- **Verdict under the earlier rule:** {r.earlier}")
@@ -916,7 +1034,9 @@ def run_claims(cfg: ClaimsConfig, run_dir: Path, device: str = "auto") -> dict[s
               f"{SHARE_METHOD} intervals, 'range' = min and max over seeds. Every rule is stated in its row; where a "
               "rule changed after the results were seen, the verdict under the earlier rule stands beside it. Rows 9-12 "
               "also carry a real-model line with its own rule and verdict, read from experiments/real_conversion "
-              "(SmolLM2-135M; one run per variant, intervals over evaluation windows or examples). "
+              "(SmolLM2-135M; one run per variant, intervals over evaluation windows or examples), rows 13-14 one read "
+              "from experiments/real_experts (SmolLM2-135M MoEfied; one run per variant, paired intervals over MoE "
+              "layers or evaluation plays). "
               "Commits of every study's runs: Provenance, at the end.")
     text = to_markdown(rows, header, provenance(studies, cfg.studies))
     atomic_write_text(Path(run_dir) / "CLAIMS.md", text)

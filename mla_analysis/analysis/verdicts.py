@@ -18,6 +18,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+from . import real_experts as X
+
 HOLDS, CONDITIONS, FAILS = "holds", "holds only under stated conditions", "does not hold"
 UNTESTABLE, UNMEASURED, INCONCLUSIVE = "not testable at this scale", "not measured", "inconclusive at this n"
 VERDICTS = (HOLDS, CONDITIONS, FAILS, UNTESTABLE, UNMEASURED, INCONCLUSIVE)
@@ -675,3 +677,83 @@ def rule_real_long_range(ref: Optional[Group], variants: Sequence[tuple[str, Gro
              f"original: {', '.join(more) or 'none'}; excluded (do not copy): {', '.join(excluded) or 'none'}")
     mla_more = [m for m in more if m.startswith("MLA")]
     return Verdict(CONDITIONS if mla_more else FAILS, rule, found, {"more": more, "excluded": excluded})
+
+
+# ---- the real experts study (claims 13-14 on SmolLM2-135M MoEfied, experiments/real_experts) ------------------
+#
+# ``rows`` = real_experts.load's dict. The study's README fixed rules 5-7 before its runs; how rules 5-6 combine into
+# claim 13's verdict, and claim 14's rule (the README has none for it), were fixed here when only the unhealed fine
+# layout had a record: before any coarse layout or any healed model, the records every verdict rests on.
+
+EXPERTS_FIXED = ("claim reading fixed 2026-12-03 when only the unhealed fine layout had a record, before any coarse or "
+                 "healed record")
+
+
+def rule_real_specialisation(rows: X.Rows) -> Verdict:
+    """Claim 13 on the real model, after healing (the README: the unhealed 1/8-active model is broken, so every verdict
+    rests on the healed models). README rule 5 per label (genre, play, kind, token class): fine "specialises more" when
+    its ami_mean is above both coarse layouts' under both balance settings with every paired per-layer difference's
+    95% t-interval excluding 0; its mirror "specialises less" = below both under both with every interval below 0.
+    Rule 6: "less redundant" when fine's r=1 loss delta exceeds both coarse layouts' under both settings by more than
+    the aux-vs-auxfree spread; its mirror "more redundant". Holds = less redundant and more on some label, less on
+    none; under conditions = one of the two and no mirror; does not hold = a mirror and neither test passes; else
+    inconclusive; not measured while a healed main variant has no record."""
+    rule = ("after healing, README rule 5 per label (fine's ami_mean above both coarse layouts' under both balance "
+            "settings, paired per-layer 95% t-intervals excluding 0; mirror: below, intervals below 0) and rule 6 (fine's "
+            "r=1 redundancy delta above both coarse layouts' by more than the aux-vs-auxfree spread; mirror: below by "
+            "more): holds = less redundant and more specialised on a label, less on none; under conditions = one of the "
+            "two, no mirror; does not hold = a mirror and neither passes; else inconclusive "
+            f"({EXPERTS_FIXED})")
+    miss = X.missing(rows, X.AFTER)
+    if miss:
+        return Verdict(UNMEASURED, rule, f"no healed record of {', '.join(miss)}", {"missing": miss})
+    pairs = {lab: X.rule5_pairs(rows, lab, X.AFTER) for lab in X.LABELS}
+    more = [lab for lab, ps in pairs.items() if all(c["more"] for c in ps)]
+    less = [lab for lab, ps in pairs.items() if all(c["less"] for c in ps)]
+    red = X.rule6_pairs(rows, X.AFTER)
+    less_red, more_red = all(c["less"] for c in red), all(c["more"] for c in red)
+    found = (f"fine-grained specialises more on: {', '.join(more) or 'no label'}; less on: {', '.join(less) or 'no label'}; "
+             f"redundancy: {'less redundant' if less_red else 'more redundant' if more_red else 'not distinguishable'}")
+    metrics = {"more": more, "less": less, "less_redundant": less_red, "more_redundant": more_red}
+    passes, mirrors = bool(more) + less_red, bool(less) or more_red
+    if passes == 2 and not less:
+        return Verdict(HOLDS, rule, found, metrics)
+    if passes and not mirrors:
+        return Verdict(CONDITIONS, rule, found, metrics)
+    if mirrors and not passes:
+        return Verdict(FAILS, rule, found, metrics)
+    return Verdict(INCONCLUSIVE, rule, found, metrics)
+
+
+def rule_real_aux_free(rows: X.Rows) -> Verdict:
+    """Claim 14 on the real model, after healing (before it the two balance settings are one model: balancing acts
+    only while healing). Per main layout, auxfree (V3's bias) minus aux (V2's balance loss): MaxVio paired over the MoE
+    layers and the eval loss paired over the evaluation plays (95% t, n stated); the layout passes when neither interval
+    lies above 0 (not less balanced, not worse), fails when one does, is unresolved below two units. Holds = every
+    layout passes; under conditions = some pass, the others fail; does not hold = none passes; else inconclusive."""
+    rule = ("after healing, per main layout, auxfree minus aux: MaxVio paired over the MoE layers, eval loss paired over "
+            "the evaluation plays (95% t); passes = neither interval above 0 (few plays: the quality test can miss a "
+            "loss, not invent one); holds = every layout passes, under conditions = some, does not hold = none "
+            f"({EXPERTS_FIXED})")
+    main = X.main_rows(rows, X.AFTER)
+    cells, state = [], {}
+    for lay in X.LAYOUTS.values():
+        aux, free = main[(lay, "aux")], main[(lay, "auxfree")]
+        if aux is None or free is None:
+            cells.append(f"{lay}: not run")
+            continue
+        mv = X.paired_interval(X.layer_values(free, r"L(\d+)\.max_vio"), X.layer_values(aux, r"L(\d+)\.max_vio"))
+        q = X.paired_interval(X.play_losses(free), X.play_losses(aux))
+        state[lay] = ("unresolved" if math.isnan(mv[1]) or math.isnan(q[1]) else
+                      "passes" if mv[1] <= 0 and q[1] <= 0 else "fails")
+        cells.append(f"{lay}: MaxVio {mv[0]:+.3f} [{mv[1]:+.3f}, {mv[2]:+.3f}; 95% t, n={mv[3]} layers], eval loss "
+                     f"{q[0]:+.4f} [{q[1]:+.4f}, {q[2]:+.4f}; 95% t, n={q[3]} plays]: {state[lay]}")
+    found = "auxfree minus aux after healing: " + "; ".join(cells)
+    metrics = {"layouts": state}
+    if len(state) < len(X.LAYOUTS):
+        return Verdict(UNMEASURED, rule, found, metrics)
+    passed = [lay for lay, s in state.items() if s == "passes"]
+    if "unresolved" in state.values():
+        return Verdict(INCONCLUSIVE, rule, found, metrics)
+    verdict = HOLDS if len(passed) == len(state) else CONDITIONS if passed else FAILS
+    return Verdict(verdict, rule, found, metrics)

@@ -19,6 +19,8 @@ class ClaimsConfig:
         "real_conversion": "experiments/real_conversion/run",  # the real-model study (SmolLM2-135M): one-shot sweep
         "real_conversion_heal": "experiments/real_conversion/heal",  # its healed runs
         "real_conversion_full": "experiments/real_conversion/full",  # copying + next_line probes; absent until run
+        "real_experts_before": "experiments/real_experts/before",  # SmolLM2 MoEfied, unhealed layouts (CPU)
+        "real_experts": "experiments/real_experts/run",  # its healed runs (GPU); absent until run
     })
     out: Optional[str] = "CLAIMS.md"  # also written here (relative to the working directory); null = run dir only
     cache_bits: float = 6.0  # bits per cached element of DeepSeek-V2's deployment (its paper's KV quantisation)

@@ -6,11 +6,12 @@ import json
 
 import pytest
 
-from mla_analysis.analysis.claims import (VERDICTS, ClaimsConfig, describe, kv_claims, load_real, load_study, metrics_of,
-                                 provenance, quality_claims, to_markdown)
+from mla_analysis.analysis.claims import (VERDICTS, Claim, ClaimsConfig, describe, experts_evidence, experts_fields, kv_claims,
+                                         load_experts, load_real, load_study, metrics_of, moe_claims, provenance,
+                                         quality_claims, to_markdown)
 from mla_analysis.training.results import atomic_write_json, make_record
 
-from tests.helpers import run_app
+from tests.helpers import EXPERTS_SHAPE, experts_record, run_app
 
 
 def test_kv_claims_vs_hand_arithmetic():
@@ -154,3 +155,47 @@ def test_real_model_lines_from_records_on_disk(tmp_path):
     _real_run(run, "mla48", 2.0, 1.0, cache_budget=48)
     rows = quality_claims({"real_conversion": load_real(str(run))}, tol=0.01)
     assert rows[1].real_verdict == "holds only under stated conditions" and "120 -> 48 (kl)" in rows[1].real
+
+
+def _experts_dir(root, flats, commit="beef01"):
+    """A real_experts sweep directory: one results.json per flat record (status ok)."""
+    for i, f in enumerate(flats):
+        (root / str(i)).mkdir(parents=True)
+        atomic_write_json(root / str(i) / "results.json", {"status": "ok", "flat": f, "metrics": {},
+                                                           "env": {"git_commit": commit}})
+    return str(root)
+
+
+def test_real_experts_lines_for_claims_13_14_from_records_on_disk(tmp_path):
+    unhealed = experts_record("fine", heal=0, before=14.9, ami={"kind": 0.04, "genre": 0.002, "play": 0.0,
+                                                                  "token_class": 0.07}, energy_related=16, delta=-1.2)
+    studies = {"real_experts_before": load_experts(_experts_dir(tmp_path / "before", [unhealed])),
+               "real_experts": load_experts(str(tmp_path / "run"))}
+    assert studies["real_experts"] is None and studies["real_experts_before"][0]["commits"] == ["beef01"]
+    rows = moe_claims(studies)  # no tiny MoE study: one "not measured" row carrying claim 13's real line
+    r13 = rows[0]
+    assert r13.real_verdict == "not measured" and r13.real_study == "experiments/real_experts"
+    assert "needs the coarse layouts (before healing no record of coarse_top1, coarse_top2)" in r13.real
+    assert "kind 30/30 layers, ami_mean 0.0400" in r13.real and "genre 0/30 layers" in r13.real  # the fine layout's facts
+    assert "excess loss 11.400 nats/token" in r13.real and "-1.200 nats" in r13.real
+    ev = experts_evidence(studies)
+    assert ev["14"][1].verdict == "not measured" and ev["14"][0].startswith("balancing acts only while healing")
+    assert "fine (before healing) 16/30 (supported)" in ev["note"][0] and "not run (1 of 3" in ev["note"][0]
+    # the healed runs land: every main variant, fine more specialised on kind and less redundant, auxfree alike
+    healed = [experts_record(lay, bal, ami={"kind": 0.05 if lay == "fine" else 0.03, "genre": 0.0, "play": 0.0,
+                                            "token_class": 0.03}, delta=1.0 if lay == "fine" else 0.5)
+              for lay in EXPERTS_SHAPE for bal in ("aux", "auxfree")]
+    studies["real_experts"] = load_experts(_experts_dir(tmp_path / "run", healed, commit="cafe02-dirty"))
+    ev = experts_evidence(studies)
+    assert ev["13"][1].verdict == "holds" and "specialises more on: kind" in ev["13"][0]
+    assert "after healing: rule 5: genre not distinguishable, play not distinguishable, kind fine-grained specialises more" \
+        in ev["13"][0] and "rule 6: fine-grained is less redundant" in ev["13"][0]
+    assert ev["14"][1].verdict == "holds" and "bias moves by at most 0.2 in softmax score units" in ev["14"][0]
+    claim14 = Claim(claim="aux-free", source="-", measured="-", conditions="-", verdict="not testable at this scale",
+                    evidence="-", **experts_fields(ev, "14"))
+    md = to_markdown([claim14], footer=provenance(studies, {"real_experts": "x", "real_experts_before": "y"}))
+    assert "- **Real model (SmolLM2-135M, experiments/real_experts):** balancing acts" in md
+    assert "- **Beside this row (real model, not part of its verdict):** KV rank vs routing" in md
+    assert "`cafe02-dirty`" in md and "paired intervals over MoE layers / evaluation plays" in md
+    assert metrics_of([claim14])["claim1.verdict_real_model"] == "holds"
+    assert ClaimsConfig().studies["real_experts"] == "experiments/real_experts/run"

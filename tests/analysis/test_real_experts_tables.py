@@ -9,36 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import EXPERTS_SHAPE, experts_record
+
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("real_experts_tables", ROOT / "experiments/real_experts/tables.py")
 T = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(T)
 
-SHAPE = {"fine": (62, 2), "coarse_top1": (8, 0), "coarse_top2": (16, 0)}
+SHAPE = EXPERTS_SHAPE
 P = "metrics.probe.experts."
-
-
-def _flat(layout: str, balance: str = "auxfree", frac: float = 0.125, heal: int = 200, ami=0.02, p=0.001,
-          energy_related: int = 0, delta: float = 0.1, before: float = 4.0, after: float = 3.7) -> dict:
-    """A record's flat dict: 30 layers, the same per-layer AMI / p for every label unless arrays are given."""
-    e, s = SHAPE[layout]
-    f = {"convert.direction": "moe", "convert.n_routed_experts": e, "convert.n_shared_experts": s,
-         "convert.active_fraction": frac, "convert.heal_steps": heal,
-         "convert.moe_aux_alpha": 0.003 if balance == "aux" else 0.0,
-         "convert.moe_bias_update_speed": 0.001 if balance == "auxfree" else 0.0,
-         "metrics.convert.source.val_loss": 3.5, "metrics.convert.before.val_loss": before, "metrics.val_loss": after,
-         P + "max_vio_mean": 0.5, P + "redundancy.r1.loss_delta": delta}
-    ami, p = np.broadcast_to(ami, 30), np.broadcast_to(p, 30)
-    for lab in T.LABELS:
-        for l in range(30):
-            f[f"{P}L{l}.spec.{lab}.ami"], f[f"{P}L{l}.spec.{lab}.p_value"] = float(ami[l]), float(p[l])
-        f[f"{P}spec.{lab}.ami_mean"] = float(np.mean(ami))
-    for l in range(30):
-        f[f"{P}energy_routing.layer{l}.bins.ami"] = 0.05 if l < energy_related else 0.0
-        f[f"{P}energy_routing.layer{l}.bins.p_value"] = 0.005 if l < energy_related else 0.5
-        for i in range(e):
-            f[f"{P}L{l}.load.e{i}"] = 1.0 / e
-    return f
+_flat = experts_record
 
 
 def _rows(flats: list[dict]) -> dict:

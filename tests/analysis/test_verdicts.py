@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
+from scipy import stats
 
 from mla_analysis.analysis import verdicts as V
+from mla_analysis.analysis import real_experts as X
 from mla_analysis.analysis.report import aggregate, censored_median, mean_interval, share_interval
 from mla_analysis.training.results import atomic_write_json, make_record
+
+from tests.helpers import EXPERTS_PLAYS, EXPERTS_SHAPE, experts_record
 
 FLOOR = 1.75
 
@@ -359,3 +364,91 @@ def test_real_long_range_boundaries():
     assert v.verdict == V.FAILS and v.metrics["excluded"] == ["MLA 48"]
     assert V.rule_real_long_range(copy_run([0.12, 0.1, 0.1]), [("MLA 120", steep)]).verdict == V.UNTESTABLE
     assert V.rule_real_long_range(None, [("MLA 120", steep)]).verdict == V.UNMEASURED
+
+
+# ---- the real experts rules (claims 13-14 on SmolLM2 MoEfied): one run per variant, paired over layers / plays -------
+
+
+def experts_rows(make=None, flats=()) -> dict:
+    """real_experts.load's dict: the healed main variants (both balance settings) from make(layout, balance), or flats."""
+    flats = list(flats) or [make(lay, bal) for lay in EXPERTS_SHAPE for bal in ("aux", "auxfree")]
+    return {X.variant_key(f): {"flat": f, "dir": None, "env": {}} for f in flats}
+
+
+BASE_AMI = np.linspace(0.02, 0.05, 30)
+
+
+def spec(fine_ami, deltas=None):
+    """make(layout, balance): fine's per-layer AMI = fine_ami (every label), the coarse layouts' BASE_AMI; r=1 deltas."""
+    deltas = deltas or {}
+    return lambda lay, bal: experts_record(lay, bal, ami=fine_ami if lay == "fine" else BASE_AMI,
+                                           delta=deltas.get((lay, bal), 0.5))
+
+
+def test_real_specialisation_combines_rules_5_and_6_with_their_mirrors():
+    less_red = {("fine", "aux"): 1.0, ("fine", "auxfree"): 1.0}  # coarse 0.5 under both: spread 0, margin 0.5
+    more_red = {("fine", "aux"): 0.2, ("fine", "auxfree"): 0.2}
+    above, below = BASE_AMI + 0.01, BASE_AMI - 0.01
+    assert V.rule_real_specialisation(experts_rows(spec(above, less_red))).verdict == V.HOLDS
+    assert V.rule_real_specialisation(experts_rows(spec(above))).verdict == V.CONDITIONS  # redundancy alike
+    assert V.rule_real_specialisation(experts_rows(spec(BASE_AMI, less_red))).verdict == V.CONDITIONS  # AMI alike
+    v = V.rule_real_specialisation(experts_rows(spec(below)))
+    assert v.verdict == V.FAILS and v.metrics["less"] == list(X.LABELS)
+    assert V.rule_real_specialisation(experts_rows(spec(BASE_AMI, more_red))).verdict == V.FAILS
+    assert V.rule_real_specialisation(experts_rows(spec(below, less_red))).verdict == V.INCONCLUSIVE  # pass + mirror
+    assert V.rule_real_specialisation(experts_rows(spec(BASE_AMI))).verdict == V.INCONCLUSIVE  # neither
+    # more on one label only (kind), alike on the others: still a pass on specialisation
+    one = {lab: BASE_AMI for lab in X.LABELS} | {"kind": above}
+    v = V.rule_real_specialisation(experts_rows(spec(one, less_red)))
+    assert v.verdict == V.HOLDS and v.metrics["more"] == ["kind"]
+    # rule 6 at its boundary: fine - coarse_top1 under auxfree = 0.25 = coarse_top1's aux-vs-auxfree spread, not more
+    edge = {("fine", "aux"): 1.0, ("fine", "auxfree"): 1.0, ("coarse_top1", "aux"): 0.5, ("coarse_top1", "auxfree"): 0.75}
+    assert V.rule_real_specialisation(experts_rows(spec(above, edge))).verdict == V.CONDITIONS
+    edge[("fine", "auxfree")] = 1.0625  # margin 0.3125 against the spread max(0.0625, 0.25)
+    assert V.rule_real_specialisation(experts_rows(spec(above, edge))).verdict == V.HOLDS
+
+
+def test_real_specialisation_is_not_measured_before_every_healed_variant_has_a_record():
+    rows = experts_rows(spec(BASE_AMI + 0.01))
+    del rows[("coarse_top2", "aux", 0.125, "after")]
+    v = V.rule_real_specialisation(rows)
+    assert v.verdict == V.UNMEASURED and v.metrics["missing"] == ["coarse_top2 aux"]
+    before = experts_rows(flats=[experts_record(lay, heal=0) for lay in EXPERTS_SHAPE])  # every layout, unhealed
+    assert set(before) == {(lay, "-", 0.125, "before") for lay in EXPERTS_SHAPE}
+    assert V.rule_real_specialisation(before).verdict == V.UNMEASURED
+
+
+def halfwidth(sd: float, n: int) -> float:
+    """The 95% t half-width of the mean of n values with sample standard deviation sd (the closed form)."""
+    return stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+
+
+def alternating(mean: float, amp: float, n: int) -> np.ndarray:
+    """n values mean +- amp, alternating (n even): sample sd = amp * sqrt(n / (n - 1))."""
+    return mean + amp * np.array([(-1) ** i for i in range(n)])
+
+
+def test_real_aux_free_passes_a_layout_unless_an_interval_lies_above_zero():
+    n_l, amp = 30, 0.1
+    edge = halfwidth(amp * math.sqrt(n_l / (n_l - 1)), n_l)  # MaxVio difference whose lower bound sits at 0
+
+    def make(mv_shift, loss_shift=0.0, layout_hit="coarse_top1"):
+        def f(lay, bal):
+            shifted = bal == "auxfree" and lay == layout_hit
+            mv = 1.0 + (alternating(mv_shift, amp, n_l) if shifted else 0.0)
+            plays = {p: 3.7 + (loss_shift if bal == "auxfree" else 0.0) + 0.01 * i for i, p in enumerate(EXPERTS_PLAYS)}
+            return experts_record(lay, bal, max_vio=mv, plays=plays)
+        return f
+
+    assert V.rule_real_aux_free(experts_rows(make(-0.2))).verdict == V.HOLDS  # auxfree better balanced, same loss
+    assert V.rule_real_aux_free(experts_rows(make(0.99 * edge))).verdict == V.HOLDS  # interval still touches 0
+    v = V.rule_real_aux_free(experts_rows(make(1.01 * edge)))  # coarse_top1's interval now above 0: that layout fails
+    assert v.verdict == V.CONDITIONS and v.metrics["layouts"]["coarse_top1"] == "fails"
+    assert "n=30 layers" in v.found and "n=5 plays" in v.found
+    assert V.rule_real_aux_free(experts_rows(make(0.0, loss_shift=0.05))).verdict == V.FAILS  # worse on every play
+    rows = experts_rows(make(0.0))
+    del rows[("fine", "auxfree", 0.125, "after")]
+    v = V.rule_real_aux_free(rows)
+    assert v.verdict == V.UNMEASURED and "fine: not run" in v.found
+    one_play = lambda lay, bal: experts_record(lay, bal, plays={"hamlet.modern": 3.7})  # noqa: E731
+    assert V.rule_real_aux_free(experts_rows(one_play)).verdict == V.INCONCLUSIVE  # no interval from one play
