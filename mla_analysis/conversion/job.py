@@ -23,7 +23,8 @@ A job with a ``convert`` config node (``schema.ConvertConfig``) runs ``run_conve
 3. Heal: ``heal`` = ``train(..., model=converted)`` for ``heal_steps`` steps at ``heal_lr`` (None = train.lr),
    warmup min(train.warmup_steps, heal_steps // 10); the other train settings as given. Healing reads
    training batches 0..heal_steps-1 (the data stream restarts; the source saw them early in its
-   training; the held-out eval sets are disjoint).
+   training; the held-out eval sets are disjoint). ``train.resume=true`` continues an interrupted healing from
+   its last checkpoint (``train.checkpoint_every``) over the re-converted model.
 4. Baseline (``scratch=true``): the converted architecture trained from scratch for the source's steps
    plus heal_steps (equal tokens), same data and seed, cached by content like the source.
 
@@ -73,7 +74,9 @@ def heal(
     """Fine-tune ``model`` for ``steps`` steps with train(); returns before/after eval metrics, history, model."""
     dev = resolve_device(device)
     before = evaluate(model.to(dev), build_eval_sets(data_cfg), dev, tcfg.eval_batch_size)
-    tcfg = dataclasses.replace(tcfg, steps=steps, tokens=None, resume=False, init_from=None)
+    # train.resume carries through: the conversion is deterministic, so an interrupted healing continues from its
+    # last checkpoint (weights, AdamW state, curve) over the re-converted model instead of refusing the run dir
+    tcfg = dataclasses.replace(tcfg, steps=steps, tokens=None, init_from=None)
     out = train(model.cfg, data_cfg, tcfg, run_dir, seed=seed, device=device, model=model)
     return {"before": before, "after": out["metrics"], **out}
 

@@ -354,6 +354,9 @@ def train(
 
     start_step, history, solved_at, train_time = 0, [], {}, 0.0
     last_loss = float("nan")
+    # training losses since the last evaluation: each history entry gets their mean as its train_loss, so the
+    # curve holds train and held-out loss side by side (where more epochs of one corpus start to overfit)
+    window = [0.0, 0]
     if folder is not None:
         state = load_checkpoint(folder, model, optimizer)
         start_step = int(state["step"])
@@ -361,6 +364,7 @@ def train(
         solved_at = state.get("solved_at", {})
         train_time = float(state.get("train_time", 0.0))
         last_loss = float(state["train_loss"]) if state.get("train_loss") is not None else last_loss
+        window = list(state.get("train_loss_window", window))  # a resumed run's curve equals an uninterrupted one
 
     ddp_model = model
     if world > 1 and not sharded:
@@ -380,7 +384,8 @@ def train(
         try:
             (save_sharded_checkpoint if sharded else save_checkpoint)(
                 run_dir, model, optimizer, step,
-                {"history": history, "solved_at": solved_at, "train_time": train_time, "train_loss": last_loss},
+                {"history": history, "solved_at": solved_at, "train_time": train_time, "train_loss": last_loss,
+                 "train_loss_window": window},
                 keep=tcfg.keep_checkpoints,
             )
         except OSError as e:
@@ -402,6 +407,9 @@ def train(
         history.append(metrics)
         if on_eval is not None:
             on_eval(step, metrics)
+        if window[1]:  # after on_eval: the trackers log the per-step loss themselves (train/loss)
+            metrics["train_loss"] = window[0] / window[1]
+        window[:] = [0.0, 0]
         return metrics
 
     model.train()
@@ -440,6 +448,8 @@ def train(
             step_s = time.perf_counter() - t0
             train_time += step_s
             last_loss = float(step_loss)
+            window[0] += last_loss
+            window[1] += 1
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.3f}", refresh=False)  # redrawn at the bar's interval, not per step
             done = step + 1

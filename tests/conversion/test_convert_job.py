@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from mla_analysis.models.accounting import kv_bytes_per_token
 from mla_analysis.config import ModelConfig
+from mla_analysis.models.transformer import Transformer
 
 TINY = [
     "train.steps=6", "train.batch_size=4", "train.eval_batch_size=16", "train.progress=false", "train.warmup_steps=2",
@@ -110,3 +112,42 @@ def test_allocation_and_conversion_share_one_calibration_forward_without_the_lm_
     assert new.conversion_info["kv_lora_ranks"] == ranks
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(new.state_dict()[k], v, rtol=0, atol=0, msg=k)
+
+
+def test_an_interrupted_healing_resumes_from_its_checkpoint_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import pytest
+    import torch
+
+    import mla_analysis.training.trainer as trainer
+    from mla_analysis.config import tiny
+    from mla_analysis.conversion.job import heal
+    from mla_analysis.data import DataConfig
+    from mla_analysis.training.trainer import TrainConfig, TrainingInterrupted
+
+    data = DataConfig(vocab_size=128, seq_len=32, eval_examples=8, lm_weight=1.0, tasks={"mqar": 1.0}, eval_tasks=[])
+    tcfg = TrainConfig(lr=1e-3, warmup_steps=0, eval_every=2, batch_size=4, eval_batch_size=8, progress=False)
+
+    def model():
+        torch.manual_seed(0)
+        return Transformer(tiny())
+
+    full = heal(model(), data, tcfg, tmp_path / "full", 6, device="cpu")
+    real, calls = trainer.lm_loss, {"n": 0}
+
+    def cut_at_step_3(logits, targets):  # the 4th loss is step 3's: the flag stops training after it
+        calls["n"] += 1
+        if calls["n"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(logits, targets)
+
+    monkeypatch.setattr(trainer, "lm_loss", cut_at_step_3)
+    with pytest.raises(TrainingInterrupted, match="step 4"):
+        heal(model(), data, tcfg, tmp_path / "cut", 6, device="cpu")
+    monkeypatch.setattr(trainer, "lm_loss", real)
+    resumed = heal(model(), data, dataclasses.replace(tcfg, resume=True), tmp_path / "cut", 6, device="cpu")
+    assert resumed["history"] == full["history"]
+    for (name, p), q in zip(full["model"].state_dict().items(), resumed["model"].state_dict().values()):
+        assert torch.equal(p, q), name

@@ -163,3 +163,22 @@ def test_fresh_run_into_dir_with_checkpoints_is_refused_before_writing(tmp_path)
     with pytest.raises(CheckpointError, match="step-0000004 of an earlier run.*train.resume=true"):
         train(tiny(), _data(), _tcfg(steps=2, eval_every=0, checkpoint_every=1), tmp_path, seed=5, device="cpu")
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # nothing touched, nothing pruned
+
+
+def test_history_train_loss_is_the_mean_step_loss_since_the_last_eval_and_survives_a_resume(tmp_path):
+    cfg = tiny()
+    losses: list[float] = []
+    full = train(cfg, _data(), _tcfg(), tmp_path / "full", seed=1, device="cpu",
+                 on_step=lambda step, m: losses.append(m["loss"]))
+    assert [h["step"] for h in full["history"]] == [6, 12]
+    assert full["history"][0]["train_loss"] == pytest.approx(sum(losses[:6]) / 6, rel=1e-12)
+    assert full["history"][1]["train_loss"] == pytest.approx(sum(losses[6:]) / 6, rel=1e-12)
+
+    def interrupt(step, metrics):  # mid-window (eval at 6 and 12): the checkpoint carries the partial mean
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted, match="step 4"):
+        train(cfg, _data(), _tcfg(), tmp_path / "cut", seed=1, device="cpu", on_step=interrupt)
+    resumed = train(cfg, _data(), _tcfg(resume=True), tmp_path / "cut", seed=1, device="cpu")
+    assert resumed["history"] == full["history"]
