@@ -579,6 +579,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         raise SystemExit("--device cuda: CUDA is not available")
     out = args.out if args.out else (None if args.quick else "BENCHMARKS.md")
     key = f"real-{torch.device(args.device).type}"
+    chosen = sorted({x.strip() for x in args.sections.split(",")})
+    if chosen != ["1", "2", "3", "4", "5"]:  # a subset has its own section: it does not replace a whole run's figures
+        key += "-fig" + "".join(chosen)
 
     def partial(res: dict[str, Any]) -> None:  # the figures finished so far, marked as a partial run
         if out:
