@@ -494,6 +494,14 @@ def _fmt_dict(d: dict[str, float], unit: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- main
+ALL_FIGURES = {"1", "2", "3", "4", "5"}
+
+
+def selected_figures(sections: str) -> set[str]:
+    """The figure numbers of a ``--sections`` value ("1,3" -> {"1", "3"})."""
+    return {x.strip() for x in sections.split(",")}
+
+
 def run_real(args: argparse.Namespace, log: Callable[[str], None] = print,
              on_figure: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:
     """Every selected figure of the real-model section; returns the measurements.
@@ -513,7 +521,7 @@ def run_real(args: argparse.Namespace, log: Callable[[str], None] = print,
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = real_sizes(args.quick)
-    figures = {s.strip() for s in args.sections.split(",")}
+    figures = selected_figures(args.sections)
     res: dict[str, Any] = {"quick": args.quick, "device": str(device), "machine": machine_info(device, dtype),
                            "note": args.note, "sizes": dataclasses.asdict(sizes)}
     log(f"real-model bench ({MODEL_NAME}, {device}, {dtype}) ...")
@@ -579,9 +587,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         raise SystemExit("--device cuda: CUDA is not available")
     out = args.out if args.out else (None if args.quick else "BENCHMARKS.md")
     key = f"real-{torch.device(args.device).type}"
-    chosen = sorted({x.strip() for x in args.sections.split(",")})
-    if chosen != ["1", "2", "3", "4", "5"]:  # a subset has its own section: it does not replace a whole run's figures
-        key += "-fig" + "".join(chosen)
+    chosen = selected_figures(args.sections)
+    if chosen != ALL_FIGURES:  # a subset has its own section: it does not replace a whole run's figures
+        key += "-fig" + "".join(sorted(chosen))
 
     def partial(res: dict[str, Any]) -> None:  # the figures finished so far, marked as a partial run
         if out:

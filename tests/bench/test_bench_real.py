@@ -77,3 +77,18 @@ def test_a_run_killed_after_a_figure_keeps_that_figure_in_the_report(tmp_path, m
         real.main(["--real", "--out", str(out)])
     text = out.read_text()
     assert "partial: the figures finished before the run ended" in text and "## Real model" in text
+
+
+def test_a_subset_of_figures_writes_its_own_section(tmp_path, monkeypatch):
+    import mla_analysis.bench.real as real
+
+    def fake_run(args, log=print, on_figure=None):
+        return {"quick": False, "device": "cpu", "note": None, "layers": 30, "wall_s": 1.0,
+                "machine": {"cpu": "test cpu", "threads": 1, "dtype": "torch.float32"}}
+
+    monkeypatch.setattr(real, "run_real", fake_run)
+    out = tmp_path / "BENCHMARKS.md"
+    real.main(["--real", "--out", str(out)])
+    real.main(["--real", "--sections", "5,4", "--out", str(out)])
+    text = out.read_text()
+    assert "<!-- bench:real-cpu:begin -->" in text and "<!-- bench:real-cpu-fig45:begin -->" in text
