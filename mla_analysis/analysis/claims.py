@@ -340,9 +340,11 @@ def real_evidence(studies: dict[str, Any], tol: float) -> dict[str, tuple[str, O
               "excess under KV quantisation or merged heads too means rare tokens are fragile to any cache error, so what "
               "is specific to low rank is the size of the loss, not its presence; healed runs also adapt to the plays' "
               "domain (experiments/real_conversion README)")
-    v12 = V.rule_real_long_range(ref_copy, copy_vars)
+    v12, v12_earlier = V.rule_real_long_range(ref_copy, copy_vars), V.rule_real_long_range_earlier(ref_copy, copy_vars)
+    earlier12 = (f"; under the earlier rule ({v12_earlier.rule}): {v12_earlier.verdict}, {v12_earlier.found}"
+                 if ref_copy else "")
     text12 = ("copying a held-out passage after d tokens of other text (experiments/real_conversion/full): "
-              + (v12.found if ref_copy else "not measured (full/ has no records yet)") + f"; {NEEDLES_NOTE}")
+              + (v12.found if ref_copy else "not measured (full/ has no records yet)") + f"{earlier12}; {NEEDLES_NOTE}")
     return {"9": (text9, v9), "10": (text10, v10), "11": (text11, v11), "12": (text12, v12)}
 
 

@@ -645,8 +645,67 @@ def copy_slope(g: Group, what: str, distances: Sequence[int]) -> Optional[tuple[
     return slope, slope - 1.959964 * se, slope + 1.959964 * se
 
 
+def copy_retention(g: Group, short: int, long: int) -> Optional[tuple[float, float, float]]:
+    """(retention, low, high): the copy margin (top-1 on the second occurrence minus top-1 on the first) at distance
+    ``long`` over the margin at ``short``. The interval is interval arithmetic on the 95% intervals over examples
+    (conservative: the same examples serve both occurrences and both distances); None when the margin at ``short``
+    is not above 0 (interval)."""
+    first, a, b = (stat(g, k) for k in ("probe.copying.first.top1", f"probe.copying.d{short}.top1",
+                                        f"probe.copying.d{long}.top1"))
+    if first is None or a is None or b is None:
+        return None
+    den = (a[0] - first[0], a[1] - first[2], a[2] - first[1])
+    num = (b[0] - first[0], b[1] - first[2], b[2] - first[1])
+    if den[1] <= 0:
+        return None
+    ends = [n / d for n in num[1:] for d in den[1:]]
+    return num[0] / den[0], min(ends), max(ends)
+
+
+REAL_COPY_FIXED = ("fixed 2026-12-04 after the earlier slope rule's floor effect was seen on the original's, MLA 120's "
+                   "and MLA 48's records, before any other variant's copying record")
+
+
 def rule_real_long_range(ref: Optional[Group], variants: Sequence[tuple[str, Group]]) -> Verdict:
-    """Claim 12 on the real model: copying a held-out passage against the distance to its first occurrence. Testable
+    """Claim 12 on the real model: how much of its copy margin (top-1 on the second occurrence of a held-out passage
+    minus top-1 on its first occurrence) a model keeps at the longest distance, relative to the shortest
+    (copy_retention). Normalising by the model's own margin removes the earlier slope rule's floor effect. Testable
+    when the original copies (margin at the shortest distance above 0, intervals apart); a variant without a margin
+    at the shortest distance is excluded (its loss does not depend on distance: claim 11). A variant "degrades more"
+    when its retention interval lies below the original's. Holds under conditions when an MLA variant degrades
+    more; else does not hold; not measured without copying records of the original."""
+    rule = ("copy retention = (top-1 on the second occurrence - top-1 on the first) at the longest distance / the same "
+            "at the shortest (interval arithmetic on 95% intervals over examples, conservative): degrades more = "
+            "retention interval below the original's; testable = the original copies at the shortest distance; variants "
+            f"that do not copy there excluded ({REAL_COPY_FIXED})")
+    d = copy_distances(ref)
+    if len(d) < 2:
+        return Verdict(UNMEASURED, rule, "no copying records of the original over >= 2 distances", {})
+    ref_r = copy_retention(ref, d[0], d[-1])
+    if ref_r is None:
+        return Verdict(UNTESTABLE, rule, "the original does not copy at the shortest distance", {})
+    more, excluded = [], []
+    cells = [f"original {ref_r[0]:.2f} [{ref_r[1]:.2f}, {ref_r[2]:.2f}]"]
+    for n, g in variants:
+        own = [x for x in d if x in copy_distances(g)]
+        r = copy_retention(g, own[0], own[-1]) if len(own) >= 2 else None
+        if r is None:
+            excluded.append(n)
+            continue
+        cells.append(f"{n} {r[0]:.2f} [{r[1]:.2f}, {r[2]:.2f}]"
+                     + ("" if (own[0], own[-1]) == (d[0], d[-1]) else f" (d={own[0]}-{own[-1]})"))
+        ref_same = ref_r if (own[0], own[-1]) == (d[0], d[-1]) else copy_retention(ref, own[0], own[-1])
+        if ref_same is not None and below(r[1:], ref_same[1:]):  # against the original over the same distances
+            more.append(n)
+    found = (f"copy margin kept at d={d[-1]} relative to d={d[0]}: {'; '.join(cells)}; degrade more than the original: "
+             f"{', '.join(more) or 'none'}; excluded (no copy margin at d={d[0]}): {', '.join(excluded) or 'none'}")
+    mla_more = [m for m in more if m.startswith("MLA")]
+    return Verdict(CONDITIONS if mla_more else FAILS, rule, found, {"more": more, "excluded": excluded})
+
+
+def rule_real_long_range_earlier(ref: Optional[Group], variants: Sequence[tuple[str, Group]]) -> Verdict:
+    """Claim 12 on the real model, earlier rule (slope of raw top-1; a floor effect: a variant near its no-copy level
+    cannot fall further, so its slope looks flat). Testable
     when the original copies (its top-1 at the shortest distance above its first-occurrence top-1, intervals
     apart); a variant that does not copy is excluded. A variant "degrades more" when its top-1 slope per doubling
     of the distance (copy_slope) lies below the original's (intervals apart). Holds under conditions when an MLA

@@ -352,18 +352,53 @@ def test_copy_slope_is_least_squares_per_doubling_with_propagated_error():
     assert s == pytest.approx(-0.1) and lo == pytest.approx(-0.1 - 1.959964 * se) and hi == pytest.approx(-0.1 + 1.959964 * se)
 
 
-def test_real_long_range_boundaries():
+def test_real_long_range_earlier_slope_boundaries():
     ref = copy_run([0.9, 0.9, 0.9], half=0.02)
     steep, mild = copy_run([0.9, 0.7, 0.5], half=0.02), copy_run([0.9, 0.88, 0.86], half=0.02)
-    v = V.rule_real_long_range(ref, [("MLA 120", steep), ("int4 g32", mild)])
+    v = V.rule_real_long_range_earlier(ref, [("MLA 120", steep), ("int4 g32", mild)])
     assert v.verdict == V.CONDITIONS and v.metrics["more"] == ["MLA 120"]
-    assert V.rule_real_long_range(ref, [("MLA 120", mild)]).verdict == V.FAILS
+    assert V.rule_real_long_range_earlier(ref, [("MLA 120", mild)]).verdict == V.FAILS
     # a variant that does not copy (second occurrence no better than the first) is excluded, not counted
+    blind = copy_run([0.12, 0.1, 0.05], half=0.02)
+    v = V.rule_real_long_range_earlier(ref, [("MLA 48", blind)])
+    assert v.verdict == V.FAILS and v.metrics["excluded"] == ["MLA 48"]
+    assert V.rule_real_long_range_earlier(copy_run([0.12, 0.1, 0.1]), [("MLA 120", steep)]).verdict == V.UNTESTABLE
+    assert V.rule_real_long_range_earlier(None, [("MLA 120", steep)]).verdict == V.UNMEASURED
+
+
+def test_copy_retention_is_margin_ratio_with_interval_arithmetic():
+    g = copy_run([0.9, 0.7, 0.5], half=0.02, first=(0.1, 0.08, 0.12))
+    r, lo, hi = V.copy_retention(g, 256, 1024)
+    # margins 0.8 [0.76, 0.84] at 256 and 0.4 [0.36, 0.44] at 1024
+    assert r == pytest.approx(0.5) and lo == pytest.approx(0.36 / 0.84) and hi == pytest.approx(0.44 / 0.76)
+    # no margin at the shortest distance (interval reaches 0): undefined
+    assert V.copy_retention(copy_run([0.18, 0.1, 0.1], half=0.02, first=(0.15, 0.13, 0.17)), 256, 1024) is None
+
+
+def test_real_long_range_retention_boundaries():
+    ref = copy_run([0.9, 0.85, 0.8], half=0.02)  # margins 0.8 -> 0.7: retention 0.875 [0.72, 1.05]
+    # near the floor: the same raw slope as the original (-0.05 per doubling), but its whole margin (0.1) is gone:
+    # retention 0 [-0.67, 0.67]
+    floor = copy_run([0.25, 0.17, 0.15], half=0.02, first=(0.15, 0.13, 0.17))
+    v = V.rule_real_long_range(ref, [("MLA 120", floor)])
+    assert v.verdict == V.CONDITIONS and v.metrics["more"] == ["MLA 120"]
+    # the same floor variant passes the earlier slope rule: the floor effect this rule removes
+    assert V.rule_real_long_range_earlier(ref, [("MLA 120", floor)]).verdict == V.FAILS
+    # same retention as the original (margin 0.4 -> 0.35): does not degrade more
+    same = copy_run([0.5, 0.475, 0.45], half=0.01)
+    assert V.rule_real_long_range(ref, [("MLA 120", same)]).verdict == V.FAILS
+    # a baseline degrading more does not make the claim hold; it is listed
+    v = V.rule_real_long_range(ref, [("int4 g32", floor)])
+    assert v.verdict == V.FAILS and v.metrics["more"] == ["int4 g32"]
     blind = copy_run([0.12, 0.1, 0.05], half=0.02)
     v = V.rule_real_long_range(ref, [("MLA 48", blind)])
     assert v.verdict == V.FAILS and v.metrics["excluded"] == ["MLA 48"]
-    assert V.rule_real_long_range(copy_run([0.12, 0.1, 0.1]), [("MLA 120", steep)]).verdict == V.UNTESTABLE
-    assert V.rule_real_long_range(None, [("MLA 120", steep)]).verdict == V.UNMEASURED
+    # a variant whose record stops earlier is compared with the original over its own distances
+    short = copy_run([0.9, 0.5], half=0.02, distances=(256, 512))
+    v = V.rule_real_long_range(ref, [("MLA 72", short)])
+    assert v.metrics["more"] == ["MLA 72"] and "d=256-512" in v.found
+    assert V.rule_real_long_range(copy_run([0.12, 0.1, 0.1]), [("MLA 120", floor)]).verdict == V.UNTESTABLE
+    assert V.rule_real_long_range(None, [("MLA 120", floor)]).verdict == V.UNMEASURED
 
 
 # ---- the real experts rules (claims 13-14 on SmolLM2 MoEfied): one run per variant, paired over layers / plays -------
