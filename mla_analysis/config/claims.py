@@ -11,9 +11,9 @@ class ClaimsConfig:
     """``claims`` node: where the studies are and how the arithmetic and the timing are done."""
 
     studies: Dict[str, Optional[str]] = field(default_factory=lambda: {
-        "rank_sweep": "experiments/rank_sweep/run",
-        "attention_variants": "experiments/attention_variants/run",
-        "long_context": "experiments/long_context/run",
+        "rank_sweep": "experiments/rank_sweep/run10",  # 10 seeds, data seed = seed (3-seed run: run/)
+        "attention_variants": "experiments/attention_variants/run5",  # 5 seeds (3-seed run: run/)
+        "long_context": "experiments/long_context/run10",  # rank_sweep/run10 probed, queries uniform
         "moe_study": "experiments/moe_study/run",
         "moe_probes": "experiments/moe_study/probes",
         "real_conversion": "experiments/real_conversion/run",  # the real-model study (SmolLM2-135M): one-shot sweep
