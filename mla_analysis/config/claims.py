@@ -14,8 +14,8 @@ class ClaimsConfig:
         "rank_sweep": "experiments/rank_sweep/run10",  # 10 seeds, data seed = seed (3-seed run: run/)
         "attention_variants": "experiments/attention_variants/run5",  # 5 seeds (3-seed run: run/)
         "long_context": "experiments/long_context/run10",  # rank_sweep/run10 probed, queries uniform
-        "moe_study": "experiments/moe_study/run",
-        "moe_probes": "experiments/moe_study/probes",
+        "moe_study": "experiments/moe_study/run5",  # 5 seeds, 1,000 steps, two gammas (3-seed run: run/)
+        "moe_probes": "experiments/moe_study/probes5",  # experts probe of run5 (3-seed: probes/)
         "real_conversion": "experiments/real_conversion/run",  # the real-model study (SmolLM2-135M): one-shot sweep
         "real_conversion_heal": "experiments/real_conversion/heal",  # its healed runs
         "real_conversion_full": "experiments/real_conversion/full",  # copying + next_line probes; absent until run

@@ -200,3 +200,32 @@ def test_real_experts_lines_for_claims_13_14_from_records_on_disk(tmp_path):
     assert "`cafe02-dirty`" in md and "paired intervals over MoE layers / evaluation plays" in md
     assert metrics_of([claim14])["claim1.verdict_real_model"] == "holds"
     assert ClaimsConfig().studies["real_experts"] == "experiments/real_experts/run"
+
+
+def _moe_study(tmp_path, maxvio):
+    """moe_study-shaped records on disk: name -> {gamma: per-seed MaxVio}; equal loss and copy EM everywhere."""
+    i = 0
+    for name, per_gamma in maxvio.items():
+        for gamma, values in per_gamma.items():
+            for seed, mv in enumerate(values):
+                d = tmp_path / "moe" / str(i)
+                i += 1
+                d.mkdir(parents=True)
+                config = {"model": {"name": name, "attention": "mla", "kv_lora_rank": 32, "d_model": 64,
+                                    "bias_update_speed": gamma}, "seed": seed, "train": {"steps": 1000}}
+                atomic_write_json(d / "results.json", make_record("ok", config, {
+                    "val_loss": 1.76 + 0.001 * seed, "val_loss_optimal": 1.75, "copy.exact_match": 0.9 + 0.01 * seed,
+                    "probe.experts.max_vio_mean": mv}, env={"git_commit": "abc"}))
+    return load_study(str(tmp_path / "moe"))
+
+
+def test_aux_free_row_reads_every_swept_gamma(tmp_path):
+    low, high = [0.40, 0.45, 0.50], [1.20, 1.25, 1.30]
+    ms = _moe_study(tmp_path / "a", {"moe_fine": {0.0: low}, "moe_fine_auxfree": {0.001: high, 0.01: low}})
+    row = next(r for r in moe_claims({"moe_study": ms}) if r.claim.startswith("Auxiliary-loss-free"))
+    # gamma 0.01 balances as well as the aux loss at equal quality: holds; both gammas are reported
+    assert row.verdict == "holds" and "gamma 0.001: balanced: False" in row.conditions
+    assert "gamma 0.01: balanced: True" in row.conditions and "at gamma 0.01: MaxVio 0.45" in row.measured
+    ms = _moe_study(tmp_path / "b", {"moe_fine": {0.0: low}, "moe_fine_auxfree": {0.001: high, 0.01: high}})
+    row = next(r for r in moe_claims({"moe_study": ms}) if r.claim.startswith("Auxiliary-loss-free"))
+    assert row.verdict == "does not hold"
