@@ -81,9 +81,9 @@ def _sanitize(o: Any) -> Any:
     return o
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Atomically write strict JSON (NaN/inf become null)."""
-    text = json.dumps(_sanitize(obj), indent=2, sort_keys=False, default=_json_default, allow_nan=False)
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
+    """Atomically write strict JSON (NaN/inf become null); ``indent=None``: compact, for large matrix records."""
+    text = json.dumps(_sanitize(obj), indent=indent, sort_keys=False, default=_json_default, allow_nan=False)
     return atomic_write_text(path, text + "\n")
 
 
